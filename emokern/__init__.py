@@ -3,6 +3,9 @@
 Where things live:
 
 * :mod:`emokern.ops` — the fused, in-place project-and-steer op (reference, C++ CPU, Triton, CUDA backends).
+* :mod:`emokern.patch` — ``patch(model, bank)``: per-token monitoring and steering inside a Hugging Face model.
+* :mod:`emokern.bank` — ``VectorBank``: named vectors per layer with the model identity, saved as safetensors+JSON.
+* :mod:`emokern.trace` / :mod:`emokern.viz` — recorded projections, their plots and heatmap pages.
 * :mod:`emokern.models` — embedded offline models (SmolLM2-135M-Instruct by default) and model fingerprints.
 * :mod:`emokern.emotions` — the paper's 171 emotion words.
 * :mod:`emokern.cli` — the ``emokern`` command.
@@ -10,6 +13,7 @@ Where things live:
 Importing emokern never initialises CUDA and never imports triton.
 """
 
+from emokern.bank import VectorBank
 from emokern.ops import (
     SteeringTable,
     orthonormalize,
@@ -17,11 +21,18 @@ from emokern.ops import (
     project_and_steer,
     project_and_steer_,
 )
+from emokern.patch import ArchSpec, PatchHandle, patch
+from emokern.trace import Trace
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArchSpec",
+    "PatchHandle",
     "SteeringTable",
+    "Trace",
+    "VectorBank",
+    "patch",
     "__version__",
     "orthonormalize",
     "project",

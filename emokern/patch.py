@@ -1,0 +1,636 @@
+"""The drop-in model patch: per-token monitoring and scoped, per-sequence steering inside a Hugging Face model.
+
+::
+
+    handle = emokern.patch(model, bank, layers=..., sites=("residual",), tokenizer=tok)
+    out = handle.generate(["How are you today?"], max_new_tokens=20)     # monitored
+    out.trace.heatmap_html("desperate", "trace.html")
+    handle.steer({"calm": 0.05}, scope="generated")                       # strengths: fraction of layer norm
+    handle.remove()                                                       # the model is as before
+
+How it works. One forward hook per patched site (a decoder layer's output = the residual stream, the attention
+block's output or the MLP block's output, before they join the residual) calls the fused op on that site's
+hidden states, in place: it projects every token onto the bank's K vectors, writing the projections into a
+preallocated trace buffer at the token's cache position, and steers the tokens that the routing says to steer.
+A pre-hook on the base model computes, once per forward, each token's cache position (from the KV cache, so
+decode steps land after the prompt) and its routing row: sequence ``b``'s table row ``b`` where its scope mask is
+set at that position, else -1.
+
+All state lives in fixed device buffers (vectors, parameter tables, per-sequence routing, per-position scope
+masks, the trace) that hooks read; :meth:`PatchHandle.steer` only rewrites their contents, so changing emotions,
+strengths or scopes never re-registers hooks, never reallocates, and keeps CUDA-graph addresses valid. Nothing
+synchronises with the host per token.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+from emokern.bank import VectorBank
+from emokern.ops.api import project, project_and_steer, project_and_steer_
+from emokern.trace import Trace
+
+__all__ = ["ArchSpec", "ARCHITECTURES", "SITES", "patch", "PatchHandle", "GenerationResult", "UnsupportedModelError"]
+
+SITES = ("residual", "attn", "mlp")
+MODES = ("add", "ablate", "set", "scale", "clamp")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where a model family keeps its parts (dotted attribute paths).
+
+    Attributes:
+        base: the base model, relative to the causal-LM object: it owns the decoder layers and receives the cache.
+        layers: the ModuleList of decoder layers, relative to ``base``.
+        attn: within a decoder layer, the module whose output is the attention block's contribution to the
+            residual stream (for Gemma 3, the post-attention norm that follows attention).
+        mlp: the same for the MLP block.
+    """
+
+    base: str
+    layers: str
+    attn: str
+    mlp: str
+
+
+_LLAMA_LIKE = ArchSpec(base="model", layers="layers", attn="self_attn", mlp="mlp")
+_GEMMA3 = ArchSpec(base="model", layers="layers", attn="post_attention_layernorm", mlp="post_feedforward_layernorm")
+ARCHITECTURES: Dict[str, ArchSpec] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gemma3_text": _GEMMA3,
+    "gemma3": ArchSpec(base="model.language_model", layers="layers", attn=_GEMMA3.attn, mlp=_GEMMA3.mlp),
+    "gpt2": ArchSpec(base="transformer", layers="h", attn="attn", mlp="mlp"),
+}
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture is not in :data:`ARCHITECTURES` and no ``arch=`` was given."""
+
+
+def _get(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _resolve_arch(model, arch: Optional[ArchSpec]) -> Tuple[ArchSpec, torch.nn.Module, torch.nn.ModuleList]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    spec = arch or ARCHITECTURES.get(model_type)
+    if spec is None:
+        looked = sorted({f"{s.base}.{s.layers}" for s in ARCHITECTURES.values()})
+        raise UnsupportedModelError(
+            f"emokern does not know model_type {model_type!r} (known: {', '.join(sorted(ARCHITECTURES))}). It looks "
+            f"for decoder layers at {', '.join(looked)} and, inside each layer, for the attention and MLP outputs "
+            f"(e.g. 'self_attn'/'mlp'). Pass them explicitly: emokern.patch(model, bank, arch=emokern.ArchSpec("
+            f"base='model', layers='layers', attn='self_attn', mlp='mlp'))."
+        )
+    try:
+        base = _get(model, spec.base)
+        layers = _get(base, spec.layers)
+    except AttributeError as exc:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r}: expected the decoder layers at '{spec.base}.{spec.layers}' but {exc}. Pass "
+            f"arch=emokern.ArchSpec(...) with the right module names."
+        ) from None
+    return spec, base, layers
+
+
+def _select_layers(layers, num_layers: int) -> List[int]:
+    """Layer indices from None (all), an int, a float fraction of depth, a slice, or a sequence of those."""
+    def one(x) -> int:
+        if isinstance(x, bool):
+            raise TypeError(f"layers: expected an int, a float fraction, a slice or a list; got {x!r}")
+        if isinstance(x, float):
+            if not 0.0 <= x <= 1.0:
+                raise ValueError(f"layers: a float is a fraction of depth in [0, 1]; got {x}")
+            return int(round(x * (num_layers - 1)))
+        if isinstance(x, int):
+            i = x + num_layers if x < 0 else x
+            if not 0 <= i < num_layers:
+                raise ValueError(f"layers: index {x} is out of range for a model with {num_layers} layers")
+            return i
+        raise TypeError(f"layers: expected an int, a float fraction, a slice or a list; got {type(x).__name__}")
+
+    if layers is None:
+        out = list(range(num_layers))
+    elif isinstance(layers, slice):
+        out = list(range(num_layers))[layers]
+    elif isinstance(layers, (int, float)):
+        out = [one(layers)]
+    else:
+        out = [one(x) for x in layers]
+    if not out:
+        raise ValueError(f"layers: the selection {layers!r} is empty")
+    return sorted(set(out))
+
+
+@dataclass
+class GenerationResult:
+    """What :meth:`PatchHandle.generate` returns."""
+
+    sequences: torch.Tensor  # (B, T) prompt (left-padded) + generated ids
+    texts: List[str]  # generated continuation of each sequence, decoded
+    trace: Optional[Trace]
+    prompt_width: int
+    output: Any = None  # what model.generate returned (e.g. with logits when asked for)
+
+
+@dataclass
+class _SteerOp:
+    k: int
+    a: float
+    b: float
+    lo: float
+    hi: float
+    sites: Tuple[int, ...]
+
+
+@dataclass
+class _SequenceConfig:
+    ops: List[_SteerOp] = field(default_factory=list)
+    scope: Any = "all"
+
+
+class _State:
+    """The device buffers the hooks read. Sizes: S sites, K vectors, B_cap sequences, T_cap positions (+1 overflow)."""
+
+    def __init__(self, V: torch.Tensor, batch: int, tokens: int):
+        self.V = V  # (S, K, d) model dtype
+        self.S, self.K = V.shape[0], V.shape[1]
+        self.device = V.device
+        self.steering = False  # host flag: any op configured (branching on it is a guard, not a sync)
+        self.row: Optional[torch.Tensor] = None  # (B*S_tokens,) int32 for the current forward
+        self.pos: Optional[torch.Tensor] = None  # (S_tokens,) int64 cache positions for the current forward
+        self.batch = 0
+        self.allocate(batch, tokens)
+
+    def allocate(self, batch: int, tokens: int) -> None:
+        S, K, dev = self.S, self.K, self.device
+        self.B_cap, self.T_cap = batch, tokens
+        self.a = torch.zeros(S, batch, K, device=dev)
+        self.b = torch.ones(S, batch, K, device=dev)
+        self.lo = torch.full((S, batch, K), -math.inf, device=dev)
+        self.hi = torch.full((S, batch, K), math.inf, device=dev)
+        self.seq_row = torch.full((batch,), -1, dtype=torch.int32, device=dev)
+        self.scope = torch.zeros(batch, tokens + 1, dtype=torch.bool, device=dev)
+        self.P = torch.full((S, batch, tokens + 1, K), float("nan"), device=dev)
+        self.site_views = [(self.V[s], self.a[s], self.b[s], self.lo[s], self.hi[s], self.P[s]) for s in range(S)]
+
+
+class PatchHandle:
+    """Returned by :func:`patch`; steers, reads traces and removes the patch. Also a context manager."""
+
+    def __init__(self, model, bank: VectorBank, layers: List[int], sites: Tuple[str, ...], spec: ArchSpec,
+                 base: torch.nn.Module, layer_modules, *, tokenizer=None, backend: Optional[str] = None,
+                 monitor: bool = True, batch: int = 8, tokens: int = 512):
+        self.model, self.bank, self.layers, self.sites, self.spec = model, bank, layers, sites, spec
+        self.tokenizer, self.backend, self.monitor = tokenizer, backend, monitor
+        self.site_names = [f"layer{layer}.{site}" for layer in layers for site in sites]
+        self._site_layers = [layer for layer in layers for _ in sites]
+        param = next(model.parameters())
+        unit = bank.vectors / bank.vectors.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+        V = torch.stack([unit[bank.layer_slot(layer)] for layer in self._site_layers])
+        self._norms = [float(bank.residual_norm[bank.layer_slot(layer)]) for layer in self._site_layers]
+        self.state = _State(V.to(device=param.device, dtype=param.dtype).contiguous(), batch, tokens)
+        self._configs: Dict[Optional[int], _SequenceConfig] = {}
+        self._prompt: Optional[dict] = None
+        self._steered_sites = [False] * len(self.site_names)
+        self._needs_prompt = False
+        self._hooks = []
+        self._removed = False
+        self._base_params = list(inspect.signature(base.forward).parameters)
+        self._hooks.append(base.register_forward_pre_hook(self._begin_forward, with_kwargs=True))
+        i = 0
+        for layer in layers:
+            block = layer_modules[layer]
+            for site in sites:
+                module = block if site == "residual" else _get(block, getattr(spec, site))
+                self._hooks.append(module.register_forward_hook(self._make_site_hook(i)))
+                i += 1
+        model._emokern_patch = self
+
+    # ------------------------------------------------------------------------------------------ hooks
+    def _begin_forward(self, module, args, kwargs):
+        st = self.state
+        named = dict(zip(self._base_params, args))
+        named.update(kwargs)
+        x = named.get("input_ids")
+        if x is None:
+            x = named.get("inputs_embeds")
+        B, S = x.shape[0], x.shape[1]
+        cache_position = named.get("cache_position")
+        if cache_position is None:
+            cache = named.get("cache", named.get("past_key_values"))
+            start = cache.get_seq_length() if cache is not None else 0
+            if isinstance(start, int) and not torch.compiler.is_compiling() and start + S > st.T_cap:
+                self.reserve(tokens=start + S)
+            cache_position = torch.arange(S, device=st.device) + start
+        if B > st.B_cap:
+            if torch.compiler.is_compiling():
+                raise RuntimeError(f"emokern: batch {B} exceeds the patch's capacity {st.B_cap}; call "
+                                   f"handle.reserve(batch={B}) before compiling")
+            self.reserve(batch=B)
+        st.batch = B
+        st.pos = cache_position.reshape(-1).clamp(max=st.T_cap)
+        if st.steering:
+            if self._needs_prompt and self._prompt is None:
+                raise RuntimeError(
+                    "emokern: a steering scope refers to the prompt ('prompt', 'generated', spans or text) but the "
+                    "patch does not know the prompt: use handle.generate(...), or call handle.prepare(input_ids, "
+                    "attention_mask) before calling the model"
+                )
+            scoped = st.scope[:B].index_select(1, st.pos)
+            st.row = torch.where(scoped, st.seq_row[:B, None], -1).reshape(-1).to(torch.int32)
+
+    def _make_site_hook(self, i: int):
+        def hook(module, args, output):
+            st = self.state
+            h = output[0] if isinstance(output, tuple) else output
+            d = h.shape[-1]
+            N = h.numel() // d
+            V, a, b, lo, hi, P_site = st.site_views[i]
+            steer = st.steering and self._steered_sites[i]
+            if not steer and not self.monitor:
+                return None
+            h2 = h.view(N, d)
+            P = torch.empty(N, st.K, dtype=torch.float32, device=h.device)
+            new_output = None
+            if steer and torch.is_grad_enabled() and h.requires_grad:
+                h_new, P = project_and_steer(h2, V, st.row, a, b, lo, hi, backend=self.backend)
+                h_new = h_new.view(h.shape)
+                new_output = (h_new,) + tuple(output[1:]) if isinstance(output, tuple) else h_new
+            elif steer:
+                project_and_steer_(h2, V, st.row, a, b, lo, hi, P_out=P, backend=self.backend, validate=False)
+            else:
+                with torch.no_grad():
+                    project(h2, V, P_out=P, backend=self.backend, validate=False)
+            if self.monitor:
+                B = st.batch
+                P_site[:B].index_copy_(1, st.pos, P.detach().view(B, N // B, st.K))
+            return new_output
+
+        return hook
+
+    # ------------------------------------------------------------------------------------------ capacity
+    def reserve(self, batch: Optional[int] = None, tokens: Optional[int] = None) -> None:
+        """Grow the buffers to hold ``batch`` sequences of ``tokens`` positions (never shrinks; keeps settings).
+
+        Call before capturing a CUDA graph or compiling: growing reallocates the buffers.
+        """
+        st = self.state
+        batch, tokens = max(batch or 0, st.B_cap), max(tokens or 0, st.T_cap)
+        if (batch, tokens) == (st.B_cap, st.T_cap):
+            return
+        st.allocate(batch, tokens)
+        self._materialize()
+
+    # ------------------------------------------------------------------------------------------ steering
+    def steer(self, emotions: Union[str, Sequence[str], Mapping[str, Any]], strength: Any = None, *,
+              mode: str = "add", scope: Any = "all", sequences: Union[None, int, Sequence[int]] = None,
+              layers: Union[None, int, Sequence[int]] = None, relative: bool = True) -> "PatchHandle":
+        """Add steering for one or many emotions at once; settings accumulate until :meth:`clear_steering`.
+
+        Args:
+            emotions: a name, a list of names (all with ``strength``), or ``{name: strength}``.
+            strength: per ``mode``: ``add`` — the amount added to the projection; ``set`` — the target projection;
+                ``clamp`` — ``(lo, hi)`` bounds (either may be None); ``scale`` — a unitless factor; ``ablate`` —
+                unused. With ``relative=True`` (default) amounts are fractions of the layer's mean residual-stream
+                norm (``bank.residual_norm``), as in the paper (0.05 = the paper's 0.05).
+            mode: ``add`` | ``ablate`` | ``set`` | ``scale`` | ``clamp``.
+            scope: which token positions: ``"all"`` (default), ``"prompt"``, ``"generated"``, a list of
+                ``(start, end)`` prompt-token ranges (end exclusive, counted without padding), or
+                ``{"text": substring}`` — the prompt tokens that overlap the substring. Positions come from the KV
+                cache, so they are right during generation and with left padding. A sequence has one scope: a later
+                call for the same sequences replaces it.
+            sequences: which batch rows (default: every sequence).
+            layers: which patched layers to steer (default: all patched layers).
+            relative: see ``strength``.
+
+        Returns ``self``. Raises ValueError/KeyError for unknown emotions (with close matches), bad modes, NaN or
+        infinite strengths, and unknown layers.
+        """
+        if mode not in MODES:
+            raise ValueError(f"steer: 'mode' must be one of {MODES}; got {mode!r}")
+        if isinstance(emotions, str):
+            items = [(emotions, strength)]
+        elif isinstance(emotions, Mapping):
+            if strength is not None:
+                raise ValueError("steer: give strengths either in the {emotion: strength} mapping or as 'strength', not both")
+            items = list(emotions.items())
+        else:
+            items = [(e, strength) for e in emotions]
+        if not items:
+            raise ValueError("steer: 'emotions' is empty")
+        site_ids = self._sites_for_layers(layers)
+        self._check_scope(scope)
+        new_ops = []
+        for name, value in items:
+            k = self.bank.index(name)
+            for s in site_ids:
+                unit = self._norms[s] if relative else 1.0
+                new_ops.append(self._op(name, k, mode, value, unit, s))
+        keys = [None] if sequences is None else ([sequences] if isinstance(sequences, int) else list(sequences))
+        for key in keys:
+            if key is not None and not 0 <= key:
+                raise ValueError(f"steer: sequence indices must be >= 0; got {key}")
+            config = self._configs.setdefault(key, _SequenceConfig())
+            config.ops.extend(new_ops)
+            config.scope = scope
+        if keys and max((k for k in keys if k is not None), default=-1) >= self.state.B_cap:
+            self.reserve(batch=max(k for k in keys if k is not None) + 1)
+        self._materialize()
+        return self
+
+    def clear_steering(self) -> "PatchHandle":
+        """Remove all steering (monitoring continues)."""
+        self._configs.clear()
+        self._materialize()
+        return self
+
+    def _sites_for_layers(self, layers) -> List[int]:
+        if layers is None:
+            return list(range(len(self.site_names)))
+        wanted = [layers] if isinstance(layers, int) else list(layers)
+        unknown = [x for x in wanted if x not in self.layers]
+        if unknown:
+            raise ValueError(f"steer: layers {unknown} are not patched (patched layers: {self.layers})")
+        return [i for i, layer in enumerate(self._site_layers) if layer in wanted]
+
+    @staticmethod
+    def _number(name: str, value, what: str) -> float:
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"steer: {what} for {name!r} must be a number; got {value!r}") from None
+        if not math.isfinite(x):
+            raise ValueError(f"steer: {what} for {name!r} must be finite; got {value!r}")
+        return x
+
+    def _op(self, name: str, k: int, mode: str, value, unit: float, site: int) -> _SteerOp:
+        if mode == "ablate":
+            return _SteerOp(k, 0.0, 0.0, -math.inf, math.inf, (site,))
+        if value is None:
+            raise ValueError(f"steer: mode {mode!r} needs a strength for {name!r}")
+        if mode == "add":
+            return _SteerOp(k, self._number(name, value, "strength") * unit, 1.0, -math.inf, math.inf, (site,))
+        if mode == "set":
+            return _SteerOp(k, self._number(name, value, "target") * unit, 0.0, -math.inf, math.inf, (site,))
+        if mode == "scale":
+            return _SteerOp(k, 0.0, self._number(name, value, "scale factor"), -math.inf, math.inf, (site,))
+        try:
+            lo, hi = value
+        except (TypeError, ValueError):
+            raise TypeError(f"steer: mode 'clamp' needs (lo, hi) for {name!r}; got {value!r}") from None
+        lo = -math.inf if lo is None else self._number(name, lo, "clamp lo") * unit
+        hi = math.inf if hi is None else self._number(name, hi, "clamp hi") * unit
+        if lo > hi:
+            raise ValueError(f"steer: clamp bounds for {name!r} must satisfy lo <= hi; got ({value[0]}, {value[1]})")
+        return _SteerOp(k, 0.0, 1.0, lo, hi, (site,))
+
+    @staticmethod
+    def _check_scope(scope) -> None:
+        if isinstance(scope, str):
+            if scope not in ("all", "prompt", "generated"):
+                raise ValueError(f"steer: 'scope' must be 'all', 'prompt', 'generated', a list of (start, end) or "
+                                 f"{{'text': ...}}; got {scope!r}")
+        elif isinstance(scope, Mapping):
+            if set(scope) != {"text"} or not isinstance(scope["text"], str) or not scope["text"]:
+                raise ValueError(f"steer: a text scope is {{'text': 'a non-empty substring of the prompt'}}; got {scope!r}")
+        else:
+            try:
+                spans = [(int(s), int(e)) for s, e in scope]
+            except (TypeError, ValueError):
+                raise ValueError(f"steer: 'scope' spans must be (start, end) pairs; got {scope!r}") from None
+            for s, e in spans:
+                if not 0 <= s < e:
+                    raise ValueError(f"steer: a scope span needs 0 <= start < end; got ({s}, {e})")
+
+    def _materialize(self) -> None:
+        """Write the host-side steering configuration into the fixed device buffers (no reallocation)."""
+        st = self.state
+        S, B, K, T = st.S, st.B_cap, st.K, st.T_cap
+        a = torch.zeros(S, B, K)
+        b = torch.ones(S, B, K)
+        lo = torch.full((S, B, K), -math.inf)
+        hi = torch.full((S, B, K), math.inf)
+        seq_row = torch.full((B,), -1, dtype=torch.int32)
+        scope = torch.zeros(B, T + 1, dtype=torch.bool)
+        steered_sites = [False] * S
+        prompt = self._prompt
+        everyone = self._configs.get(None, _SequenceConfig())
+        for seq in range(B):
+            own = self._configs.get(seq)
+            ops = everyone.ops + (own.ops if own else [])
+            if not ops or (prompt is not None and seq >= prompt["batch"]):
+                continue
+            seq_row[seq] = seq
+            for op in ops:
+                for s in op.sites:
+                    a[s, seq, op.k], b[s, seq, op.k], lo[s, seq, op.k], hi[s, seq, op.k] = op.a, op.b, op.lo, op.hi
+                    steered_sites[s] = True
+            scope[seq] = self._scope_mask(own.scope if own and own.ops else everyone.scope, seq, T)
+        for dst, src in ((st.a, a), (st.b, b), (st.lo, lo), (st.hi, hi), (st.seq_row, seq_row), (st.scope, scope)):
+            dst.copy_(src)
+        self._steered_sites = steered_sites
+        self._needs_prompt = any(c.ops and c.scope != "all" for c in self._configs.values())
+        st.steering = any(steered_sites)
+
+    def _scope_mask(self, scope, seq: int, T: int) -> torch.Tensor:
+        mask = torch.zeros(T + 1, dtype=torch.bool)
+        if scope == "all":
+            mask[:] = True
+            return mask
+        prompt = self._prompt
+        if prompt is None:
+            return mask  # the pre-hook refuses to run until the prompt is known
+        pad, width = prompt["pad"][seq], prompt["width"]
+        if scope == "prompt":
+            mask[pad:width] = True
+        elif scope == "generated":
+            mask[width:] = True
+        else:
+            length = width - pad
+            if isinstance(scope, Mapping):
+                spans = [self._text_span(scope["text"], seq)]
+            else:
+                spans = [(int(s), int(e)) for s, e in scope]
+            for s, e in spans:
+                if e > length:
+                    raise ValueError(f"steer: scope span ({s}, {e}) is outside the prompt of sequence {seq} "
+                                     f"({length} tokens)")
+                mask[pad + s:pad + e] = True
+        return mask
+
+    def _text_span(self, text: str, seq: int) -> Tuple[int, int]:
+        prompt = self._prompt
+        if prompt.get("texts") is None or prompt.get("offsets") is None:
+            raise ValueError("steer: a {'text': ...} scope needs prompts given as strings (handle.generate(prompts) "
+                             "or handle.prepare(prompts=...)) and a fast tokenizer")
+        where = prompt["texts"][seq].find(text)
+        if where < 0:
+            raise ValueError(f"steer: scope text {text!r} does not occur in the prompt of sequence {seq}")
+        end = where + len(text)
+        tokens = [i for i, (s, e) in enumerate(prompt["offsets"][seq]) if e > where and s < end and e > s]
+        return tokens[0], tokens[-1] + 1
+
+    # ------------------------------------------------------------------------------------------ running
+    def prepare(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None, *,
+                prompts: Optional[Sequence[str]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Tell the patch the prompt batch (left-padded), so prompt-relative scopes can be placed.
+
+        Give ``prompts`` (strings, tokenized here with left padding; needs ``tokenizer``) or ``input_ids`` with
+        ``attention_mask``. Returns ``(input_ids, attention_mask)``.
+        """
+        offsets = None
+        if prompts is not None:
+            if self.tokenizer is None:
+                raise ValueError("prepare: prompts given as strings need patch(..., tokenizer=...)")
+            if isinstance(prompts, str):
+                prompts = [prompts]
+            tok = self.tokenizer
+            side = getattr(tok, "padding_side", "right")
+            tok.padding_side = "left"
+            if tok.pad_token is None:
+                tok.pad_token = tok.eos_token
+            try:
+                enc = tok(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
+                try:
+                    offsets = [tok(p, return_offsets_mapping=True, add_special_tokens=False)["offset_mapping"]
+                               for p in prompts]
+                except (NotImplementedError, TypeError, ValueError):
+                    offsets = None
+            finally:
+                tok.padding_side = side
+            input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
+        if input_ids is None:
+            raise ValueError("prepare: give 'prompts' or 'input_ids'")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        mask = attention_mask.bool().cpu()
+        B, W = input_ids.shape
+        lengths = mask.sum(1)
+        pads = (W - lengths).tolist()
+        for i in range(B):
+            if not bool(mask[i, pads[i]:].all()):
+                raise ValueError(f"prepare: sequence {i} is not left-padded (decoder-only generation needs "
+                                 f"tokenizer.padding_side = 'left')")
+        self.reserve(batch=B)
+        self._prompt = {"batch": B, "width": W, "pad": pads, "texts": list(prompts) if prompts else None,
+                        "offsets": offsets}
+        self._materialize()
+        device = self.state.device
+        return input_ids.to(device), attention_mask.to(device)
+
+    @torch.no_grad()
+    def generate(self, prompts: Optional[Sequence[str]] = None, *, input_ids: Optional[torch.Tensor] = None,
+                 attention_mask: Optional[torch.Tensor] = None, max_new_tokens: int = 32,
+                 **generate_kwargs) -> GenerationResult:
+        """``model.generate`` with the prompt registered, buffers reserved and the trace read back once after."""
+        input_ids, attention_mask = self.prepare(input_ids, attention_mask, prompts=prompts)
+        B, W = input_ids.shape
+        self.reserve(batch=B, tokens=W + max_new_tokens)
+        if self.tokenizer is not None and self.tokenizer.pad_token_id is not None:
+            generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                                  **generate_kwargs)
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        trace = self.trace(sequences, prompt_width=W, attention_mask=attention_mask) if self.monitor else None
+        texts = []
+        if self.tokenizer is not None:
+            texts = self.tokenizer.batch_decode(sequences[:, W:], skip_special_tokens=True)
+        return GenerationResult(sequences=sequences, texts=texts, trace=trace, prompt_width=W, output=out)
+
+    def trace(self, token_ids: torch.Tensor, *, prompt_width: Optional[int] = None,
+              attention_mask: Optional[torch.Tensor] = None) -> Trace:
+        """Read the recorded projections for ``token_ids`` (B, T), as fed at cache positions 0..T-1.
+
+        ``prompt_width``: width of the (left-padded) prompt; positions from there on are "generated" and the last
+        one, never fed back through the model by ``generate``, is NaN. Default: everything is prompt.
+        """
+        st = self.state
+        B, T = token_ids.shape
+        if B > st.B_cap or T > st.T_cap:
+            raise ValueError(f"trace: ({B}, {T}) exceeds the recorded capacity ({st.B_cap}, {st.T_cap})")
+        proj = st.P[:, :B, :T].permute(1, 2, 0, 3).float().cpu().clone()  # (B, T, S, K)
+        W = T if prompt_width is None else prompt_width
+        is_pad = torch.zeros(B, T, dtype=torch.bool)
+        if attention_mask is not None:
+            is_pad[:, :attention_mask.shape[1]] = ~attention_mask.bool().cpu()[:, :T]
+        is_prompt = torch.zeros(B, T, dtype=torch.bool)
+        is_prompt[:, :W] = True
+        is_prompt &= ~is_pad
+        if W < T:
+            proj[:, T - 1] = float("nan")
+        ids = token_ids.cpu()
+        tokens = ([self.tokenizer.convert_ids_to_tokens(r) for r in ids.tolist()] if self.tokenizer is not None
+                  else [[str(t) for t in r] for r in ids.tolist()])
+        mean = std = None
+        if self.bank.neutral_mean is not None and self.bank.neutral_std is not None:
+            slots = [self.bank.layer_slot(layer) for layer in self._site_layers]
+            mean, std = self.bank.neutral_mean[slots], self.bank.neutral_std[slots]
+        return Trace(proj, ids, tokens, is_prompt, is_pad, list(self.site_names), list(self.bank.names), mean, std)
+
+    # ------------------------------------------------------------------------------------------ removal
+    def remove(self) -> None:
+        """Remove every hook; the model computes exactly what it did before :func:`patch`."""
+        if self._removed:
+            return
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        if getattr(self.model, "_emokern_patch", None) is self:
+            del self.model._emokern_patch
+        self._removed = True
+
+    def __enter__(self) -> "PatchHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def patch(model, bank: VectorBank, *, layers=None, sites: Union[str, Sequence[str]] = ("residual",),
+          tokenizer=None, arch: Optional[ArchSpec] = None, backend: Optional[str] = None, monitor: bool = True,
+          force: bool = False, batch: int = 8, tokens: int = 512) -> PatchHandle:
+    """Patch a loaded ``transformers`` causal LM in place to monitor and steer with ``bank``; returns the handle.
+
+    Args:
+        model: a causal LM whose ``config.model_type`` is in :data:`ARCHITECTURES` (or pass ``arch``).
+        bank: the vectors; refused if made for another hidden size, or another model fingerprint unless ``force``.
+        layers: None (all layers), an index, a float fraction of depth, a slice, or a list of those. Every
+            selected layer must be in the bank.
+        sites: any of ``"residual"`` (decoder layer output), ``"attn"``, ``"mlp"`` (block outputs before the
+            residual add).
+        tokenizer: used for prompts given as text, token strings in traces, and decoded outputs.
+        arch: an :class:`ArchSpec` for models not in the table.
+        backend: op backend (see :func:`emokern.ops.resolve_backend`).
+        monitor: record projections (set False to only steer).
+        force: accept a bank whose model fingerprint differs (hidden size must still match).
+        batch, tokens: initial buffer capacity (grown on demand in eager mode; reserve before compiling).
+    """
+    if getattr(model, "_emokern_patch", None) is not None:
+        raise RuntimeError("this model is already patched by emokern: call handle.remove() on the existing patch "
+                           "(or use it) before patching again")
+    if not isinstance(bank, VectorBank):
+        raise TypeError(f"patch: 'bank' must be an emokern.VectorBank; got {type(bank).__name__}")
+    sites = (sites,) if isinstance(sites, str) else tuple(sites)
+    bad = [s for s in sites if s not in SITES]
+    if bad or not sites:
+        raise ValueError(f"patch: 'sites' must be a non-empty subset of {SITES}; got {sites}")
+    spec, base, layer_modules = _resolve_arch(model, arch)
+    bank.check_model(model, force=force)
+    chosen = _select_layers(layers, len(layer_modules))
+    missing = [layer for layer in chosen if layer not in bank.layers]
+    if missing:
+        raise ValueError(f"patch: the bank has no vectors for layers {missing} (it covers {bank.layers})")
+    return PatchHandle(model, bank, chosen, sites, spec, base, layer_modules, tokenizer=tokenizer, backend=backend,
+                       monitor=monitor, batch=batch, tokens=tokens)
