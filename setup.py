@@ -16,7 +16,26 @@ import shutil
 import sysconfig
 
 from setuptools import find_packages, setup
-from torch.utils import cpp_extension
+
+
+def _locate_cuda_home() -> None:
+    # torch guesses CUDA_HOME from the nvcc on PATH; when that is a wrapper or link (/usr/local/bin/nvcc) the guess
+    # (/usr/local) has no libcudart to link. Look for a toolkit that has one before torch looks.
+    if "CUDA_HOME" in os.environ or "CUDA_PATH" in os.environ:
+        return
+    nvcc = shutil.which("nvcc")
+    if not nvcc:
+        return
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"]
+    for home in candidates:
+        if glob.glob(os.path.join(home, "lib*", "libcudart.so*")) and os.path.isfile(os.path.join(home, "bin", "nvcc")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
+_locate_cuda_home()
+
+from torch.utils import cpp_extension  # noqa: E402  (reads CUDA_HOME at import)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -48,7 +67,8 @@ def _cuda_include_dirs():
 
 def _extensions():
     include_dirs = [os.path.join(HERE, "csrc"), os.path.join(HERE, "csrc", "include")]
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-DEMOKERN_CPU_ONLY"]
+    # No -std flag: torch picks the C++ standard its headers need (C++20 for torch >= 2.13, C++17 before).
+    cxx_flags = ["-O3", "-fopenmp", "-DEMOKERN_CPU_ONLY"]
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     if not _want_cuda():
         return [cpp_extension.CppExtension(
@@ -57,7 +77,7 @@ def _extensions():
     archs = os.environ.get("EMOKERN_CUDA_ARCHS", "8.0;9.0")
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     cxx_flags = [f for f in cxx_flags if f != "-DEMOKERN_CPU_ONLY"] + ["-DEMOKERN_WITH_CUDA"]
-    nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", "-DEMOKERN_WITH_CUDA"]
+    nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DEMOKERN_WITH_CUDA"]
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     return [cpp_extension.CUDAExtension(
         "emokern._C", sources, include_dirs=include_dirs + _cuda_include_dirs(),

@@ -9,6 +9,7 @@ A bank holds ``vectors`` (L, K, d) — K named directions (emotions) at each of 
   strength 0.05 means "0.05 of the typical hidden-state norm" as in the paper;
 * optional ``neutral_mean`` / ``neutral_std`` (L, K): projection statistics on emotionally neutral text, for
   z-scores;
+* ``extra``: further named tensors kept with the bank (e.g. ``raw_vectors`` before denoising);
 * ``metadata``: free-form JSON (recipe, corpus statistics, ...).
 
 On disk a bank is two files sharing a stem: ``NAME.safetensors`` (the tensors) and ``NAME.json`` (everything else,
@@ -69,6 +70,7 @@ class VectorBank:
     neutral_mean: Optional[torch.Tensor] = None  # (L, K)
     neutral_std: Optional[torch.Tensor] = None  # (L, K)
     metadata: Dict = field(default_factory=dict)
+    extra: Dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.vectors.dim() != 3:
@@ -155,6 +157,8 @@ class VectorBank:
             t = getattr(self, name)
             if t is not None:
                 tensors[name] = t.float().contiguous()
+        for name, t in self.extra.items():
+            tensors[f"extra.{name}"] = t.contiguous()
         from emokern import __version__
 
         fd, tmp_tensors = tempfile.mkstemp(dir=tensors_path.parent, suffix=".safetensors.tmp")
@@ -204,6 +208,7 @@ class VectorBank:
             residual_norm=tensors["residual_norm"], model_id=meta.get("model_id", ""),
             fingerprint=meta.get("fingerprint", ""), neutral_mean=tensors.get("neutral_mean"),
             neutral_std=tensors.get("neutral_std"), metadata=meta.get("metadata", {}),
+            extra={k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")},
         )
         if model is not None:
             bank.check_model(model, force=force)

@@ -168,12 +168,18 @@ def _as_tokens(op: str, h: torch.Tensor) -> torch.Tensor:
             f"copy h); got shape {tuple(h.shape)} with strides {h.stride()}"
         )
     try:
-        return h.view(-1, h.shape[-1])
+        h2 = h.view(-1, h.shape[-1])
     except RuntimeError:
         raise ValueError(
             f"{op}: argument 'h' must be viewable as (N, d) without a copy (the op works in place); got shape "
             f"{tuple(h.shape)} with strides {h.stride()}. Pass a 2-D slice, or make h contiguous first."
         ) from None
+    if h2.shape[0] > 1 and h2.shape[1] > 0 and h2.stride(0) < h2.shape[1]:
+        raise ValueError(
+            f"{op}: the rows of argument 'h' overlap in memory (row stride {h2.stride(0)} < d = {h2.shape[1]}, e.g. "
+            f"an expanded tensor); an in-place update would race. Pass a tensor with distinct rows."
+        )
+    return h2
 
 
 def _check_vectors(op: str, h2: torch.Tensor, V: torch.Tensor) -> None:

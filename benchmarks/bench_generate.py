@@ -1,0 +1,204 @@
+"""Benchmark: what does emokern's patch cost during generation?
+
+Providers, measured in one run on the same model and inputs:
+
+* ``unpatched`` — plain ``model.generate``;
+* ``emokern_monitor`` — monitoring all K=171 vectors at every layer's residual stream;
+* ``emokern_monitor_steer`` — the same plus steering with 2 vectors on every token;
+* ``python_hooks`` — the same math as ``emokern_monitor_steer`` with plain forward hooks and unfused PyTorch
+  (``h @ V.T``, elementwise, ``addmm``), the way repeng / steering-vectors style libraries do it.
+
+CPU (default): the embedded SmolLM2-135M-Instruct when installed, otherwise a random model of the same shape;
+batch 1 and 16, 64 new tokens, eager. GPU (``--device cuda``): a Llama-3-8B-shaped random-weight model in bf16
+with a static cache and ``torch.compile``; batch 1 and 32 decode, and a 4k-token prefill.
+
+Prints a table and writes ``benchmarks/results/bench_generate_<device>_<machine>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import emokern  # noqa: E402
+from benchmarks.bench_ops import device_name, versions  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+K = 171
+
+
+def smollm2_shaped(dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                      num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True,
+                      rms_norm_eps=1e-5, rope_theta=100000.0)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).to(dtype).eval(), "random SmolLM2-135M-shaped"
+
+
+def llama3_8b_shaped(dtype, device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype)
+    return model.eval(), "random Llama-3-8B-shaped"
+
+
+def load_cpu_model(dtype):
+    try:
+        from emokern.models import load_model
+
+        model, _ = load_model("smollm2-135m-instruct", dtype=dtype)
+        return model, "SmolLM2-135M-Instruct (embedded)"
+    except Exception as exc:  # a missing embedded model falls back to the same shape with random weights
+        print(f"embedded model unavailable ({type(exc).__name__}: {exc}); using a random model of the same shape")
+        return smollm2_shaped(dtype)
+
+
+def random_bank(model):
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    vectors = torch.randn(cfg.num_hidden_layers, K, cfg.hidden_size, generator=g)
+    norms = torch.full((cfg.num_hidden_layers,), 10.0)
+    return emokern.VectorBank.from_tensors(vectors, [f"e{i}" for i in range(K)], residual_norm=norms, model=model)
+
+
+class PythonHookBaseline:
+    """Forward hooks doing the monitoring + 2-vector steering with unfused PyTorch ops."""
+
+    def __init__(self, model, bank, steer_idx, strength):
+        blocks = model.model.layers
+        unit = bank.vectors / bank.vectors.norm(dim=-1, keepdim=True)
+        p = next(model.parameters())
+        self.records = []
+        self.handles = []
+        for layer, block in enumerate(blocks):
+            V = unit[layer].to(p.device, p.dtype)
+            Vs = V[steer_idx]
+            add = torch.full((len(steer_idx),), strength * float(bank.residual_norm[layer]), device=p.device)
+
+            def hook(mod, args, output, V=V, Vs=Vs, add=add):
+                h = output[0] if isinstance(output, tuple) else output
+                P = h @ V.T
+                self.records.append(P)
+                Ps = h @ Vs.T
+                delta = (Ps + add) - Ps
+                return torch.addmm(h.reshape(-1, h.shape[-1]), delta.reshape(-1, Vs.shape[0]).to(h.dtype), Vs).view(h.shape)
+
+            self.handles.append(block.register_forward_hook(hook))
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_generate(model, ids, mask, new_tokens, device, reps, setup=None):
+    def run():
+        if setup is not None:
+            setup()
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                           do_sample=False, pad_token_id=0, **generate_extra)
+    run()  # warm-up (and compilation on GPU)
+    samples = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        run()
+        sync(device)
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+generate_extra: dict = {}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--batches", default=None, help="comma-separated batch sizes (default: 1,16 CPU; 1,32 GPU)")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--random-model", action="store_true", help="CPU: use a random SmolLM2-shaped model")
+    parser.add_argument("--prefill", type=int, default=4096, help="GPU: prefill length measured separately")
+    args = parser.parse_args(argv)
+    device = args.device
+    torch.manual_seed(0)
+    if device == "cpu":
+        model, model_name = smollm2_shaped(torch.float32) if args.random_model else load_cpu_model(torch.float32)
+        batches = [int(b) for b in (args.batches or "1,16").split(",")]
+    else:
+        model, model_name = llama3_8b_shaped(torch.bfloat16, device)
+        batches = [int(b) for b in (args.batches or "1,32").split(",")]
+        generate_extra.update(cache_implementation="static")
+        model.forward = torch.compile(model.forward, mode="reduce-overhead", dynamic=False)
+    bank = random_bank(model)
+    steer_names = ["e3", "e7"]
+    vocab = model.config.vocab_size
+    rows = []
+    print(f"{device_name(device)} | {model_name} | {args.new_tokens} new tokens")
+    print(f"{'provider':<24}{'batch':>6}{'tokens/s':>12}{'vs unpatched':>14}")
+    for B in batches:
+        ids = torch.randint(100, vocab, (B, args.prompt_tokens), device=device)
+        mask = torch.ones_like(ids)
+        results = {}
+        results["unpatched"] = time_generate(model, ids, mask, args.new_tokens, device, args.reps)
+        handle = emokern.patch(model, bank, batch=B, tokens=args.prompt_tokens + args.new_tokens + 1)
+        results["emokern_monitor"] = time_generate(model, ids, mask, args.new_tokens, device, args.reps)
+        handle.steer({name: 0.05 for name in steer_names})
+        results["emokern_monitor_steer"] = time_generate(model, ids, mask, args.new_tokens, device, args.reps)
+        handle.remove()
+        baseline = PythonHookBaseline(model, bank, [bank.index(n) for n in steer_names], 0.05)
+        results["python_hooks"] = time_generate(model, ids, mask, args.new_tokens, device, args.reps,
+                                                setup=baseline.records.clear)
+        baseline.remove()
+        for provider, seconds in results.items():
+            tps = B * args.new_tokens / seconds
+            ratio = results["unpatched"] / seconds
+            rows.append({"provider": provider, "batch": B, "new_tokens": args.new_tokens, "seconds": round(seconds, 4),
+                         "tokens_per_s": round(tps, 2), "fraction_of_unpatched": round(ratio, 4)})
+            print(f"{provider:<24}{B:>6}{tps:>12.1f}{ratio:>14.3f}")
+    if device == "cuda" and args.prefill:
+        ids = torch.randint(100, vocab, (1, args.prefill), device=device)
+        for provider in ("unpatched", "emokern_monitor_steer"):
+            handle = None
+            if provider != "unpatched":
+                handle = emokern.patch(model, bank, batch=1, tokens=args.prefill + 2)
+                handle.steer({name: 0.05 for name in steer_names})
+            seconds = time_generate(model, ids, torch.ones_like(ids), 1, device, args.reps)
+            if handle is not None:
+                handle.remove()
+            rows.append({"provider": provider, "batch": 1, "prefill_tokens": args.prefill, "seconds": round(seconds, 4)})
+            print(f"prefill {args.prefill} {provider:<24}{seconds * 1e3:>10.1f} ms")
+    machine = "".join(c if c.isalnum() else "_" for c in device_name(device).split("(")[0].strip()).strip("_")[:40]
+    out = RESULTS / f"bench_generate_{device}_{machine}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "benchmark": "bench_generate", "device": device_name(device), "model": model_name, "K": K,
+        "steered_vectors": len(steer_names), "versions": versions(), "threads": torch.get_num_threads(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "rows": rows,
+    }, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
