@@ -1,0 +1,3 @@
+from emokern.cli import main
+
+raise SystemExit(main())

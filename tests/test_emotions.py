@@ -1,0 +1,22 @@
+"""Tests of emokern.emotions: the shipped list of the paper's 171 emotion words."""
+
+import emokern.emotions as emotions
+from emokern.emotions import load_emotions
+
+
+def test_171_unique_words():
+    words = load_emotions()
+    assert len(words) == 171 == emotions.N_EMOTIONS
+    assert len(set(words)) == 171
+    for w in ("desperate", "calm", "blissful", "hostile", "happy", "afraid", "at ease"):
+        assert w in words
+    assert all(w == w.strip() and w for w in words)
+    assert words == sorted(words)
+
+
+def test_emotions_lazy_constant():
+    assert emotions.EMOTIONS == tuple(load_emotions())
+    assert emotions.EMOTIONS is emotions.EMOTIONS  # one shared tuple
+    fresh = load_emotions()
+    fresh.append("x")
+    assert len(load_emotions()) == 171  # callers get copies
