@@ -110,3 +110,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     return COMMANDS[args.command].run(args)
+
+
+def _register_report() -> None:
+    from emokern.report import add_report_arguments, report_command
+
+    command("report", help="validation report for a bank: accuracy, geometry, logit lens, external text (JSON, PNG, HTML)",
+            arguments=add_report_arguments)(report_command)
+
+
+_register_report()

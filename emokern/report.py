@@ -1,0 +1,873 @@
+"""``emokern report BANK``: a validation report of a :class:`~emokern.bank.VectorBank` (PAPER_NOTES §2).
+
+:func:`validation_report` reads the bank at one layer and writes into an output folder:
+
+* ``report.json`` — every number below;
+* PNG plots — ``quality_curve.png`` (when the bank records a quality curve), ``pca_scatter.png``,
+  ``cosine_matrix.png``, ``goemotions_auroc.png``, ``emobank_valence.png``;
+* ``report.html`` — one self-contained page (inline CSS, the PNGs embedded as ``data:`` URIs, no external resource)
+  that shows the numbers and the plots.
+
+Sections:
+
+1. **Held-out story classification.** The bank's own per-layer held-out curve (``metadata["quality"]``, written by
+   :func:`emokern.extract.extract_bank`), plotted with the chosen layer marked; and, when ``corpus`` is given,
+   top-1/top-5 accuracy on those stories at the chosen layer. Chance is 1/K (top-1) and min(5, K)/K (top-5).
+2. **Geometry.** PCA of the K unit vectors (scikit-learn): variance explained by PC1 and PC2, and Pearson r of PC1
+   with human valence and of PC2 with human arousal over the emotions rated in ``data/norms`` (Glasgow Norms). PCA
+   signs are arbitrary: PC1 is oriented so that r(PC1, valence) >= 0 and PC2 so that r(PC2, arousal) >= 0, so the
+   reported r are magnitudes with PC1 pointing to positive valence (the paper: r = 0.81 and 0.66 with another human
+   study of 45 emotions). k-means (k = 10, scikit-learn) clusters the vectors; a PC1×PC2 scatter coloured by
+   cluster and the K×K cosine-similarity matrix ordered by cluster are drawn.
+3. **Logit lens.** Each vector through the final norm's gain and the unembedding (see :func:`logit_lens`): the
+   top-10 promoted and suppressed tokens, for every emotion in the JSON and for the featured ones in the page.
+4. **External text.** GoEmotions test comments: AUROC of the matching emotion's projection for each label in
+   :data:`GOEMOTIONS_TO_EMOTION` whose emotion is in the bank, and the top-5 comments per featured emotion.
+   EmoBank test sentences: Pearson r between the valence readout (projection on the oriented PC1 direction) and
+   human valence.
+
+Activations come from :func:`emokern.extract.story_activations` at the chosen layer: held-out stories as the bank
+was built (its recorded ``fmt`` and ``first_token``), external texts as raw text averaged over all their tokens
+(``fmt="raw"``, ``first_token=0``).
+
+scikit-learn, scipy and matplotlib are imported inside the functions that need them, so importing this module (as
+the command line does to build its parser) stays light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime
+import html
+import json
+import os
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from emokern.bank import VectorBank
+
+__all__ = [
+    "FEATURED_EMOTIONS",
+    "GOEMOTIONS_TO_EMOTION",
+    "GOEMOTIONS_UNMAPPED",
+    "MIN_EMOTIONS",
+    "add_report_arguments",
+    "logit_lens",
+    "report_command",
+    "validation_report",
+]
+
+#: The twelve emotions featured in the paper's main figures; the page shows logit lens and snippets for those
+#: present in the bank.
+FEATURED_EMOTIONS = ("happy", "inspired", "loving", "proud", "calm", "desperate", "angry", "guilty", "sad", "afraid",
+                     "nervous", "surprised")
+
+#: GoEmotions label -> the emotion word of the paper's 171 that names the same state. Labels left out have no clear
+#: counterpart among the 171: admiration (no "admiring"; awestruck is awe), approval, curiosity (no "curious"),
+#: desire (infatuated / greedy / aroused are each narrower), disappointment (no "disappointed"; dispirited and
+#: unhappy are broader), disapproval, realization (not an emotion) and neutral. caring -> compassionate follows
+#: GoEmotions' definition of caring ("displaying kindness and concern for others"); confusion -> puzzled is the
+#: closest everyday word for "lack of understanding, uncertainty" (bewildered / perplexed are stronger).
+GOEMOTIONS_TO_EMOTION: Dict[str, str] = {
+    "amusement": "amused",
+    "anger": "angry",
+    "annoyance": "annoyed",
+    "caring": "compassionate",
+    "confusion": "puzzled",
+    "disgust": "disgusted",
+    "embarrassment": "embarrassed",
+    "excitement": "excited",
+    "fear": "afraid",
+    "gratitude": "grateful",
+    "grief": "grief-stricken",
+    "joy": "joyful",
+    "love": "loving",
+    "nervousness": "nervous",
+    "optimism": "optimistic",
+    "pride": "proud",
+    "relief": "relieved",
+    "remorse": "remorseful",
+    "sadness": "sad",
+    "surprise": "surprised",
+}
+#: The GoEmotions labels not in :data:`GOEMOTIONS_TO_EMOTION` (see the reasons above); they are not scored.
+GOEMOTIONS_UNMAPPED = ("admiration", "approval", "curiosity", "desire", "disappointment", "disapproval", "realization",
+                       "neutral")
+
+N_CLUSTERS = 10  # the paper's k
+#: k-means with k = 10 needs at least 10 vectors (which also covers PCA's 2 components).
+MIN_EMOTIONS = N_CLUSTERS
+KMEANS_SEED = 0
+TOP_TOKENS = 10
+TOP_SNIPPETS = 5
+# A Pearson r over fewer points is ±1 or undefined.
+MIN_CORRELATION_POINTS = 3
+
+# The final norm of each family emokern patches (emokern.patch.ARCHITECTURES), as a dotted path from the causal LM.
+_FINAL_NORM = {
+    "llama": "model.norm",
+    "mistral": "model.norm",
+    "qwen2": "model.norm",
+    "qwen3": "model.norm",
+    "gemma3_text": "model.norm",
+    "gemma3": "model.language_model.norm",
+    "gpt2": "transformer.ln_f",
+}
+
+PathLike = Union[str, os.PathLike]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Small helpers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _text_config(model):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _pearson(x: Sequence[float], y: Sequence[float]) -> Dict:
+    """``{"r", "p", "n"}``; r and p are ``None`` (with a ``note``) for fewer than 3 points or a constant series."""
+    from scipy.stats import pearsonr
+
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    n = int(len(x))
+    if n < MIN_CORRELATION_POINTS:
+        return {"r": None, "p": None, "n": n, "note": f"needs at least {MIN_CORRELATION_POINTS} points; got {n}"}
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return {"r": None, "p": None, "n": n, "note": "one of the series is constant"}
+    result = pearsonr(x, y)
+    return {"r": float(result.statistic), "p": float(result.pvalue), "n": n}
+
+
+def _fmt(x, digits: int = 3) -> str:
+    """A number as the page shows it (``digits`` decimals); ``None`` as an em dash."""
+    if x is None:
+        return "—"
+    if isinstance(x, int):
+        return str(x)
+    return f"{x:.{digits}f}"
+
+
+def _figure(width: float, height: float):
+    # An explicit Agg canvas, as in emokern.viz: pyplot's global state and the user's backend are never touched.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: Path) -> str:
+    fig.savefig(path, format="png")
+    return path.name
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Layer
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _resolve_layer(bank: VectorBank, model, layer: Optional[int]) -> Tuple[int, str]:
+    """The model layer to report on and where it came from (see :func:`validation_report`)."""
+    n_layers = int(_text_config(model).num_hidden_layers)
+    if layer is None:
+        default = bank.metadata.get("default_layer")
+        if isinstance(default, dict) and default.get("two_thirds") is not None:
+            layer, source = int(default["two_thirds"]), "bank.metadata['default_layer']['two_thirds']"
+        elif isinstance(default, int):
+            layer, source = default, "bank.metadata['default_layer']"
+        else:
+            # The paper's mid-late layer, by the rule extract_bank records: nearest round(2/3 * (N - 1)).
+            target = round(2 / 3 * (n_layers - 1))
+            layer = min(bank.layers, key=lambda x: (abs(x - target), x))
+            source = f"the bank layer nearest 2/3 depth (round(2/3 * ({n_layers} - 1)) = {target})"
+    elif isinstance(layer, bool) or not isinstance(layer, int):
+        raise TypeError(f"layer: expected an int (a decoder-layer index) or None; got {layer!r}")
+    else:
+        source = "the layer argument"
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"layer: expected a decoder-layer index in [0, {n_layers}) for this {n_layers}-layer model, "
+                         f"among the bank's layers {bank.layers}; got {layer} (from {source})")
+    if layer not in bank.layers:
+        raise ValueError(f"layer: expected one of the bank's layers {bank.layers}; got {layer} (from {source})")
+    return layer, source
+
+
+def _layer_means(model, tokenizer, layer: int, batch_size: int, progress: bool) -> Callable[..., torch.Tensor]:
+    """``read(texts, fmt, first_token)``: (n, d) float32 per-text mean activations at ``layer``, from
+    :func:`emokern.extract.story_activations`."""
+    from emokern.extract import story_activations
+
+    def read(texts: List[str], fmt: str, first_token: int) -> torch.Tensor:
+        means, _ = story_activations(model, tokenizer, texts, layers=[layer], first_token=first_token, fmt=fmt,
+                                     batch_size=batch_size, progress=progress)
+        return means[:, 0]
+
+    return read
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 1. Held-out story classification
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _corpus_pairs(corpus, names: List[str]) -> Tuple[List[str], List[str]]:
+    """``(texts, labels)`` of the corpus, checked: one label per text, at least one label among ``names``."""
+    if hasattr(corpus, "stories"):
+        stories = list(corpus.stories)
+        texts, labels = [s.text for s in stories], [s.emotion for s in stories]
+    elif isinstance(corpus, (tuple, list)) and len(corpus) == 2:
+        texts, labels = list(corpus[0]), list(corpus[1])
+        if len(texts) != len(labels):
+            raise ValueError(f"corpus: expected one label per text; got {len(texts)} texts and {len(labels)} labels")
+    else:
+        raise TypeError(f"corpus: expected an object with .stories (records with .text and .emotion, e.g. "
+                        f"StoryCorpus) or a (texts, labels) pair; got {type(corpus).__name__}")
+    if not set(labels) & set(names):
+        raise ValueError(f"corpus: expected stories labelled with the bank's emotions; none of its {len(labels)} "
+                         f"labels is (some labels: {sorted(set(labels))[:10]})")
+    return texts, labels
+
+
+def _classification(bank: VectorBank, layer: int, stories: Optional[Tuple[List[str], List[str]]], read,
+                    out_dir: Path) -> Dict:
+    K = len(bank.names)
+    k5 = min(5, K)
+    out: Dict = {"chance_top1": 1 / K, "chance_top5": k5 / K, "quality_curve": None, "corpus": None}
+
+    quality = bank.metadata.get("quality")
+    if quality:
+        at = quality["layers"].index(layer) if layer in quality["layers"] else None
+        out["quality_curve"] = {
+            "layers": list(quality["layers"]), "top1": list(quality["top1"]), "top5": list(quality["top5"]),
+            "n_train": quality.get("n_train"), "n_test": quality.get("n_test"),
+            "top1_at_layer": None if at is None else quality["top1"][at],
+            "top5_at_layer": None if at is None else quality["top5"][at],
+        }
+        default = bank.metadata.get("default_layer") or {}
+        best = default.get("best_accuracy") if isinstance(default, dict) else None
+        out["plot"] = _plot_quality_curve(out["quality_curve"], layer, best, K, out_dir / "quality_curve.png")
+
+    if stories is not None:
+        texts, labels = stories
+        keep = [i for i, label in enumerate(labels) if label in bank.names]
+        recipe = bank.metadata.get("recipe") or {}
+        fmt, first_token = recipe.get("fmt", "chat"), int(recipe.get("first_token", 50))
+        acts = read([texts[i] for i in keep], fmt, first_token).double()
+        center = bank.extra.get("center")
+        if center is not None:
+            acts = acts - center[bank.layer_slot(layer)].double()
+            centering = "the bank's extra['center'] (mean of the emotion means) subtracted, as in held_out_accuracy"
+        else:
+            acts = acts - acts.mean(0)
+            centering = "the mean over the corpus texts subtracted (the bank has no extra['center'])"
+        scores = acts @ bank.vectors[bank.layer_slot(layer)].double().T  # (n, K)
+        truth = torch.tensor([bank.names.index(labels[i]) for i in keep])
+        top = scores.topk(k5, dim=1).indices
+        out["corpus"] = {
+            "n": len(keep), "n_excluded": len(labels) - len(keep), "fmt": fmt, "first_token": first_token,
+            "centering": centering,
+            "top1": float((top[:, 0] == truth).double().mean()),
+            "top5": float((top == truth[:, None]).any(1).double().mean()),
+        }
+    return out
+
+
+def _plot_quality_curve(curve: Dict, layer: int, best: Optional[int], K: int, path: Path) -> str:
+    fig = _figure(6.4, 3.6)
+    ax = fig.add_subplot()
+    ax.plot(curve["layers"], curve["top1"], marker="o", ms=3, label="top-1")
+    ax.plot(curve["layers"], curve["top5"], marker="o", ms=3, label=f"top-{min(5, K)}")
+    ax.axhline(1 / K, color="grey", ls=":", lw=1, label=f"chance top-1 (1/{K})")
+    ax.axvline(layer, color="crimson", ls="--", lw=1, label=f"report layer {layer}")
+    if best is not None and best != layer:
+        ax.axvline(best, color="green", ls=":", lw=1, label=f"best top-1 layer {best}")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"Held-out story classification over {K} emotions")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 2. Geometry
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _geometry(vectors: torch.Tensor, names: List[str], norms, out_dir: Path) -> Tuple[Dict, Optional[np.ndarray]]:
+    """The geometry section and the unit valence direction (oriented PC1; ``None`` when it cannot be oriented)."""
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import PCA
+
+    X = vectors.double().numpy()
+    # The exact solver: with more than 500 features scikit-learn's "auto" would pick a randomized SVD.
+    pca = PCA(n_components=2, svd_solver="full").fit(X)
+    scores = pca.transform(X)  # (K, 2)
+    rated = [(k, norms[name]) for k, name in enumerate(names) if name in norms]
+    strict = [(k, n) for k, n in rated if n.match != "derived"]
+
+    def correlate(pairs, pc: int, attr: str) -> Dict:
+        return _pearson([scores[k, pc] for k, _ in pairs], [getattr(n, attr) for _, n in pairs])
+
+    signs = []
+    for pc, attr in ((0, "valence"), (1, "arousal")):
+        r = correlate(rated, pc, attr)["r"]
+        signs.append(-1.0 if r is not None and r < 0 else 1.0)
+    scores = scores * np.array(signs)
+    components = pca.components_ * np.array(signs)[:, None]
+    can_orient = correlate(rated, 0, "valence")["r"] is not None
+
+    kmeans = KMeans(n_clusters=N_CLUSTERS, random_state=KMEANS_SEED, n_init=10).fit(X)
+    # Clusters are numbered 1..10 by decreasing mean PC1 (positive valence first when PC1 is oriented), as the
+    # paper orders its table; members by decreasing PC1.
+    raw_ids = sorted(range(N_CLUSTERS), key=lambda c: -scores[kmeans.labels_ == c, 0].mean())
+    cluster_of = np.empty(len(names), dtype=int)
+    clusters = []
+    for number, c in enumerate(raw_ids, start=1):
+        members = sorted(np.flatnonzero(kmeans.labels_ == c), key=lambda k: -scores[k, 0])
+        cluster_of[members] = number
+        clusters.append({"cluster": number, "size": len(members), "mean_pc1": float(scores[members, 0].mean()),
+                         "members": [names[k] for k in members]})
+    order = [names.index(m) for c in clusters for m in c["members"]]
+    unit = X / np.linalg.norm(X, axis=1, keepdims=True)
+    cosine = (unit @ unit.T)[np.ix_(order, order)]  # rows and columns in cluster order
+
+    geometry = {
+        "n_emotions": len(names),
+        "variance_explained": {"pc1": float(pca.explained_variance_ratio_[0]),
+                               "pc2": float(pca.explained_variance_ratio_[1])},
+        "orientation": ("PCA signs are arbitrary: PC1 is oriented so that r(PC1, valence) >= 0 (PC1 points to "
+                        "positive valence) and PC2 so that r(PC2, arousal) >= 0; the reported r are therefore >= 0"
+                        if can_orient else
+                        f"not oriented: fewer than {MIN_CORRELATION_POINTS} of the bank's emotions have human norms"),
+        "oriented": can_orient,
+        "pc1_valence": correlate(rated, 0, "valence"),
+        "pc2_arousal": correlate(rated, 1, "arousal"),
+        "pc1_valence_strict": correlate(strict, 0, "valence"),
+        "pc2_arousal_strict": correlate(strict, 1, "arousal"),
+        "norms": ("Glasgow Norms (Scott et al. 2019, CC BY 4.0), emokern/data/norms; 'strict' drops words matched "
+                  "through a derived headword (e.g. loving -> love)"),
+        "paper": {"pc1_variance": 0.26, "pc2_variance": 0.15, "pc1_valence_r": 0.81, "pc2_arousal_r": 0.66,
+                  "n_emotions_rated": 45},
+        "kmeans": {"k": N_CLUSTERS, "random_state": KMEANS_SEED, "n_init": 10, "inertia": float(kmeans.inertia_),
+                   "input": "the K unit vectors at the report layer"},
+        "clusters": clusters,
+        "emotions": [{"name": name, "pc1": float(scores[k, 0]), "pc2": float(scores[k, 1]),
+                      "cluster": int(cluster_of[k]),
+                      "valence": norms[name].valence if name in norms else None,
+                      "arousal": norms[name].arousal if name in norms else None}
+                     for k, name in enumerate(names)],
+        "cosine": {"order": [names[k] for k in order], "matrix": np.round(cosine, 4).tolist()},
+        "plots": {
+            "pca_scatter": _plot_pca(scores, names, cluster_of, pca.explained_variance_ratio_, can_orient,
+                                     out_dir / "pca_scatter.png"),
+            "cosine_matrix": _plot_cosine(cosine, [names[k] for k in order],
+                                          [c["size"] for c in clusters], out_dir / "cosine_matrix.png"),
+        },
+    }
+    return geometry, (components[0] if can_orient else None)
+
+
+def _plot_pca(scores, names, cluster_of, ratio, oriented: bool, path: Path) -> str:
+    from matplotlib import colormaps
+
+    K = len(names)
+    fig = _figure(8.5, 7.0)
+    ax = fig.add_subplot()
+    cmap = colormaps["tab10"]
+    for c in range(1, N_CLUSTERS + 1):
+        sel = cluster_of == c
+        ax.scatter(scores[sel, 0], scores[sel, 1], s=14, color=cmap(c - 1), label=f"cluster {c} ({int(sel.sum())})")
+    fontsize = 7 if K <= 40 else 4.5
+    for k, name in enumerate(names):
+        ax.annotate(name.replace("$", r"\$"), (scores[k, 0], scores[k, 1]), fontsize=fontsize,
+                    xytext=(2, 2), textcoords="offset points")
+    note = " (oriented: + = positive valence)" if oriented else " (sign arbitrary)"
+    ax.set_xlabel(f"PC1, {100 * ratio[0]:.1f}% of variance{note}")
+    ax.set_ylabel(f"PC2, {100 * ratio[1]:.1f}% of variance{' (oriented: + = arousal)' if oriented else ''}")
+    ax.set_title(f"PCA of {K} emotion vectors, coloured by k-means cluster (k = {N_CLUSTERS})")
+    ax.legend(fontsize=7, loc="best")
+    return _save(fig, path)
+
+
+def _plot_cosine(matrix: np.ndarray, names: List[str], sizes: List[int], path: Path) -> str:
+    K = len(names)
+    side = max(6.0, min(18.0, 0.1 * K + 3))
+    fig = _figure(side + 1.2, side)
+    ax = fig.add_subplot()
+    im = ax.imshow(matrix, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+    fontsize = max(3.0, min(8.0, 500 / K))
+    ax.set_xticks(range(K), [n.replace("$", r"\$") for n in names], rotation=90, fontsize=fontsize)
+    ax.set_yticks(range(K), [n.replace("$", r"\$") for n in names], fontsize=fontsize)
+    for edge in np.cumsum(sizes)[:-1]:
+        ax.axhline(edge - 0.5, color="black", lw=0.6)
+        ax.axvline(edge - 0.5, color="black", lw=0.6)
+    ax.set_title("Cosine similarity of the emotion vectors (ordered by k-means cluster)")
+    fig.colorbar(im, ax=ax, shrink=0.6)
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 3. Logit lens
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _final_norm(model) -> Tuple[str, torch.nn.Module]:
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in _FINAL_NORM:
+        raise ValueError(f"model: expected a model_type with a known final norm ({', '.join(sorted(_FINAL_NORM))}) "
+                         f"for the logit lens; got {model_type!r}")
+    module = model
+    for part in _FINAL_NORM[model_type].split("."):
+        module = getattr(module, part)
+    return _FINAL_NORM[model_type], module
+
+
+def logit_lens(vectors: torch.Tensor, model, tokenizer, *, k: int = TOP_TOKENS) -> Tuple[List[Dict], str]:
+    """Top-``k`` promoted and suppressed tokens of each vector read through the model's unembedding.
+
+    A direction ``v`` added to the last residual stream reaches the logits through the final norm and the LM head.
+    The norm's division by the RMS (or standard deviation) of the whole hidden state is a positive scalar that does
+    not change which tokens rank highest, so it is dropped; its elementwise gain is kept:
+
+    * RMSNorm-type norms (Llama, Mistral, Qwen, Gemma): ``g = norm(1)``, the norm applied to the all-ones vector,
+      which is ``weight`` (or ``1 + weight`` for Gemma) up to the factor 1/sqrt(1 + eps);
+    * ``torch.nn.LayerNorm`` (GPT-2): ``v`` is first centred (LayerNorm subtracts the mean), then ``g = weight``;
+      the bias adds the same logits for every vector and is left out.
+
+    The logit effect is ``W_U (g ⊙ v)`` with ``W_U = model.get_output_embeddings().weight`` (V, d), computed in
+    float32. Logit values are per unit of ``v`` before the norm's scaling, so compare them within a vector.
+
+    Args:
+        vectors: (K, d) directions (e.g. one layer of a bank).
+        model, tokenizer: the causal LM and its tokenizer (tokens are shown as ``tokenizer.decode([id])``, or as
+            the raw token when that is only a partial UTF-8 character).
+        k: tokens per list.
+
+    Returns:
+        ``(rows, method)``: one dict per vector with ``promoted`` and ``suppressed`` lists of ``{"token", "id",
+        "logit"}`` (most promoted / most suppressed first), and a one-line description of the method used.
+    """
+    path, norm = _final_norm(model)
+    W = model.get_output_embeddings().weight
+    v = vectors.to(device=W.device, dtype=torch.float32)
+    with torch.inference_mode():
+        if isinstance(norm, torch.nn.LayerNorm):
+            v = (v - v.mean(-1, keepdim=True)) * norm.weight.float()
+            method = f"W_U (g * (v - mean(v))) with g = {path}.weight (LayerNorm)"
+        else:
+            gain = norm(torch.ones(1, v.shape[1], device=W.device, dtype=W.dtype)).float()[0]
+            v = v * gain
+            method = f"W_U (g * v) with g = {path}(ones) ({type(norm).__name__} gain)"
+        logits = v @ W.float().T  # (K, V)
+        top = logits.topk(k, dim=1)
+        bottom = (-logits).topk(k, dim=1)
+
+    def shown(i: int) -> str:
+        text = tokenizer.decode([i])
+        # A byte-level piece of a multi-byte character decodes to U+FFFD alone; its raw piece says more.
+        return tokenizer.convert_ids_to_tokens(i) if "\ufffd" in text else text
+
+    def tokens(ids, values, sign) -> List[Dict]:
+        return [{"token": shown(i), "id": i, "logit": sign * float(x)} for i, x in zip(ids.tolist(), values.tolist())]
+
+    rows = [{"promoted": tokens(top.indices[r], top.values[r], 1.0),
+             "suppressed": tokens(bottom.indices[r], bottom.values[r], -1.0)} for r in range(len(vectors))]
+    return rows, method
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 4. External text
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _check_limit(argument: str, limit: Optional[int]) -> Optional[int]:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"{argument}: expected a positive int (texts to evaluate) or None (all); got {limit!r}")
+    return limit
+
+
+def _goemotions(bank: VectorBank, layer: int, featured: List[str], data: List, limit: Optional[int], read,
+                out_dir: Path) -> Dict:
+    from sklearn.metrics import roc_auc_score
+
+    n_total = len(data)
+    data = data[:limit]
+    acts = read([x.text for x in data], "raw", 0)
+    proj = (acts.double() @ bank.vectors[bank.layer_slot(layer)].double().T).numpy()  # (n, K)
+
+    labels = {}
+    for label, emotion in GOEMOTIONS_TO_EMOTION.items():
+        y = np.array([label in x.labels for x in data])
+        row = {"emotion": emotion, "n_pos": int(y.sum()), "n_neg": int((~y).sum()), "auroc": None}
+        if emotion not in bank.names:
+            row["note"] = "emotion not in the bank"
+        elif y.all() or not y.any():
+            row["note"] = f"no {'negative' if y.all() else 'positive'} text among the {len(data)} evaluated"
+        else:
+            row["auroc"] = float(roc_auc_score(y, proj[:, bank.index(emotion)]))
+        labels[label] = row
+    scored = [r["auroc"] for r in labels.values() if r["auroc"] is not None]
+
+    snippets = {}
+    for emotion in featured:
+        column = proj[:, bank.index(emotion)]
+        best = np.argsort(-column, kind="stable")[:TOP_SNIPPETS]
+        snippets[emotion] = [{"text": data[i].text, "score": float(column[i]), "labels": list(data[i].labels)}
+                             for i in best]
+    out = {
+        "split": "test", "n_texts": len(data), "n_available": n_total,
+        "selection": "the first n_texts comments in file order" if limit is not None else "all comments",
+        "readout": "per-comment mean activation (raw text, all tokens) projected on the emotion's unit vector",
+        "mapping": GOEMOTIONS_TO_EMOTION,
+        "unmapped": list(GOEMOTIONS_UNMAPPED),
+        "labels": labels,
+        "n_scored": len(scored),
+        "mean_auroc": float(np.mean(scored)) if scored else None,
+        "top_snippets": snippets,
+    }
+    if scored:
+        out["plot"] = _plot_auroc(labels, out_dir / "goemotions_auroc.png")
+    return out
+
+
+def _plot_auroc(labels: Dict, path: Path) -> str:
+    rows = [(f"{label} → {r['emotion']} ({r['n_pos']}+)", r["auroc"]) for label, r in labels.items()
+            if r["auroc"] is not None]
+    rows.sort(key=lambda t: t[1])
+    fig = _figure(6.4, 0.28 * len(rows) + 1.4)
+    ax = fig.add_subplot()
+    ax.barh(range(len(rows)), [a for _, a in rows], color="tab:blue")
+    ax.set_yticks(range(len(rows)), [name for name, _ in rows], fontsize=8)
+    ax.axvline(0.5, color="grey", ls=":", lw=1)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("AUROC (0.5 = chance); (n+) = positive comments")
+    ax.set_title("GoEmotions test: label vs matching emotion's projection")
+    return _save(fig, path)
+
+
+def _emobank(direction: Optional[np.ndarray], data: List, limit: Optional[int], read, out_dir: Path) -> Dict:
+    out = {"split": "test", "n_available": len(data),
+           "readout": "per-sentence mean activation (raw text, all tokens) projected on the unit PC1 direction of "
+                      "the emotion vectors, oriented toward positive valence",
+           "selection": "the first n sentences in file order" if limit is not None else "all sentences"}
+    if direction is None:
+        out.update(n=0, r=None, p=None, note="skipped: the valence direction could not be oriented (too few of the "
+                                             "bank's emotions have human norms)")
+        return out
+    data = data[:limit]
+    acts = read([x.text for x in data], "raw", 0)
+    readout = acts.double().numpy() @ direction
+    human = [x.valence for x in data]
+    out.update(_pearson(readout, human))
+    out["plot"] = _plot_emobank(readout, human, out["r"], out_dir / "emobank_valence.png")
+    return out
+
+
+def _plot_emobank(readout: np.ndarray, human: List[float], r: Optional[float], path: Path) -> str:
+    fig = _figure(5.6, 4.2)
+    ax = fig.add_subplot()
+    ax.scatter(human, readout, s=8, alpha=0.5)
+    ax.set_xlabel("human valence (EmoBank V, 1-5)")
+    ax.set_ylabel("valence readout (projection on oriented PC1)")
+    ax.set_title(f"EmoBank test: r = {_fmt(r)} (n = {len(human)})")
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def validation_report(bank: VectorBank, model, tokenizer, out_dir: PathLike, *, layer: Optional[int] = None,
+                      corpus=None, goemotions_limit: Optional[int] = None, emobank_limit: Optional[int] = None,
+                      progress: bool = True, batch_size: int = 32, data_dir: Optional[PathLike] = None) -> Dict:
+    """Validate ``bank`` on ``model`` at one layer and write ``report.json``, the PNG plots and ``report.html``.
+
+    Args:
+        bank: the vectors; it must hold at least :data:`MIN_EMOTIONS` (10) emotions, since k-means uses k = 10.
+            ``bank.check_model(model)`` must pass (same hidden size and fingerprint).
+        model, tokenizer: the causal LM the bank was made from and its fast tokenizer.
+        out_dir: folder to write into (created if needed; files of the same names are replaced).
+        layer: the decoder-layer index to report on (the output of decoder layer ``layer``, as in
+            :func:`emokern.extract.story_activations`); it must be one of ``bank.layers``. Default:
+            ``bank.metadata["default_layer"]["two_thirds"]`` (an int ``default_layer`` is used as is), else the bank
+            layer nearest round(2/3·(N−1)) for an N-layer model.
+        corpus: optional held-out stories for a direct top-1/top-5 accuracy at ``layer``: an object with
+            ``.stories`` (records with ``.text`` and ``.emotion``, e.g. a StoryCorpus) or a ``(texts, labels)``
+            pair. Stories whose emotion is not in the bank are left out (and counted). They are read as the bank
+            was built (``metadata["recipe"]``'s ``fmt`` and ``first_token``, else ``"chat"`` and 50) and scored by
+            ``v_k · (a − center)`` with the bank's ``extra["center"]`` (else the corpus mean), argmax over k.
+        goemotions_limit, emobank_limit: evaluate only the first N test texts of each set (file order), for speed;
+            ``None``: all (5,427 GoEmotions comments, 1,000 EmoBank sentences).
+        progress: show progress bars while activations are computed.
+        batch_size: texts per forward pass (GoEmotions and EmoBank texts are short, so 32 costs little memory and
+            runs several times faster on a CPU than extraction's 8; lower it for long corpus stories on a big model).
+        data_dir: folder holding ``norms/``, ``goemotions/`` and ``emobank/`` (default: the package's data; see
+            :mod:`emokern.datasets`).
+
+    Returns:
+        The report as a dict (exactly what ``report.json`` holds): ``bank``, ``model``, ``layer``,
+        ``classification``, ``geometry``, ``logit_lens``, ``goemotions``, ``emobank``, ``files``. Numbers that
+        cannot be computed (e.g. an AUROC for a label with no positive text) are ``None`` with a ``note``.
+
+    Raises:
+        ValueError: too few emotions, a layer outside the model or the bank, a bad limit or corpus.
+        emokern.bank.BankMismatchError: the bank belongs to another model.
+        emokern.datasets.DataFileMissingError: a data file is missing (checked before any model forward).
+    """
+    from emokern import __version__
+    from emokern.datasets import load_emobank, load_goemotions, load_norms
+
+    K = len(bank.names)
+    if K < MIN_EMOTIONS:
+        raise ValueError(f"bank: expected at least {MIN_EMOTIONS} emotions (k-means with k = {N_CLUSTERS}; PCA needs "
+                         f"3); got {K}: {bank.names}")
+    goemotions_limit = _check_limit("goemotions_limit", goemotions_limit)
+    emobank_limit = _check_limit("emobank_limit", emobank_limit)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an int >= 1; got {batch_size!r}")
+    stories = None if corpus is None else _corpus_pairs(corpus, bank.names)
+    bank.check_model(model)
+    layer, layer_source = _resolve_layer(bank, model, layer)
+    # Every input is checked and every data file read before any output or forward pass, so that a mistake or a
+    # missing file fails at once rather than after minutes of model time.
+    norms = {n.word: n for n in load_norms(data_dir=data_dir)}
+    goemotions = load_goemotions("test", data_dir=data_dir)
+    emobank = load_emobank("test", data_dir=data_dir)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vectors = bank.vectors[bank.layer_slot(layer)]
+    featured = [e for e in FEATURED_EMOTIONS if e in bank.names] or bank.names[:len(FEATURED_EMOTIONS)]
+    config = _text_config(model)
+
+    read = _layer_means(model, tokenizer, layer, batch_size, progress)
+    classification = _classification(bank, layer, stories, read, out_dir)
+    geometry, valence_direction = _geometry(vectors, bank.names, norms, out_dir)
+    lens_rows, lens_method = logit_lens(vectors, model, tokenizer)
+    report = {
+        "emokern_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "bank": {"model_id": bank.model_id, "fingerprint": bank.fingerprint, "n_emotions": K,
+                 "names": list(bank.names), "layers": list(bank.layers), "hidden_size": bank.hidden_size},
+        "model": {"model_type": getattr(config, "model_type", None),
+                  "num_hidden_layers": int(config.num_hidden_layers)},
+        "layer": {"index": layer, "source": layer_source},
+        "featured": featured,
+        "classification": classification,
+        "geometry": geometry,
+        "logit_lens": {"method": lens_method, "k": TOP_TOKENS,
+                       "emotions": dict(zip(bank.names, lens_rows))},
+        "goemotions": _goemotions(bank, layer, featured, goemotions, goemotions_limit, read, out_dir),
+        "emobank": _emobank(valence_direction, emobank, emobank_limit, read, out_dir),
+    }
+    plots = [p for p in (classification.get("plot"), *geometry["plots"].values(), report["goemotions"].get("plot"),
+                         report["emobank"].get("plot")) if p]
+    report["files"] = {"json": "report.json", "html": "report.html", "plots": plots}
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
+    (out_dir / "report.html").write_text(_html(report, out_dir), encoding="utf-8")
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# HTML
+# ----------------------------------------------------------------------------------------------------------------------
+
+_CSS = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
+h1 { font-size: 1.5em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
+table { border-collapse: collapse; margin: .6em 0; font-size: .9em; }
+th, td { border: 1px solid #ddd; padding: .2em .5em; text-align: left; vertical-align: top; }
+th { background: #f4f4f4; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { font-size: .85em; color: #555; } .note { color: #666; font-size: .9em; }
+code.tok { background: #f3f3f3; padding: 0 .2em; margin: 0 .1em; white-space: pre; }
+table.cos td { padding: 0 .2em; font-size: .75em; }
+"""
+
+
+def _e(x) -> str:
+    return html.escape(str(x))
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence], cls: str = "") -> str:
+    def cell(x) -> str:
+        if isinstance(x, (int, float)) or x is None:
+            return f'<td class="num">{_fmt(x)}</td>'
+        return f"<td>{x}</td>"
+
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(cell(x) for x in row) + "</tr>" for row in rows)
+    attr = f' class="{cls}"' if cls else ""
+    return f"<table{attr}><tr>{head}</tr>{body}</table>"
+
+
+def _img(out_dir: Path, name: Optional[str], caption: str) -> str:
+    if not name:
+        return ""
+    data = base64.b64encode((out_dir / name).read_bytes()).decode("ascii")
+    return (f'<figure><img alt="{_e(caption)}" src="data:image/png;base64,{data}">'
+            f'<figcaption>{_e(caption)} (<a href="{_e(name)}">{_e(name)}</a>)</figcaption></figure>')
+
+
+def _corr(c: Dict) -> str:
+    extra = f" — {_e(c['note'])}" if c.get("note") else ""
+    p = f", p = {c['p']:.2g}" if c.get("p") is not None else ""
+    return f"r = {_fmt(c['r'])} (n = {c['n']}{p}){extra}"
+
+
+def _tokens(items: List[Dict]) -> str:
+    return "".join(f'<code class="tok" title="id {t["id"]}, logit {t["logit"]:.3f}">'
+                   f"{_e(json.dumps(t['token'], ensure_ascii=False))}</code>" for t in items)
+
+
+def _html(report: Dict, out_dir: Path) -> str:
+    b, g, c = report["bank"], report["geometry"], report["classification"]
+    m = report["model"]
+    ge, eb, lens = report["goemotions"], report["emobank"], report["logit_lens"]
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>emokern report: "
+             f"{_e(b['model_id'] or 'bank')}</title><style>{_CSS}</style></head><body>",
+             "<h1>emokern validation report</h1>",
+             _table(["field", "value"], [
+                 ["model", _e(b["model_id"] or "—")], ["fingerprint", _e(b["fingerprint"] or "—")],
+                 ["model type / layers", _e(f"{m['model_type']} / {m['num_hidden_layers']}")],
+                 ["emotions (K)", b["n_emotions"]], ["bank layers", _e(b["layers"])],
+                 ["report layer", _e(f"{report['layer']['index']} ({report['layer']['source']})")],
+                 ["hidden size", b["hidden_size"]], ["emokern", _e(report["emokern_version"])],
+                 ["created", _e(report["created"])]])]
+
+    # 1. Classification
+    parts.append("<h2>1. Held-out story classification</h2>")
+    parts.append(f"<p>Chance: top-1 = {_fmt(c['chance_top1'])}, top-5 = {_fmt(c['chance_top5'])} "
+                 f"(K = {b['n_emotions']}).</p>")
+    q = c["quality_curve"]
+    if q:
+        parts.append(f"<p>From the bank's metadata (held out at extraction; {q['n_train']} training, "
+                     f"{q['n_test']} test stories): at layer {report['layer']['index']}, top-1 = "
+                     f"{_fmt(q['top1_at_layer'])}, top-5 = {_fmt(q['top5_at_layer'])}.</p>")
+        parts.append(_img(out_dir, c.get("plot"), "Held-out accuracy by layer"))
+        parts.append("<details><summary>accuracy per layer</summary>" +
+                     _table(["layer", "top-1", "top-5"], list(zip(q["layers"], q["top1"], q["top5"]))) + "</details>")
+    else:
+        parts.append("<p class='note'>The bank's metadata holds no quality curve.</p>")
+    if c["corpus"]:
+        cc = c["corpus"]
+        parts.append(f"<p>Given corpus ({cc['n']} stories, {cc['n_excluded']} left out as not in the bank; "
+                     f"fmt={_e(cc['fmt'])}, first_token={cc['first_token']}; {_e(cc['centering'])}): "
+                     f"top-1 = {_fmt(cc['top1'])}, top-5 = {_fmt(cc['top5'])}.</p>")
+
+    # 2. Geometry
+    ve = g["variance_explained"]
+    parts.append("<h2>2. Geometry</h2>")
+    parts.append(f"<p>PCA of the {g['n_emotions']} vectors: PC1 explains {_fmt(ve['pc1'])}, PC2 {_fmt(ve['pc2'])} "
+                 f"of the variance (paper: 0.26 and 0.15).</p>")
+    parts.append(_table(["comparison with human norms", "all rated emotions", "strict (no derived matches)", "paper"], [
+        ["PC1 vs valence", _corr(g["pc1_valence"]), _corr(g["pc1_valence_strict"]), "r = 0.81 (n = 45)"],
+        ["PC2 vs arousal", _corr(g["pc2_arousal"]), _corr(g["pc2_arousal_strict"]), "r = 0.66 (n = 45)"]]))
+    parts.append(f"<p class='note'>{_e(g['orientation'])}. Norms: {_e(g['norms'])}.</p>")
+    parts.append(_img(out_dir, g["plots"]["pca_scatter"], "PC1 × PC2, coloured by k-means cluster"))
+    parts.append(f"<p>k-means (k = {g['kmeans']['k']}, random_state = {g['kmeans']['random_state']}, inertia "
+                 f"{_fmt(g['kmeans']['inertia'])}); clusters numbered by decreasing mean PC1:</p>")
+    parts.append(_table(["cluster", "size", "mean PC1", "members"],
+                        [[cl["cluster"], cl["size"], cl["mean_pc1"], _e(", ".join(cl["members"]))]
+                         for cl in g["clusters"]]))
+    parts.append("<details><summary>per-emotion coordinates and norms</summary>" +
+                 _table(["emotion", "PC1", "PC2", "cluster", "valence (1-9)", "arousal (1-9)"],
+                        [[_e(r["name"]), r["pc1"], r["pc2"], r["cluster"], r["valence"], r["arousal"]]
+                         for r in g["emotions"]]) + "</details>")
+    parts.append(_img(out_dir, g["plots"]["cosine_matrix"], "Cosine similarity, ordered by cluster"))
+    order = g["cosine"]["order"]
+    parts.append("<details><summary>cosine-similarity matrix (ordered by cluster)</summary>" +
+                 _table([""] + order, [[_e(n)] + row for n, row in zip(order, g["cosine"]["matrix"])], "cos") +
+                 "</details>")
+
+    # 3. Logit lens
+    parts.append("<h2>3. Logit lens</h2>")
+    parts.append(f"<p class='note'>{_e(lens['method'])}. Top {lens['k']} tokens; every emotion is in report.json."
+                 f"</p>")
+    parts.append(_table(["emotion", "promoted", "suppressed"],
+                        [[_e(e), _tokens(lens["emotions"][e]["promoted"]), _tokens(lens["emotions"][e]["suppressed"])]
+                         for e in report["featured"]]))
+
+    # 4. External text
+    parts.append("<h2>4. External text</h2><h3>GoEmotions (test)</h3>")
+    parts.append(f"<p>{ge['n_texts']} of {ge['n_available']} comments ({_e(ge['selection'])}); "
+                 f"{_e(ge['readout'])}. AUROC scored for {ge['n_scored']} labels; mean AUROC = "
+                 f"{_fmt(ge['mean_auroc'])}.</p>")
+    parts.append(_img(out_dir, ge.get("plot"), "AUROC per GoEmotions label"))
+    parts.append(_table(["label", "emotion", "positives", "negatives", "AUROC", "note"],
+                        [[_e(label), _e(r["emotion"]), r["n_pos"], r["n_neg"], r["auroc"], _e(r.get("note", ""))]
+                         for label, r in ge["labels"].items()]))
+    parts.append(f"<p class='note'>Labels without a clear counterpart among the 171 emotions (not scored): "
+                 f"{_e(', '.join(ge['unmapped']))}.</p>")
+    parts.append(f"<h3>Top-{TOP_SNIPPETS} GoEmotions comments per featured emotion</h3>")
+    for emotion, rows in ge["top_snippets"].items():
+        parts.append(f"<h4>{_e(emotion)}</h4>" + _table(["projection", "comment", "GoEmotions labels"], [
+            [r["score"], _e(r["text"]), _e(", ".join(r["labels"]))] for r in rows]))
+    parts.append("<h3>EmoBank (test)</h3>")
+    parts.append(f"<p>{_e(eb['readout'])}; {_e(eb['selection'])}. Valence readout vs human valence: "
+                 f"{_corr(eb)}.</p>")
+    parts.append(_img(out_dir, eb.get("plot"), "EmoBank valence readout vs human valence"))
+
+    parts.append("<h2>Data sources</h2><ul class='note'>"
+                 "<li>Glasgow Norms © Scott, Keitel, Becirspahic, Yao &amp; Sereno (2019), CC BY 4.0; subset "
+                 "extracted, values unchanged.</li>"
+                 "<li>GoEmotions: Demszky et al. (2020), ACL. Data © Google LLC, Apache-2.0.</li>"
+                 "<li>EmoBank by Sven Buechel and Udo Hahn (JULIE Lab, Friedrich-Schiller-Universität Jena), "
+                 "github.com/JULIELab/EmoBank, CC BY-SA 4.0; file corpus/emobank.csv, unmodified.</li></ul>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``emokern report``: ``BANK [--model NAME_OR_PATH] [--out DIR] [--layer N] [--limit N]
+    [--batch-size N]``."""
+    parser.add_argument("bank", metavar="BANK", help="the vector bank: NAME, NAME.json or NAME.safetensors")
+    parser.add_argument("--model", default=None, metavar="NAME_OR_PATH",
+                        help="model to load with emokern.models.load_model (default: the bank's model_id if it is an "
+                             "embedded model name, else the default embedded model)")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="output folder (default: NAME_report beside the bank's files)")
+    parser.add_argument("--layer", type=int, default=None, metavar="N",
+                        help="decoder layer to report on (default: the bank's default layer, else ~2/3 depth)")
+    parser.add_argument("--limit", type=int, default=None, metavar="N",
+                        help="evaluate only the first N GoEmotions comments and N EmoBank sentences (default: all)")
+    parser.add_argument("--batch-size", type=int, default=32, metavar="N", help="texts per forward pass (default: 32)")
+
+
+def report_command(args: argparse.Namespace) -> int:
+    """Run ``emokern report``: load the bank and its model, write the report, print where it is; returns 0."""
+    from emokern.bank import bank_paths
+    from emokern.models import DEFAULT_MODEL, REGISTRY, load_model
+
+    bank = VectorBank.load(args.bank)
+    name = args.model or (bank.model_id if bank.model_id in REGISTRY else DEFAULT_MODEL)
+    model, tokenizer = load_model(name)
+    meta_path = bank_paths(args.bank)[1]
+    out_dir = Path(args.out) if args.out else meta_path.with_name(meta_path.stem + "_report")
+    report = validation_report(bank, model, tokenizer, out_dir, layer=args.layer, goemotions_limit=args.limit,
+                               emobank_limit=args.limit, batch_size=args.batch_size)
+    g = report["geometry"]
+    print(f"layer {report['layer']['index']}: PC1 {_fmt(g['variance_explained']['pc1'])} / PC2 "
+          f"{_fmt(g['variance_explained']['pc2'])} of variance; PC1~valence r = {_fmt(g['pc1_valence']['r'])}, "
+          f"PC2~arousal r = {_fmt(g['pc2_arousal']['r'])}; GoEmotions mean AUROC "
+          f"{_fmt(report['goemotions']['mean_auroc'])}; EmoBank valence r = {_fmt(report['emobank']['r'])}")
+    print(f"report: {out_dir / 'report.html'}")
+    return 0
