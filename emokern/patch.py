@@ -24,6 +24,7 @@ synchronises with the host per token.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -342,12 +343,19 @@ class PatchHandle:
         for key in keys:
             if key is not None and not 0 <= key:
                 raise ValueError(f"steer: sequence indices must be >= 0; got {key}")
+        previous = copy.deepcopy(self._configs)
+        for key in keys:
             config = self._configs.setdefault(key, _SequenceConfig())
             config.ops.extend(new_ops)
             config.scope = scope
-        if keys and max((k for k in keys if k is not None), default=-1) >= self.state.B_cap:
-            self.reserve(batch=max(k for k in keys if k is not None) + 1)
-        self._materialize()
+        try:
+            if keys and max((k for k in keys if k is not None), default=-1) >= self.state.B_cap:
+                self.reserve(batch=max(k for k in keys if k is not None) + 1)
+            self._materialize()
+        except Exception:
+            self._configs = previous  # a refused call leaves the earlier settings in force
+            self._materialize()
+            raise
         return self
 
     def clear_steering(self) -> "PatchHandle":
@@ -524,9 +532,14 @@ class PatchHandle:
                 raise ValueError(f"prepare: sequence {i} is not left-padded (decoder-only generation needs "
                                  f"tokenizer.padding_side = 'left')")
         self.reserve(batch=B)
+        previous = self._prompt
         self._prompt = {"batch": B, "width": W, "pad": pads, "texts": list(prompts) if prompts else None,
                         "offsets": offsets}
-        self._materialize()
+        try:
+            self._materialize()
+        except Exception:
+            self._prompt = previous  # a prompt the steering settings do not fit is not adopted
+            raise
         device = self.state.device
         return input_ids.to(device), attention_mask.to(device)
 
