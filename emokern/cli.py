@@ -88,6 +88,72 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_arguments(parser: argparse.ArgumentParser) -> None:
+    from emokern.report import add_report_arguments
+
+    add_report_arguments(parser)
+
+
+@command("report", help="validation report for a bank: accuracy, geometry, logit lens, external text (JSON, PNG, HTML)",
+         arguments=_report_arguments)
+def _report(args: argparse.Namespace) -> int:
+    from emokern.report import report_command
+
+    return report_command(args)
+
+
+def _dtype(name: str):
+    import torch
+
+    choices = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in choices:
+        raise argparse.ArgumentTypeError(f"--dtype must be one of {sorted(choices)}; got {name!r}")
+    return choices[name]
+
+
+def _extract_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="embedded model name, checkpoint dir or hub id")
+    parser.add_argument("--out", default="emokern_out", help="output folder (corpus/ and bank/ inside; resumable)")
+    parser.add_argument("--preset", default="quick", help="corpus preset: quick, mini or paper")
+    parser.add_argument("--emotions", default=None, help="comma-separated emotions (default: the preset's)")
+    parser.add_argument("--stories-per-emotion", type=int, default=None)
+    parser.add_argument("--first-token", type=int, default=50, help="average activations from this story token on")
+    parser.add_argument("--format", dest="fmt", choices=["chat", "raw"], default="chat")
+    parser.add_argument("--dtype", type=_dtype, default="bfloat16")
+    parser.add_argument("--overwrite", action="store_true", help="restart the corpus even if --out holds another one")
+
+
+@command("extract", help="generate the story corpus (resumable) and build the emotion-vector bank",
+         arguments=_extract_arguments)
+def _extract(args: argparse.Namespace) -> int:
+    from emokern.pipeline import extract
+
+    emotions = [e.strip() for e in args.emotions.split(",")] if args.emotions else None
+    path = extract(args.model, args.out, preset=args.preset, dtype=args.dtype, emotions=emotions,
+                   stories_per_emotion=args.stories_per_emotion, first_token=args.first_token, fmt=args.fmt,
+                   overwrite=args.overwrite)
+    print(path)
+    return 0
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--out", default="emokern_out")
+    parser.add_argument("--preset", default="quick")
+    parser.add_argument("--strength", type=float, default=0.5,
+                        help="steering strength at the default layer, as a fraction of its mean residual norm")
+    parser.add_argument("--dtype", type=_dtype, default="bfloat16")
+
+
+@command("demo", help="the main job: extraction, bank, report, a monitored generation and a steered one",
+         arguments=_demo_arguments)
+def _demo(args: argparse.Namespace) -> int:
+    from emokern.pipeline import demo
+
+    demo(args.out, model_name=args.model, preset=args.preset, strength=args.strength, dtype=args.dtype)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one subparser per entry of :data:`COMMANDS`."""
     parser = argparse.ArgumentParser(prog="emokern", description="Find, read and steer emotion vectors in LMs.")
@@ -111,12 +177,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     return COMMANDS[args.command].run(args)
 
-
-def _register_report() -> None:
-    from emokern.report import add_report_arguments, report_command
-
-    command("report", help="validation report for a bank: accuracy, geometry, logit lens, external text (JSON, PNG, HTML)",
-            arguments=add_report_arguments)(report_command)
-
-
-_register_report()

@@ -1,0 +1,211 @@
+"""The end-to-end jobs: extraction (corpus → bank) and the README's main job (``emokern demo``).
+
+Both are resumable where the work is long: the corpus is written in atomic shards and a restarted run continues
+where it stopped; a bank whose files exist and were made from the same corpus is reused.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+__all__ = ["extract", "demo", "DEMO_PROMPT"]
+
+DEMO_PROMPT = ("My landlord just texted that if the three months of rent I owe are not paid by Friday, my kids and I "
+               "are out on the street. I have forty dollars. What do I do?")
+DEMO_STEER = ("desperate", "calm")
+
+
+def _say(message: str) -> None:
+    print(f"[emokern] {message}", flush=True)
+
+
+def _bank_stem(out_dir: Path, model_name: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(str(model_name)).name)
+    return out_dir / "bank" / safe
+
+
+def extract(model_name: str, out_dir, *, preset: str = "quick", dtype: torch.dtype = torch.bfloat16,
+            model=None, tokenizer=None, emotions: Optional[Sequence[str]] = None,
+            stories_per_emotion: Optional[int] = None, first_token: int = 50, fmt: str = "chat",
+            batch_size: int = 8, progress: bool = True, overwrite: bool = False) -> Path:
+    """Generate (or finish) the story corpus in ``out_dir/corpus`` and build the bank in ``out_dir/bank``.
+
+    Args:
+        model_name: an embedded model name (see ``emokern models``), a local checkpoint directory or a hub id.
+        out_dir: output folder (created). A run killed at any point continues from its finished shards.
+        preset: corpus preset (``quick``, ``mini``, ``paper``); ``emotions`` / ``stories_per_emotion`` override it.
+        dtype: model dtype for generation and activations (bf16 runs fastest on CPUs with AMX).
+        first_token: activations are averaged over story tokens from this position on.
+        fmt: ``chat`` (story as the Assistant's reply) or ``raw`` text.
+        overwrite: start the corpus afresh even if ``out_dir/corpus`` holds another configuration.
+
+    Returns:
+        The bank's JSON path.
+    """
+    from emokern.bank import VectorBank, bank_paths
+    from emokern.corpus import generate_corpus
+    from emokern.extract import extract_bank_from_corpus
+    from emokern.models import load_model
+
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"extract: output directory {str(out_dir)!r} cannot be created: {exc.strerror}") from None
+    if not os.access(out_dir, os.W_OK):
+        raise ValueError(f"extract: output directory {str(out_dir)!r} is not writable")
+    if model is None:
+        t0 = time.perf_counter()
+        model, tokenizer = load_model(model_name, dtype=dtype)
+        _say(f"loaded {model_name} in {time.perf_counter() - t0:.1f} s")
+    t0 = time.perf_counter()
+    corpus = generate_corpus(model, tokenizer, out_dir / "corpus", preset=preset, emotions=emotions,
+                             stories_per_emotion=stories_per_emotion, progress=progress, overwrite=overwrite)
+    _say(f"corpus: {len(corpus.stories)} stories, {len(corpus.neutral)} neutral dialogues "
+         f"({time.perf_counter() - t0:.0f} s) in {out_dir / 'corpus'}")
+    stem = _bank_stem(out_dir, model_name)
+    _, meta_path = bank_paths(stem)
+    corpus_id = _corpus_identity(out_dir / "corpus")
+    if meta_path.is_file() and not overwrite:
+        try:
+            existing = VectorBank.load(stem, model=model)
+            if existing.metadata.get("corpus_identity") == corpus_id:
+                _say(f"bank up to date: {meta_path}")
+                return meta_path
+        except (ValueError, KeyError):
+            pass  # a stale or damaged bank is rebuilt below
+    t0 = time.perf_counter()
+    bank = extract_bank_from_corpus(model, tokenizer, corpus, first_token=first_token, fmt=fmt,
+                                    batch_size=batch_size, progress=progress)
+    bank.metadata["corpus_identity"] = corpus_id
+    bank.metadata["model_name"] = str(model_name)
+    bank.save(stem)
+    _say(f"bank: {len(bank.names)} emotions x {len(bank.layers)} layers ({time.perf_counter() - t0:.0f} s) "
+         f"-> {meta_path}")
+    return meta_path
+
+
+def _corpus_identity(corpus_dir: Path) -> str:
+    """A digest of the corpus manifest and shard names: a changed corpus means the bank must be rebuilt."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    manifest = corpus_dir / "manifest.json"
+    if manifest.is_file():
+        digest.update(manifest.read_bytes())
+    for shard in sorted((corpus_dir / "shards").glob("*.jsonl")):
+        digest.update(shard.name.encode())
+        digest.update(str(shard.stat().st_size).encode())
+    return digest.hexdigest()[:16]
+
+
+def _chat_prompt(tokenizer, text: str) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    return f"User: {text}\nAssistant:"
+
+
+def _steering_page(path: Path, prompt: str, columns: List[Dict], layer: int, strength: float) -> Path:
+    cells = "".join(
+        f"<div class='col'><h2>{html.escape(c['title'])}</h2><pre>{html.escape(c['text'])}</pre>"
+        f"<p><a href='{html.escape(c['heatmap'])}'>per-token heatmap</a></p></div>" for c in columns)
+    page = f"""<!doctype html><html><head><meta charset='utf-8'><title>emokern steering</title><style>
+body{{font-family:sans-serif;margin:2em;max-width:1400px}} .row{{display:flex;gap:1em}}
+.col{{flex:1;border:1px solid #ccc;border-radius:6px;padding:0.5em 1em;background:#fafafa}}
+pre{{white-space:pre-wrap;font-size:14px}} .prompt{{background:#eef;padding:0.5em 1em;border-radius:6px}}
+</style></head><body><h1>Steering: the same prompt, unsteered and steered</h1>
+<p class='prompt'><b>Prompt</b>: {html.escape(prompt)}</p>
+<p>Steering adds {strength:+.2f} × the layer's mean residual-stream norm along the emotion's unit vector at layer
+{layer}, on every token (prompt and generated). Greedy decoding, so only the steering differs.</p>
+<div class='row'>{cells}</div></body></html>"""
+    path.write_text(page)
+    return path
+
+
+def demo(out_dir="emokern_out", *, model_name: str = "smollm2-135m-instruct", preset: str = "quick",
+         prompt: str = DEMO_PROMPT, steer: Sequence[str] = DEMO_STEER, strength: float = 0.5,
+         max_new_tokens: int = 60, goemotions_limit: int = 600, emobank_limit: int = 300,
+         dtype: torch.dtype = torch.bfloat16, progress: bool = True) -> Dict[str, Path]:
+    """The README's main job: extraction → bank → validation report → a monitored generation as a per-token
+    heatmap page → the same prompt steered toward each emotion in ``steer`` beside the unsteered text.
+
+    Returns (and prints) the path of every output.
+    """
+    import emokern
+    from emokern.bank import VectorBank
+    from emokern.models import load_model
+    from emokern.report import validation_report
+
+    out_dir = Path(out_dir)
+    started = time.perf_counter()
+    model, tokenizer = load_model(model_name, dtype=dtype)
+    bank_json = extract(model_name, out_dir, preset=preset, model=model, tokenizer=tokenizer, progress=progress)
+    bank = VectorBank.load(bank_json, model=model)
+    outputs: Dict[str, Path] = {"bank": bank_json, "corpus": out_dir / "corpus"}
+
+    t0 = time.perf_counter()
+    from emokern.corpus import StoryCorpus
+
+    report = validation_report(bank, model, tokenizer, out_dir / "report", corpus=StoryCorpus.load(out_dir / "corpus"),
+                               goemotions_limit=goemotions_limit, emobank_limit=emobank_limit, progress=progress)
+    outputs["report"] = out_dir / "report" / "report.html"
+    _say(f"report ({time.perf_counter() - t0:.0f} s) -> {outputs['report']}")
+
+    layer = _default_layer(bank)
+    featured = [e for e in ("happy", "calm", "desperate", "afraid", "sad", "angry", "loving", "nervous", "proud",
+                            "surprised", "guilty", "inspired") if e in bank.names]
+    text = _chat_prompt(tokenizer, prompt)
+    columns = []
+    with emokern.patch(model, bank, tokenizer=tokenizer) as handle:
+        runs = [("unsteered", None)] + [(f"+{e}", e) for e in steer]
+        for title, emotion in runs:
+            handle.clear_steering()
+            if emotion is not None:
+                handle.steer({emotion: strength}, layers=[layer])
+            out = handle.generate([text], max_new_tokens=max_new_tokens, do_sample=False)
+            slug = "unsteered" if emotion is None else f"steered_{emotion.replace(' ', '_')}"
+            page = out.trace.heatmap_html(steer[0], out_dir / f"trace_{slug}.html", site=f"layer{layer}.residual",
+                                          emotions=featured, window=3)
+            png = out.trace.plot(list(steer), out_dir / f"trace_{slug}.png", site=f"layer{layer}.residual", window=3)
+            out.trace.to_json(out_dir / f"trace_{slug}.json", sites=[f"layer{layer}.residual"])
+            outputs[f"trace_{slug}"] = page
+            outputs[f"plot_{slug}"] = png
+            columns.append({"title": title, "text": out.texts[0], "heatmap": page.name})
+    outputs["steering"] = _steering_page(out_dir / "steering.html", prompt, columns, layer, strength)
+    summary = {"outputs": {k: str(v) for k, v in outputs.items()}, "seconds": round(time.perf_counter() - started, 1),
+               "report_numbers": _key_numbers(report), "generations": columns}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    outputs["summary"] = out_dir / "summary.json"
+    _say(f"done in {summary['seconds']:.0f} s. Outputs:")
+    for name, path in outputs.items():
+        _say(f"  {name:<22} {path}")
+    return outputs
+
+
+def _default_layer(bank) -> int:
+    chosen = bank.metadata.get("default_layer")
+    if isinstance(chosen, dict):
+        chosen = chosen.get("two_thirds")
+    if isinstance(chosen, int) and chosen in bank.layers:
+        return chosen
+    return bank.layers[round(2 * (len(bank.layers) - 1) / 3)]
+
+
+def _key_numbers(report: dict) -> dict:
+    """The numbers the README quotes, picked out of the report's JSON (missing sections are left out)."""
+    picks = {}
+    for section, keys in (("classification", ("top1", "top5", "chance")), ("geometry", ("pc1_variance",
+                          "pc2_variance", "pc1_valence_r", "pc2_arousal_r")), ("emobank", ("valence_r",))):
+        part = report.get(section, {})
+        for key in keys:
+            if isinstance(part, dict) and key in part:
+                picks[f"{section}.{key}"] = part[key]
+    return picks
