@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import emokern  # noqa: E402
-from benchmarks.bench_ops import device_name, versions  # noqa: E402
+from benchmarks.bench_ops import device_name, machine_slug, versions  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 K = 171
@@ -189,7 +189,7 @@ def main(argv=None):
                 handle.remove()
             rows.append({"provider": provider, "batch": 1, "prefill_tokens": args.prefill, "seconds": round(seconds, 4)})
             print(f"prefill {args.prefill} {provider:<24}{seconds * 1e3:>10.1f} ms")
-    machine = "".join(c if c.isalnum() else "_" for c in device_name(device).split("(")[0].strip()).strip("_")[:40]
+    machine = machine_slug(device_name(device))
     out = RESULTS / f"bench_generate_{device}_{machine}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({

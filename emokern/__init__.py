@@ -7,6 +7,10 @@ Where things live:
 * :mod:`emokern.bank` — ``VectorBank``: named vectors per layer with the model identity, saved as safetensors+JSON.
 * :mod:`emokern.trace` / :mod:`emokern.viz` — recorded projections, their plots and heatmap pages.
 * :mod:`emokern.models` — embedded offline models (SmolLM2-135M-Instruct by default) and model fingerprints.
+* :mod:`emokern.corpus` — the story and neutral-dialogue corpus (resumable generation).
+* :mod:`emokern.extract` — activations, emotion vectors, denoising, the bank, llama.cpp control-vector export.
+* :mod:`emokern.report` / :mod:`emokern.datasets` — the validation report and the external data it uses.
+* :mod:`emokern.pipeline` — the end-to-end jobs behind ``emokern extract`` and ``emokern demo``.
 * :mod:`emokern.emotions` — the paper's 171 emotion words.
 * :mod:`emokern.cli` — the ``emokern`` command.
 

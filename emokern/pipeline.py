@@ -85,7 +85,7 @@ def extract(model_name: str, out_dir, *, preset: str = "quick", dtype: torch.dty
     bank = extract_bank_from_corpus(model, tokenizer, corpus, first_token=first_token, fmt=fmt,
                                     batch_size=batch_size, progress=progress)
     bank.metadata["corpus_identity"] = corpus_id
-    bank.metadata["model_name"] = str(model_name)
+    bank.model_id = str(model_name)  # the name users load it by, not the cache path transformers records
     bank.save(stem)
     _say(f"bank: {len(bank.names)} emotions x {len(bank.layers)} layers ({time.perf_counter() - t0:.0f} s) "
          f"-> {meta_path}")

@@ -1,0 +1,736 @@
+"""Emotion-vector extraction: the paper's recipe (PAPER_NOTES §1), from stories to a :class:`VectorBank`.
+
+::
+
+    acts, norm = story_activations(model, tok, story_texts)            # (n, L, d) per-story mean activations
+    neutral, _ = story_activations(model, tok, neutral_texts)
+    ev = emotion_vectors(acts, story_labels, names, neutral)           # raw and denoised (L, K, d) unit vectors
+    bank = extract_bank(model, tok, story_texts, story_labels, neutral_texts)   # all of it, with metadata
+    export_gguf_control_vector(bank, "calm.gguf", {"calm": 1.0, "desperate": -0.5})  # for llama.cpp
+
+The steps:
+
+1. **Activations.** Each story goes through the model once (batched, by length), as the Assistant's reply to the
+   fixed request :data:`CHAT_REQUEST` in the tokenizer's chat template (``fmt="chat"``, the paper's "Story (H/A)"
+   framing) or as bare text (``fmt="raw"``). At each decoder layer we read the residual stream (the layer's output,
+   the site :func:`emokern.patch` calls ``"residual"`` and llama.cpp calls ``l_out``) and average it over the
+   story's own tokens from the ``first_token``-th on. Only the embedding and the decoder layers up to the last one
+   needed run: the LM head (and the final norm) never does.
+2. **Vectors.** Per layer: mean over each emotion's stories, minus the equal-weight mean of the K emotion means.
+3. **Denoising.** Per layer: project out the top principal components of the neutral texts' activations that
+   together explain ``variance`` (default 50%) of their variance. The PCA runs over per-text mean activations
+   (one row per neutral text, centred), the same statistic the vectors are built from; the paper does not say
+   whether it used per-token or per-transcript activations.
+4. **Normalisation.** Every vector is unit length; steering strengths are fractions of ``residual_norm``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import difflib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+
+from emokern.bank import VectorBank
+from emokern.models import _text_config
+from emokern.patch import _resolve_arch, _select_layers
+
+__all__ = [
+    "CHAT_REQUEST",
+    "ControlVectorFile",
+    "EmotionVectors",
+    "QualityCurve",
+    "emotion_vectors",
+    "export_gguf_control_vector",
+    "extract_bank",
+    "extract_bank_from_corpus",
+    "held_out_accuracy",
+    "read_gguf_control_vector",
+    "story_activations",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The user turn that each story answers when ``fmt="chat"``.
+CHAT_REQUEST = "Please write a short story."
+FORMATS = ("chat", "raw")
+
+# llama.cpp's GGUF architecture name for each Hugging Face model_type that emokern patches (convert_hf_to_gguf.py
+# converts MistralForCausalLM with its Llama class). llama.cpp only prints controlvector.model_hint; it never checks it.
+_GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3",
+              "gemma3": "gemma3", "gpt2": "gpt2"}
+
+
+class _StopForward(Exception):
+    """Raised by the hook on the last needed layer, so the rest of the model never runs."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Activations
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _check_texts(argument: str, texts) -> List[str]:
+    if isinstance(texts, str) or not isinstance(texts, Sequence):
+        raise TypeError(f"{argument}: expected a list of strings; got {type(texts).__name__}")
+    if len(texts) == 0:
+        raise ValueError(f"{argument}: expected at least one text; got an empty list")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"{argument}[{i}]: expected a string; got {type(t).__name__}")
+        if not t.strip():
+            raise ValueError(f"{argument}[{i}]: expected a non-blank text; got {t!r}")
+    return list(texts)
+
+
+def _render(tokenizer, texts: List[str], fmt: str, argument: str) -> Tuple[List[str], List[Tuple[int, int]]]:
+    """The strings to tokenise and, in each, the character span ``[start, end)`` of the story text."""
+    if fmt == "raw":
+        return texts, [(0, len(t)) for t in texts]
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"fmt='chat' needs a tokenizer with a chat_template; this {type(tokenizer).__name__} has "
+                         f"none. Use fmt='raw' to feed the texts alone.")
+    rendered, spans = [], []
+    for i, text in enumerate(texts):
+        s = tokenizer.apply_chat_template(
+            [{"role": "user", "content": CHAT_REQUEST}, {"role": "assistant", "content": text}], tokenize=False)
+        request = s.find(CHAT_REQUEST)
+        after_request = request + len(CHAT_REQUEST) if request >= 0 else 0
+        # Some templates trim message content, so look for the stripped text when the text itself is absent.
+        for candidate in (text, text.strip()):
+            start = s.find(candidate, after_request)
+            if start >= 0:
+                break
+        else:
+            raise ValueError(f"{argument}[{i}]: the tokenizer's chat template changed the text, so its tokens cannot "
+                             f"be located in the rendered chat; use fmt='raw'")
+        rendered.append(s)
+        spans.append((start, start + len(candidate)))
+    return rendered, spans
+
+
+def _tokenize(tokenizer, texts: List[str], fmt: str, argument: str) -> Tuple[List[List[int]], List[Tuple[int, int]]]:
+    """Token ids of each full sequence and the token span ``[s0, s1)`` of its story text."""
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt: expected one of {FORMATS}; got {fmt!r}")
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError(f"tokenizer: expected a fast (Rust-backed) tokenizer, which reports character offsets; got "
+                        f"{type(tokenizer).__name__}")
+    strings, char_spans = _render(tokenizer, texts, fmt, argument)
+    # The chat template already holds its special tokens; raw text gets the tokenizer's usual ones (e.g. BOS).
+    enc = tokenizer(strings, add_special_tokens=(fmt == "raw"), return_offsets_mapping=True)
+    ids, spans = [], []
+    for i, (seq, offsets, (a, b)) in enumerate(zip(enc["input_ids"], enc["offset_mapping"], char_spans)):
+        # A story token is a non-empty token whose characters overlap the story text: tokens the tokenizer adds
+        # (e.g. BOS) have empty spans, and a token straddling the boundary (e.g. a merged leading space) counts as
+        # the story's.
+        inside = [t for t, (s, e) in enumerate(offsets) if e > s and e > a and s < b]
+        if not inside:
+            raise ValueError(f"{argument}[{i}]: the text produced no tokens of its own")
+        ids.append(list(seq))
+        spans.append((inside[0], inside[-1] + 1))
+    return ids, spans
+
+
+def _averaged_range(s0: int, s1: int, first_token: int) -> Tuple[int, int]:
+    """Token positions averaged for a story at ``[s0, s1)``: from its ``first_token``-th token on, or, for a story
+    of at most ``first_token`` tokens, its last ceil(n/2) tokens."""
+    n = s1 - s0
+    return (s0 + first_token, s1) if n > first_token else (s0 + n // 2, s1)
+
+
+def _activations(model, tokenizer, texts, *, layers, first_token, fmt, batch_size, progress, argument):
+    """Shared body of :func:`story_activations`; also returns the story token counts and the layer indices."""
+    texts = _check_texts(argument, texts)
+    if isinstance(first_token, bool) or not isinstance(first_token, int) or first_token < 0:
+        raise ValueError(f"first_token: expected an int >= 0; got {first_token!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an int >= 1; got {batch_size!r}")
+    _, base, decoder_layers = _resolve_arch(model, None)
+    layer_ids = _select_layers(layers, len(decoder_layers))
+    ids, spans = _tokenize(tokenizer, texts, fmt, argument)
+    n, L = len(texts), len(layer_ids)
+    ranges = [_averaged_range(s0, s1, first_token) for s0, s1 in spans]
+    n_story = torch.tensor([s1 - s0 for s0, s1 in spans], dtype=torch.int64)
+
+    device = model.get_input_embeddings().weight.device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    left = getattr(tokenizer, "padding_side", "right") == "left"
+    # Longest first: similar lengths share a batch (little padding) and an out-of-memory error comes at once.
+    order = sorted(range(n), key=lambda i: -len(ids[i]))
+    means = torch.empty(n, L, int(_text_config(model.config).hidden_size))
+    norm_sum = torch.zeros(L, dtype=torch.float64, device=device)
+    n_averaged = 0
+    state = {}
+
+    def make_hook(j: int):
+        def hook(module, args, output):
+            h = output[0] if isinstance(output, tuple) else output
+            # Gather only the averaged positions, so padding never enters a sum (even if it holds NaN), then sum
+            # each text's rows with a one-hot matmul (much faster than index_add_ on the CPU).
+            h_sel = h.reshape(-1, h.shape[-1]).index_select(0, state["flat"]).float()
+            state["sums"][j] = state["onehot"] @ h_sel
+            norm_sum[j] += h_sel.norm(dim=-1).sum(dtype=torch.float64)
+            state["seen"] += 1
+            if j == L - 1:
+                raise _StopForward
+        return hook
+
+    was_training = model.training
+    hooks = [decoder_layers[layer].register_forward_hook(make_hook(j)) for j, layer in enumerate(layer_ids)]
+    bar = None
+    try:
+        model.eval()
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n, desc=f"activations ({argument})", unit="text")
+        with torch.inference_mode():
+            for start in range(0, n, batch_size):
+                batch = order[start:start + batch_size]
+                T = max(len(ids[i]) for i in batch)
+                input_ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
+                mask = torch.zeros(len(batch), T, dtype=torch.long)
+                sel = torch.zeros(len(batch), T, dtype=torch.bool)
+                for r, i in enumerate(batch):
+                    off = T - len(ids[i]) if left else 0
+                    input_ids[r, off:off + len(ids[i])] = torch.tensor(ids[i])
+                    mask[r, off:off + len(ids[i])] = 1
+                    sel[r, off + ranges[i][0]:off + ranges[i][1]] = True
+                # Explicit positions, so left-padded rows get the same positions as unpadded ones (this matters
+                # for absolute position embeddings such as GPT-2's).
+                position_ids = (mask.cumsum(1) - 1).clamp_min(0)
+                rows, cols = sel.nonzero(as_tuple=True)
+                onehot = torch.zeros(len(batch), len(rows))
+                onehot[rows, torch.arange(len(rows))] = 1.0
+                state.update(flat=(rows * T + cols).to(device), onehot=onehot.to(device), seen=0,
+                             sums=torch.empty(L, len(batch), means.shape[2], device=device))
+                try:
+                    base(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                         position_ids=position_ids.to(device), use_cache=False)
+                except _StopForward:
+                    pass
+                if state["seen"] != L:
+                    raise RuntimeError(f"story_activations: expected the forward to reach {L} hooked layers "
+                                       f"{layer_ids}; it reached {state['seen']}")
+                counts = sel.sum(1).to(torch.float32)
+                means[batch] = (state["sums"].cpu() / counts[None, :, None]).transpose(0, 1)
+                n_averaged += int(counts.sum())
+                if bar is not None:
+                    bar.update(len(batch))
+    finally:
+        for handle in hooks:
+            handle.remove()
+        model.train(was_training)
+        if bar is not None:
+            bar.close()
+    n_short = int((n_story <= first_token).sum())
+    if n_short:
+        logger.info("%s: %d of %d texts have at most first_token=%d tokens; their last half was averaged",
+                    argument, n_short, n, first_token)
+    residual_norm = (norm_sum / n_averaged).to(torch.float32).cpu()
+    return means, residual_norm, n_story, layer_ids
+
+
+def story_activations(model, tokenizer, texts: Sequence[str], *, layers=None, first_token: int = 50,
+                      fmt: str = "chat", batch_size: int = 8, progress: bool = True, return_counts: bool = False):
+    """Per-text mean residual-stream activations at the chosen layers, without running the LM head.
+
+    Args:
+        model: a Hugging Face causal LM of a family in :data:`emokern.patch.ARCHITECTURES`.
+        tokenizer: its fast tokenizer (character offsets locate the story's tokens); for ``fmt="chat"`` it needs a
+            chat template. Its ``padding_side`` is respected; padding never enters a mean.
+        texts: n non-blank strings.
+        layers: which decoder layers to read: ``None`` (all), an int, a float fraction of depth, a slice or a
+            sequence of those (as in :func:`emokern.patch.patch`). The L slices of the result are in ascending layer
+            order; layer ``i`` is the output of decoder layer ``i`` (``hidden_states[i + 1]`` in Hugging Face terms,
+            before any final norm).
+        first_token: story tokens skipped before averaging (the paper's 50; counted from the story's first token,
+            not the template's). A story of at most ``first_token`` tokens is averaged over its last ceil(n/2)
+            tokens instead; their number is logged and, with ``return_counts``, readable from the token counts.
+        fmt: ``"chat"`` — each text is the Assistant's reply to :data:`CHAT_REQUEST` in the chat template;
+            ``"raw"`` — the text alone (with the tokenizer's usual special tokens, e.g. BOS).
+        batch_size: texts per forward; texts are grouped by length to limit padding.
+        progress: show a progress bar.
+        return_counts: also return each text's number of story tokens.
+
+    Returns:
+        ``(means, residual_norm)``, or ``(means, residual_norm, n_story_tokens)`` with ``return_counts``:
+        ``means`` (n, L, d) float32 on the CPU, each text's mean activation over its averaged tokens, in input
+        order; ``residual_norm`` (L,) float32, the mean L2 norm of the activation over all averaged tokens of all
+        texts; ``n_story_tokens`` (n,) int64.
+
+    Each batch runs the base model once with a forward hook on each needed layer; the hook on the last needed
+    layer raises a private exception, so no later layer, final norm or LM head runs. Hooks are removed and the
+    model's train/eval mode restored however the call ends.
+    """
+    means, residual_norm, n_story, _ = _activations(model, tokenizer, texts, layers=layers, first_token=first_token,
+                                                    fmt=fmt, batch_size=batch_size, progress=progress,
+                                                    argument="texts")
+    return (means, residual_norm, n_story) if return_counts else (means, residual_norm)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Vectors
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class EmotionVectors(NamedTuple):
+    """What :func:`emotion_vectors` returns."""
+
+    raw: torch.Tensor  # (L, K, d) float32, unit rows: emotion mean minus the mean over emotions
+    denoised: torch.Tensor  # (L, K, d) float32, unit rows: raw with the neutral principal components projected out
+    n_pcs_removed: torch.Tensor  # (L,) int64
+    center: torch.Tensor  # (L, d) float32: the equal-weight mean of the K emotion means
+
+
+def _check_acts(argument: str, acts, L: Optional[int] = None, d: Optional[int] = None) -> torch.Tensor:
+    if not isinstance(acts, torch.Tensor) or acts.dim() != 3:
+        shape = tuple(acts.shape) if isinstance(acts, torch.Tensor) else type(acts).__name__
+        raise ValueError(f"{argument}: expected a tensor of shape (n, L, d); got {shape}")
+    if (L is not None and acts.shape[1] != L) or (d is not None and acts.shape[2] != d):
+        raise ValueError(f"{argument}: expected shape (n, {L}, {d}) to match acts; got {tuple(acts.shape)}")
+    if not bool(torch.isfinite(acts).all()):
+        raise ValueError(f"{argument}: must not contain NaN or Inf")
+    return acts
+
+
+def _membership(labels, names, n: int) -> Tuple[List[str], torch.Tensor]:
+    """Checked names and, per story, the index of its emotion in ``names`` (-1: not among ``names``)."""
+    labels = list(labels)
+    if len(labels) != n:
+        raise ValueError(f"labels: expected one label per text/activation row ({n}); got {len(labels)}")
+    names = list(names)
+    if len(names) < 2:
+        raise ValueError(f"names: expected at least 2 emotions (vectors are differences from the mean over "
+                         f"emotions); got {names}")
+    if len(set(names)) != len(names):
+        dupes = sorted({x for x in names if names.count(x) > 1})
+        raise ValueError(f"names: expected unique names; duplicated: {dupes}")
+    index = {name: k for k, name in enumerate(names)}
+    member = torch.tensor([index.get(label, -1) for label in labels], dtype=torch.int64)
+    counts = torch.bincount(member[member >= 0], minlength=len(names))
+    missing = [names[k] for k in range(len(names)) if counts[k] == 0]
+    if missing:
+        unused = sorted(set(labels) - set(names))
+        close = sorted({c for m in missing for c in difflib.get_close_matches(m, unused, n=3, cutoff=0.6)})
+        hint = f" (labels not in names that look close: {close})" if close else ""
+        raise ValueError(f"names: expected at least one story per emotion; {missing} have none{hint}")
+    return names, member
+
+
+def _neutral_bases(neutral_acts: torch.Tensor, variance: float) -> List[torch.Tensor]:
+    """Per layer, the (d, k) orthonormal top principal directions of the centred rows explaining ``variance``."""
+    if neutral_acts.shape[0] < 2:
+        raise ValueError(f"neutral_acts: expected at least 2 neutral texts for the PCA; got {neutral_acts.shape[0]}")
+    bases = []
+    for layer in range(neutral_acts.shape[1]):
+        x = neutral_acts[:, layer].double()
+        x = x - x.mean(0)
+        _, s, vh = torch.linalg.svd(x, full_matrices=False)
+        var = s.square()
+        total = float(var.sum())
+        if variance == 0.0 or total == 0.0:
+            k = 0
+        else:
+            # Smallest k whose top-k components explain at least `variance` (tolerant of rounding at the boundary).
+            k = int((torch.cumsum(var, 0) / total < variance - 1e-12).sum()) + 1
+        bases.append(vh[:k].T)
+    return bases
+
+
+def _unit(v: torch.Tensor, what: str, names: List[str]) -> torch.Tensor:
+    norms = v.norm(dim=-1, keepdim=True)
+    bad = (norms.squeeze(-1) <= 1e-12).nonzero().tolist()
+    if bad:
+        slot, k = bad[0]
+        raise ValueError(f"acts: the {what} vector of emotion {names[k]!r} at layer slot {slot} is zero; expected "
+                         f"its stories' mean to differ from the mean over emotions (after denoising, outside the "
+                         f"removed neutral subspace)")
+    return v / norms
+
+
+def emotion_vectors(acts: torch.Tensor, labels: Sequence[str], names: Sequence[str], neutral_acts: torch.Tensor, *,
+                    variance: float = 0.5) -> EmotionVectors:
+    """Emotion vectors from per-story activations, raw and denoised, per layer.
+
+    Args:
+        acts: (n, L, d) per-story mean activations (:func:`story_activations`); any float dtype and device.
+        labels: n emotion names, one per row of ``acts``. Rows whose label is not in ``names`` are ignored.
+        names: the K >= 2 emotions, in the order of the result's K axis; each needs at least one story.
+        neutral_acts: (m, L, d) per-text mean activations of m >= 2 emotionally neutral texts.
+        variance: fraction in [0, 1) of the neutral variance whose top principal components are removed (0: none).
+
+    Returns:
+        :class:`EmotionVectors`: ``raw`` and ``denoised`` (L, K, d) float32 unit vectors, ``n_pcs_removed`` (L,)
+        int64 and ``center`` (L, d) float32, on the device of ``acts``. Per layer: ``raw_k ∝ μ_k − mean_j μ_j``
+        (μ_k: the mean of emotion k's rows; every emotion weighs the same in the centre).
+        ``denoised_k ∝ (I − U Uᵀ)(μ_k − mean_j μ_j)``, where U holds the top principal directions of the centred
+        rows of ``neutral_acts`` (one row per neutral text) that together explain at least ``variance`` of their
+        total variance. Computed in float64.
+    """
+    acts = _check_acts("acts", acts)
+    n, L, d = acts.shape
+    neutral_acts = _check_acts("neutral_acts", neutral_acts, L, d)
+    if not 0.0 <= variance < 1.0:
+        raise ValueError(f"variance: expected a fraction in [0, 1); got {variance}")
+    names, member = _membership(labels, names, n)
+    K = len(names)
+    keep = (member >= 0).nonzero().squeeze(1).to(acts.device)
+    member = member.to(acts.device)[keep]
+    sums = torch.zeros(K, L, d, dtype=torch.float64, device=acts.device).index_add_(0, member, acts[keep].double())
+    means = (sums / torch.bincount(member, minlength=K).double()[:, None, None]).transpose(0, 1)  # (L, K, d)
+    center = means.mean(1)
+    raw = means - center[:, None]
+    bases = _neutral_bases(neutral_acts.to(acts.device), variance)
+    denoised = torch.stack([r - (r @ u) @ u.T for r, u in zip(raw, bases)])
+    return EmotionVectors(
+        raw=_unit(raw, "raw", names).float(), denoised=_unit(denoised, "denoised", names).float(),
+        n_pcs_removed=torch.tensor([u.shape[1] for u in bases], dtype=torch.int64), center=center.float(),
+    )
+
+
+class QualityCurve(NamedTuple):
+    """What :func:`held_out_accuracy` returns."""
+
+    top1: torch.Tensor  # (L,) float32: fraction of test stories whose own emotion scores highest
+    top5: torch.Tensor  # (L,) float32: ... is among the min(5, K) highest
+    n_train: int
+    n_test: int
+
+
+def _split(member: torch.Tensor, K: int, test_fraction: float, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Train and test row indices: per emotion, a seeded permutation of its rows, the last floor(fraction·n_k)
+    (at least 1 when n_k >= 2, none when n_k == 1) for testing."""
+    g = torch.Generator().manual_seed(seed)
+    train, test = [], []
+    for k in range(K):
+        rows = (member == k).nonzero().squeeze(1)
+        rows = rows[torch.randperm(len(rows), generator=g)]
+        n_test = 0 if len(rows) < 2 else max(1, int(test_fraction * len(rows)))
+        train.append(rows[:len(rows) - n_test])
+        test.append(rows[len(rows) - n_test:])
+    return torch.cat(train), torch.cat(test)
+
+
+def held_out_accuracy(acts: torch.Tensor, labels: Sequence[str], names: Sequence[str], neutral_acts: torch.Tensor, *,
+                      test_fraction: float = 0.2, variance: float = 0.5, seed: int = 0) -> QualityCurve:
+    """Per-layer held-out emotion classification accuracy of the (denoised) vectors: the "quality curve".
+
+    Each emotion's stories are split deterministically: after a permutation seeded by ``seed``, the last
+    floor(test_fraction·n_k) rows — at least 1 if the emotion has 2 or more stories, none if it has 1 — are held
+    out. Vectors are built from the training rows with :func:`emotion_vectors` (same ``neutral_acts`` and
+    ``variance``); each test story is scored at each layer by ``denoised_k · (a − center)`` (``center``: the
+    training emotions' mean, so the scores compare emotions rather than overall offsets) and classified by argmax.
+
+    Args: as :func:`emotion_vectors`, plus ``test_fraction`` in (0, 1) and ``seed``. Rows whose label is not in
+    ``names`` take no part.
+
+    Returns:
+        :class:`QualityCurve`: ``top1`` and ``top5`` (L,) float32 accuracies (top-5 means top-min(5, K)), and the
+        numbers of training and test stories.
+    """
+    acts = _check_acts("acts", acts)
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction: expected a fraction in (0, 1); got {test_fraction}")
+    names, member = _membership(labels, names, acts.shape[0])
+    train, test = _split(member, len(names), test_fraction, seed)
+    if len(test) == 0:
+        raise ValueError("labels: no emotion has 2 or more stories, so none can be held out for testing")
+    ev = emotion_vectors(acts[train], [names[k] for k in member[train].tolist()], names, neutral_acts,
+                         variance=variance)
+    truth = member[test].to(acts.device)
+    scores = torch.einsum("nld,lkd->nlk", acts[test].float() - ev.center, ev.denoised)  # (n_test, L, K)
+    top = scores.topk(min(5, len(names)), dim=-1).indices  # (n_test, L, k)
+    hits = top == truth[:, None, None]
+    return QualityCurve(top1=hits[..., 0].float().mean(0).cpu(), top5=hits.any(-1).float().mean(0).cpu(),
+                        n_train=len(train), n_test=len(test))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Bank
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def extract_bank(model, tokenizer, story_texts: Sequence[str], story_labels: Sequence[str],
+                 neutral_texts: Sequence[str], *, names: Optional[Sequence[str]] = None, layers=None,
+                 first_token: int = 50, fmt: str = "chat", variance: float = 0.5, batch_size: int = 8,
+                 test_fraction: float = 0.2, seed: int = 0, progress: bool = True,
+                 metadata: Optional[Mapping] = None) -> VectorBank:
+    """Run the whole recipe and return a :class:`VectorBank` for ``model``.
+
+    Args:
+        story_texts, story_labels: n stories and their emotion names.
+        neutral_texts: m >= 2 emotionally neutral texts (denoising and the neutral statistics).
+        names: the emotions to extract, in bank order; default: the distinct labels, sorted. Stories labelled
+            otherwise are left out (and counted in the metadata).
+        layers, first_token, fmt, batch_size, progress: as :func:`story_activations` (neutral texts use the same
+            ``fmt`` and ``first_token``, so both sets are read the same way).
+        variance: as :func:`emotion_vectors`.
+        test_fraction, seed: as :func:`held_out_accuracy`.
+        metadata: extra JSON-serialisable entries merged into the bank's metadata (e.g. where the corpus came from).
+
+    Returns:
+        A bank whose fields are:
+
+        * ``vectors`` (L, K, d): the denoised unit vectors; ``extra["raw_vectors"]`` the raw ones and
+          ``extra["center"]`` (L, d) the mean over emotion means (all float32);
+        * ``layers``: the model layers read; ``residual_norm`` (L,): the mean activation norm over all averaged
+          tokens of the stories and neutral texts together;
+        * ``neutral_mean`` / ``neutral_std`` (L, K): the mean and standard deviation (unbiased) over the neutral
+          texts of ``vectors[l, k] · a``, where ``a`` is a text's mean activation over its averaged tokens (a
+          per-text statistic: single-token projections spread more widely);
+        * ``model_id``, ``fingerprint`` (:func:`emokern.models.model_fingerprint`);
+        * ``metadata``: ``recipe`` (the parameters above, :data:`CHAT_REQUEST`, the PCA's input), ``corpus``
+          (counts per emotion, short texts, token counts), ``pcs_removed`` per layer, ``quality`` (the curve of
+          :func:`held_out_accuracy`, or ``None`` when no emotion has 2 stories), ``default_layer`` (``two_thirds``:
+          the bank layer nearest round(2/3·(N−1)) for a model of N layers, the paper's choice; ``best_accuracy``:
+          the layer of highest top-1 accuracy, first on ties, or ``None``), ``model`` (type, depth, width,
+          dtype), ``timings`` (seconds) and ``created`` (UTC, ISO 8601).
+    """
+    t_start = time.perf_counter()
+    story_texts = _check_texts("story_texts", story_texts)
+    neutral_texts = _check_texts("neutral_texts", neutral_texts)
+    if len(story_labels) != len(story_texts):
+        raise ValueError(f"story_labels: expected one label per story ({len(story_texts)}); got {len(story_labels)}")
+    names = sorted(set(story_labels)) if names is None else list(names)
+    names, member = _membership(story_labels, names, len(story_texts))
+    kw = dict(layers=layers, first_token=first_token, fmt=fmt, batch_size=batch_size, progress=progress)
+
+    t0 = time.perf_counter()
+    acts, story_norm, story_tokens, layer_ids = _activations(model, tokenizer, story_texts, argument="story_texts",
+                                                             **kw)
+    t1 = time.perf_counter()
+    neutral, neutral_norm, neutral_tokens, _ = _activations(model, tokenizer, neutral_texts, argument="neutral_texts",
+                                                            **kw)
+    t2 = time.perf_counter()
+    ev = emotion_vectors(acts, story_labels, names, neutral, variance=variance)
+    t3 = time.perf_counter()
+    counts = torch.bincount(member[member >= 0], minlength=len(names)).tolist()
+    # The curve needs a held-out story, i.e. an emotion with at least 2 stories.
+    quality = held_out_accuracy(acts, story_labels, names, neutral, test_fraction=test_fraction, variance=variance,
+                                seed=seed) if max(counts) >= 2 else None
+    t4 = time.perf_counter()
+
+    def averaged(tokens: torch.Tensor) -> int:
+        return sum(e - s for s, e in (_averaged_range(0, int(t), first_token) for t in tokens))
+
+    n_story_avg, n_neutral_avg = averaged(story_tokens), averaged(neutral_tokens)
+    residual_norm = (story_norm * n_story_avg + neutral_norm * n_neutral_avg) / (n_story_avg + n_neutral_avg)
+    projections = torch.einsum("mld,lkd->mlk", neutral, ev.denoised)  # (m, L, K)
+
+    config = _text_config(model.config)
+    n_model_layers = int(config.num_hidden_layers)
+    two_thirds = round(2 / 3 * (n_model_layers - 1))
+    meta = {
+        "recipe": {"first_token": first_token, "fmt": fmt, "chat_request": CHAT_REQUEST if fmt == "chat" else None,
+                   "variance": variance, "pca_rows": "per-text mean activations of the neutral texts, centred",
+                   "short_text_rule": "texts of at most first_token tokens: mean over their last ceil(n/2) tokens",
+                   "neutral_stats": "per-text mean activations", "test_fraction": test_fraction, "seed": seed,
+                   "batch_size": batch_size},
+        "corpus": {
+            "n_stories": len(story_texts), "n_neutral": len(neutral_texts),
+            "n_excluded": int((member < 0).sum()), "per_emotion": dict(zip(names, counts)),
+            "short_stories": int((story_tokens <= first_token).sum()),
+            "short_neutral": int((neutral_tokens <= first_token).sum()),
+            "story_tokens_mean": float(story_tokens.double().mean()),
+            "neutral_tokens_mean": float(neutral_tokens.double().mean()),
+            "averaged_tokens": n_story_avg + n_neutral_avg,
+        },
+        "pcs_removed": dict(zip(map(str, layer_ids), ev.n_pcs_removed.tolist())),
+        "quality": None if quality is None else {
+            "layers": layer_ids, "top1": quality.top1.tolist(), "top5": quality.top5.tolist(),
+            "n_train": quality.n_train, "n_test": quality.n_test},
+        "default_layer": {
+            "two_thirds": min(layer_ids, key=lambda x: (abs(x - two_thirds), x)),
+            "best_accuracy": None if quality is None else layer_ids[int(torch.argmax(quality.top1))]},
+        "model": {"model_type": getattr(config, "model_type", None), "num_hidden_layers": n_model_layers,
+                  "hidden_size": int(config.hidden_size), "dtype": str(model.get_input_embeddings().weight.dtype)},
+        "timings": {"story_forward_s": t1 - t0, "neutral_forward_s": t2 - t1, "vectors_s": t3 - t2,
+                    "quality_s": t4 - t3, "total_s": time.perf_counter() - t_start},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    meta.update(metadata or {})
+    return VectorBank.from_tensors(
+        ev.denoised, names, layers=layer_ids, residual_norm=residual_norm, model=model,
+        neutral_mean=projections.mean(0), neutral_std=projections.std(0), metadata=meta,
+        extra={"raw_vectors": ev.raw, "center": ev.center},
+    )
+
+
+def extract_bank_from_corpus(model, tokenizer, corpus, **kwargs) -> VectorBank:
+    """:func:`extract_bank` on a :class:`emokern.corpus.StoryCorpus` (or anything with the same attributes).
+
+    Reads only ``corpus.stories`` (records with ``.text`` and ``.emotion``; ``.topic`` is counted) and
+    ``corpus.neutral`` (records with ``.text``). ``kwargs`` go to :func:`extract_bank`; the number of distinct
+    story topics is added to ``metadata["corpus_topics"]``.
+    """
+    stories, neutral = list(corpus.stories), list(corpus.neutral)
+    meta = {"corpus_topics": len({getattr(s, "topic", None) for s in stories})}
+    meta.update(kwargs.pop("metadata", None) or {})
+    return extract_bank(model, tokenizer, [s.text for s in stories], [s.emotion for s in stories],
+                        [r.text for r in neutral], metadata=meta, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# llama.cpp control vectors
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ControlVectorFile:
+    """A llama.cpp control-vector GGUF as read by :func:`read_gguf_control_vector`."""
+
+    directions: Dict[int, torch.Tensor]  # llama.cpp block index (>= 1) -> (n_embd,) float32
+    metadata: Dict[str, object]  # every key/value pair of the file, GGUF header fields excluded
+
+
+def _mixed_direction(bank: VectorBank,
+                     weights: Union[str, Mapping[str, float]]) -> Tuple[Dict[str, float], torch.Tensor]:
+    """The checked weights and Σ_k w_k · v̂[:, k] as (L, d) float64, v̂ the bank's vectors at unit length."""
+    if isinstance(weights, str):
+        weights = {weights: 1.0}
+    if not isinstance(weights, Mapping) or not weights:
+        raise ValueError(f"weights: expected an emotion name or a non-empty {{name: weight}} mapping; got {weights!r}")
+    checked = {}
+    for name, w in weights.items():
+        bank.index(name)  # raises KeyError naming the closest matches
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise ValueError(f"weights[{name!r}]: expected a finite number; got {w!r}")
+        checked[name] = float(w)
+    # Unit length, as emokern.patch uses the vectors, so that the strengths mean the same in both.
+    unit = bank.vectors.double() / bank.vectors.double().norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    mix = sum(w * unit[:, bank.index(name)] for name, w in checked.items())
+    return checked, mix
+
+
+def export_gguf_control_vector(bank: VectorBank, path: Union[str, os.PathLike],
+                               weights: Union[str, Mapping[str, float]], *, layers: Optional[Sequence[int]] = None,
+                               scale_by_residual_norm: bool = True, model_hint: Optional[str] = None) -> Path:
+    """Write a weighted mix of the bank's emotions as a llama.cpp control vector (``llama-cli --control-vector``).
+
+    The file follows what llama.cpp's loader (``common_control_vector_load_one`` in ``common/common.cpp``) and
+    applier (``llama_adapter_cvec::apply`` in ``src/llama-adapter.cpp``) expect:
+
+    * metadata ``general.architecture = "controlvector"``, ``controlvector.model_hint`` (string: the llama.cpp
+      architecture, e.g. ``"llama"``; informational, llama.cpp does not check it) and ``controlvector.layer_count``
+      (int32: the number of direction tensors), as llama.cpp's own ``cvector-generator`` writes them;
+    * one F32, 1-D tensor of n_embd values per steered layer, named ``direction.<il>``. llama.cpp adds
+      ``strength × direction.<il>`` to the output of block ``il`` (0-based; the ``l_out`` tensor, after the FFN
+      residual add) on every token. That is emokern's layer ``il`` (the output of Hugging Face decoder layer
+      ``il``), so the bank's layer indices are written unchanged. Index 0 is rejected by llama.cpp: block 0 cannot
+      be steered.
+
+    Values: ``direction.<il> = c_il · Σ_k weights[k] · v_k,il`` with the bank's vectors ``v`` at unit length (as
+    :func:`emokern.patch.patch` uses them), where ``c_il`` is ``bank.residual_norm`` at that layer
+    (``scale_by_residual_norm=True``) or 1. With the default, llama.cpp
+    strength ``s`` (``--control-vector`` is 1.0, ``--control-vector-scaled FILE s``) steers like
+    ``emokern.patch`` with strengths ``{k: s · weights[k]}`` at those layers:
+    ``h += s · w_k · mean‖h_il‖ · v_k``, the paper's unit. Note that llama.cpp steers every token of the context
+    (the paper's whole-transcript steering needs strengths about 10× smaller than position-restricted steering),
+    and that the residual norms were measured on the Hugging Face model the bank was made from.
+
+    Args:
+        bank: the source bank.
+        path: the .gguf file to write (replaced atomically).
+        weights: an emotion name (weight 1) or ``{name: weight}``; unknown names raise ``KeyError`` with close
+            matches.
+        layers: the bank layers to write; default: all of them except 0. For the paper's single mid-late layer, pass
+            ``[bank.metadata["default_layer"]["two_thirds"]]`` (or narrow with llama.cpp's
+            ``--control-vector-layer-range``).
+        scale_by_residual_norm: scale each layer's direction by its mean residual norm (see above).
+        model_hint: ``controlvector.model_hint``; default: llama.cpp's name for the bank's recorded
+            ``metadata["model"]["model_type"]``, that type itself if llama.cpp's name is unknown here, else
+            ``"unknown"``.
+
+    Returns:
+        The path written. emokern's own keys (``controlvector.emokern.*``: the weights as JSON, the scale, the
+        bank's model id and fingerprint) are added for :func:`read_gguf_control_vector`; llama.cpp ignores them.
+    """
+    import gguf
+    import numpy as np
+
+    checked, mix = _mixed_direction(bank, weights)
+    if layers is None:
+        layers = [layer for layer in bank.layers if layer >= 1]
+        if not layers:
+            raise ValueError(f"bank: llama.cpp cannot steer block 0, and the bank has no other layer ({bank.layers})")
+    else:
+        layers = sorted(set(int(x) for x in layers))
+        if not layers:
+            raise ValueError("layers: expected at least one layer; got an empty selection")
+        for layer in layers:
+            if layer < 1:
+                raise ValueError(f"layers: llama.cpp control vectors cannot steer block {layer} (direction indices "
+                                 f"start at 1); got {layers}")
+            bank.layer_slot(layer)  # raises naming the bank's layers
+    if model_hint is None:
+        model_type = (bank.metadata.get("model") or {}).get("model_type")
+        model_hint = _GGUF_ARCH.get(model_type, model_type) or "unknown"
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".gguf.tmp")
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp, "controlvector")
+        writer.add_string("controlvector.model_hint", model_hint)
+        writer.add_int32("controlvector.layer_count", len(layers))
+        writer.add_string("controlvector.emokern.weights", json.dumps(checked))
+        writer.add_string("controlvector.emokern.scale", "residual_norm" if scale_by_residual_norm else "unit")
+        writer.add_string("controlvector.emokern.model_id", bank.model_id)
+        writer.add_string("controlvector.emokern.fingerprint", bank.fingerprint)
+        for layer in layers:
+            slot = bank.layer_slot(layer)
+            scale = float(bank.residual_norm[slot]) if scale_by_residual_norm else 1.0
+            writer.add_tensor(f"direction.{layer}", (mix[slot] * scale).numpy().astype(np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_gguf_control_vector(path: Union[str, os.PathLike]) -> ControlVectorFile:
+    """Read a llama.cpp control-vector GGUF (emokern's or another tool's), checking what llama.cpp checks.
+
+    Raises ``ValueError`` when ``general.architecture`` is not ``"controlvector"``, or a tensor is not named
+    ``direction.<N>`` with N >= 1, is not F32, is not 1-D, or differs in length from the others.
+    """
+    import gguf
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"path: control-vector file {path} does not exist")
+    reader = gguf.GGUFReader(str(path))
+    metadata = {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+    if metadata.get("general.architecture") != "controlvector":
+        raise ValueError(f"{path}: expected general.architecture 'controlvector'; got "
+                         f"{metadata.get('general.architecture')!r}")
+    directions: Dict[int, torch.Tensor] = {}
+    for tensor in reader.tensors:
+        prefix, _, index = tensor.name.partition(".")
+        if prefix != "direction" or not index.isdigit() or int(index) < 1:
+            raise ValueError(f"{path}: expected tensors named direction.<N> with N >= 1; got {tensor.name!r}")
+        if tensor.tensor_type != gguf.GGMLQuantizationType.F32 or len(tensor.shape) != 1:
+            raise ValueError(f"{path}: tensor {tensor.name} must be 1-D F32; got type "
+                             f"{gguf.GGMLQuantizationType(tensor.tensor_type).name}, shape {list(tensor.shape)}")
+        directions[int(index)] = torch.from_numpy(np.array(tensor.data, dtype=np.float32))
+    sizes = {v.numel() for v in directions.values()}
+    if len(sizes) > 1:
+        raise ValueError(f"{path}: direction tensors must all have the same length; got {sorted(sizes)}")
+    return ControlVectorFile(directions=dict(sorted(directions.items())), metadata=metadata)
