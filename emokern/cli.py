@@ -140,7 +140,7 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--out", default="emokern_out")
     parser.add_argument("--preset", default="quick")
-    parser.add_argument("--strength", type=float, default=0.5,
+    parser.add_argument("--strength", type=float, default=0.25,
                         help="steering strength at the default layer, as a fraction of its mean residual norm")
     parser.add_argument("--dtype", type=_dtype, default="bfloat16")
 

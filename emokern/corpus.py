@@ -157,10 +157,10 @@ PRESETS: dict[str, CorpusPreset] = {
                 "stories and 19 of 24 dialogues kept. On the same machine two threads ran ten times slower (20 vs "
                 "177 tokens/s in one batch) and float32 about three times slower."),
             emotions=None,
-            stories_per_emotion=2,
-            neutral=24,
+            stories_per_emotion=4,
+            neutral=48,
             max_new_tokens=100,
-            batch_size=57,
+            batch_size=61,
             min_words=40,
         ),
         CorpusPreset(

@@ -408,10 +408,28 @@ class QualityCurve(NamedTuple):
     n_test: int
 
 
-def _split(member: torch.Tensor, K: int, test_fraction: float, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Train and test row indices: per emotion, a seeded permutation of its rows, the last floor(fraction·n_k)
-    (at least 1 when n_k >= 2, none when n_k == 1) for testing."""
+def _split(member: torch.Tensor, K: int, test_fraction: float, seed: int,
+           groups: Optional[Sequence] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Train and test row indices.
+
+    Without ``groups``: per emotion, a seeded permutation of its rows, the last floor(fraction·n_k) (at least 1 when
+    n_k >= 2, none when n_k == 1) for testing. With ``groups`` (one id per row, e.g. the story's topic): whole
+    groups are held out for every emotion — a seeded choice of groups covering about ``test_fraction`` of them, at
+    least one — so that a held-out story's premise was never seen in training; emotions left with no training
+    story are dropped from the test set.
+    """
     g = torch.Generator().manual_seed(seed)
+    if groups is not None:
+        ids = sorted({str(x) for x in groups})
+        if len(ids) < 2:
+            raise ValueError(f"groups: holding out by group needs at least 2 groups; got {len(ids)}")
+        order = [ids[i] for i in torch.randperm(len(ids), generator=g).tolist()]
+        held = set(order[:max(1, int(test_fraction * len(ids)))])
+        is_test = torch.tensor([str(x) in held for x in groups])
+        train = (~is_test & (member >= 0)).nonzero().squeeze(1)
+        trained = set(member[train].tolist())
+        keep = is_test & torch.tensor([m in trained for m in member.tolist()])
+        return train, keep.nonzero().squeeze(1)
     train, test = [], []
     for k in range(K):
         rows = (member == k).nonzero().squeeze(1)
@@ -423,17 +441,20 @@ def _split(member: torch.Tensor, K: int, test_fraction: float, seed: int) -> Tup
 
 
 def held_out_accuracy(acts: torch.Tensor, labels: Sequence[str], names: Sequence[str], neutral_acts: torch.Tensor, *,
-                      test_fraction: float = 0.2, variance: float = 0.5, seed: int = 0) -> QualityCurve:
+                      test_fraction: float = 0.2, variance: float = 0.5, seed: int = 0,
+                      groups: Optional[Sequence] = None) -> QualityCurve:
     """Per-layer held-out emotion classification accuracy of the (denoised) vectors: the "quality curve".
 
     Each emotion's stories are split deterministically: after a permutation seeded by ``seed``, the last
     floor(test_fraction·n_k) rows — at least 1 if the emotion has 2 or more stories, none if it has 1 — are held
-    out. Vectors are built from the training rows with :func:`emotion_vectors` (same ``neutral_acts`` and
-    ``variance``); each test story is scored at each layer by ``denoised_k · (a − center)`` (``center``: the
-    training emotions' mean, so the scores compare emotions rather than overall offsets) and classified by argmax.
+    out; with ``groups`` (e.g. topics), whole groups are held out instead (see :func:`_split`). Vectors are built
+    from the training rows with :func:`emotion_vectors` (same ``neutral_acts`` and ``variance``); each test story
+    is scored at each layer by ``denoised_k · (a − c)``, where ``c`` is the equal-weight mean of the held-out
+    emotions' mean activations — the recipe's "subtract the mean over emotions", applied to the held-out set so that
+    what the held-out stories share (their premises) does not favour one emotion — and classified by argmax.
 
-    Args: as :func:`emotion_vectors`, plus ``test_fraction`` in (0, 1) and ``seed``. Rows whose label is not in
-    ``names`` take no part.
+    Args: as :func:`emotion_vectors`, plus ``test_fraction`` in (0, 1), ``seed`` and optional ``groups`` (one id
+    per row). Rows whose label is not in ``names`` take no part.
 
     Returns:
         :class:`QualityCurve`: ``top1`` and ``top5`` (L,) float32 accuracies (top-5 means top-min(5, K)), and the
@@ -443,14 +464,21 @@ def held_out_accuracy(acts: torch.Tensor, labels: Sequence[str], names: Sequence
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction: expected a fraction in (0, 1); got {test_fraction}")
     names, member = _membership(labels, names, acts.shape[0])
-    train, test = _split(member, len(names), test_fraction, seed)
+    if groups is not None and len(groups) != acts.shape[0]:
+        raise ValueError(f"groups: expected one group id per story ({acts.shape[0]}); got {len(groups)}")
+    train, test = _split(member, len(names), test_fraction, seed, groups)
     if len(test) == 0:
         raise ValueError("labels: no emotion has 2 or more stories, so none can be held out for testing")
-    ev = emotion_vectors(acts[train], [names[k] for k in member[train].tolist()], names, neutral_acts,
+    trained = sorted(set(member[train].tolist()))
+    train_names = [names[k] for k in trained]
+    ev = emotion_vectors(acts[train], [names[k] for k in member[train].tolist()], train_names, neutral_acts,
                          variance=variance)
-    truth = member[test].to(acts.device)
-    scores = torch.einsum("nld,lkd->nlk", acts[test].float() - ev.center, ev.denoised)  # (n_test, L, K)
-    top = scores.topk(min(5, len(names)), dim=-1).indices  # (n_test, L, k)
+    to_train_index = {k: i for i, k in enumerate(trained)}
+    truth = torch.tensor([to_train_index[k] for k in member[test].tolist()], device=acts.device)
+    test_acts = acts[test].float()
+    test_center = torch.stack([test_acts[truth == i].mean(0) for i in truth.unique()]).mean(0)
+    scores = torch.einsum("nld,lkd->nlk", test_acts - test_center, ev.denoised)  # (n_test, L, K_train)
+    top = scores.topk(min(5, len(train_names)), dim=-1).indices  # (n_test, L, k)
     hits = top == truth[:, None, None]
     return QualityCurve(top1=hits[..., 0].float().mean(0).cpu(), top5=hits.any(-1).float().mean(0).cpu(),
                         n_train=len(train), n_test=len(test))
@@ -465,7 +493,7 @@ def extract_bank(model, tokenizer, story_texts: Sequence[str], story_labels: Seq
                  neutral_texts: Sequence[str], *, names: Optional[Sequence[str]] = None, layers=None,
                  first_token: int = 50, fmt: str = "chat", variance: float = 0.5, batch_size: int = 8,
                  test_fraction: float = 0.2, seed: int = 0, progress: bool = True,
-                 metadata: Optional[Mapping] = None) -> VectorBank:
+                 metadata: Optional[Mapping] = None, story_groups: Optional[Sequence] = None) -> VectorBank:
     """Run the whole recipe and return a :class:`VectorBank` for ``model``.
 
     Args:
@@ -477,6 +505,8 @@ def extract_bank(model, tokenizer, story_texts: Sequence[str], story_labels: Seq
             ``fmt`` and ``first_token``, so both sets are read the same way).
         variance: as :func:`emotion_vectors`.
         test_fraction, seed: as :func:`held_out_accuracy`.
+        story_groups: optional group id per story (the corpus's topics): the quality curve then holds out whole
+            premises, so it measures emotion, not premise, recognition.
         metadata: extra JSON-serialisable entries merged into the bank's metadata (e.g. where the corpus came from).
 
     Returns:
@@ -517,8 +547,10 @@ def extract_bank(model, tokenizer, story_texts: Sequence[str], story_labels: Seq
     t3 = time.perf_counter()
     counts = torch.bincount(member[member >= 0], minlength=len(names)).tolist()
     # The curve needs a held-out story, i.e. an emotion with at least 2 stories.
+    if story_groups is not None and len({str(x) for x in story_groups}) < 2:
+        story_groups = None  # a single premise cannot be held out; fall back to holding out stories
     quality = held_out_accuracy(acts, story_labels, names, neutral, test_fraction=test_fraction, variance=variance,
-                                seed=seed) if max(counts) >= 2 else None
+                                seed=seed, groups=story_groups) if max(counts) >= 2 else None
     t4 = time.perf_counter()
 
     def averaged(tokens: torch.Tensor) -> int:
@@ -577,6 +609,7 @@ def extract_bank_from_corpus(model, tokenizer, corpus, **kwargs) -> VectorBank:
     stories, neutral = list(corpus.stories), list(corpus.neutral)
     meta = {"corpus_topics": len({getattr(s, "topic", None) for s in stories})}
     meta.update(kwargs.pop("metadata", None) or {})
+    kwargs.setdefault("story_groups", [getattr(s, "topic", None) for s in stories])
     return extract_bank(model, tokenizer, [s.text for s in stories], [s.emotion for s in stories],
                         [r.text for r in neutral], metadata=meta, **kwargs)
 

@@ -131,7 +131,7 @@ pre{{white-space:pre-wrap;font-size:14px}} .prompt{{background:#eef;padding:0.5e
 
 
 def demo(out_dir="emokern_out", *, model_name: str = "smollm2-135m-instruct", preset: str = "quick",
-         prompt: str = DEMO_PROMPT, steer: Sequence[str] = DEMO_STEER, strength: float = 0.5,
+         prompt: str = DEMO_PROMPT, steer: Sequence[str] = DEMO_STEER, strength: float = 0.25,
          max_new_tokens: int = 60, goemotions_limit: int = 600, emobank_limit: int = 300,
          dtype: torch.dtype = torch.bfloat16, progress: bool = True) -> Dict[str, Path]:
     """The README's main job: extraction → bank → validation report → a monitored generation as a per-token
@@ -152,10 +152,10 @@ def demo(out_dir="emokern_out", *, model_name: str = "smollm2-135m-instruct", pr
     outputs: Dict[str, Path] = {"bank": bank_json, "corpus": out_dir / "corpus"}
 
     t0 = time.perf_counter()
-    from emokern.corpus import StoryCorpus
-
-    report = validation_report(bank, model, tokenizer, out_dir / "report", corpus=StoryCorpus.load(out_dir / "corpus"),
-                               goemotions_limit=goemotions_limit, emobank_limit=emobank_limit, progress=progress)
+    # The held-out accuracy comes from the bank's quality curve (whole premises held out); the corpus itself is not
+    # passed, since the bank was built from it and its accuracy would be in-sample.
+    report = validation_report(bank, model, tokenizer, out_dir / "report", goemotions_limit=goemotions_limit,
+                               emobank_limit=emobank_limit, progress=progress)
     outputs["report"] = out_dir / "report" / "report.html"
     _say(f"report ({time.perf_counter() - t0:.0f} s) -> {outputs['report']}")
 
@@ -200,12 +200,25 @@ def _default_layer(bank) -> int:
 
 
 def _key_numbers(report: dict) -> dict:
-    """The numbers the README quotes, picked out of the report's JSON (missing sections are left out)."""
-    picks = {}
-    for section, keys in (("classification", ("top1", "top5", "chance")), ("geometry", ("pc1_variance",
-                          "pc2_variance", "pc1_valence_r", "pc2_arousal_r")), ("emobank", ("valence_r",))):
-        part = report.get(section, {})
-        for key in keys:
-            if isinstance(part, dict) and key in part:
-                picks[f"{section}.{key}"] = part[key]
-    return picks
+    """The numbers the README quotes, picked out of the report's JSON (missing entries are left out)."""
+    def get(*path):
+        node = report
+        for key in path:
+            if not isinstance(node, dict) or key not in node:
+                return None
+            node = node[key]
+        return node
+
+    picks = {
+        "layer": get("layer"),
+        "held_out_top1": get("classification", "quality_curve", "top1_at_layer"),
+        "held_out_top5": get("classification", "quality_curve", "top5_at_layer"),
+        "chance_top1": get("classification", "chance_top1"),
+        "pc1_variance": get("geometry", "variance_explained", "pc1"),
+        "pc2_variance": get("geometry", "variance_explained", "pc2"),
+        "pc1_valence_r": get("geometry", "pc1_valence", "r"),
+        "pc2_arousal_r": get("geometry", "pc2_arousal", "r"),
+        "goemotions_mean_auroc": get("goemotions", "mean_auroc"),
+        "emobank_valence_r": get("emobank", "r"),
+    }
+    return {k: v for k, v in picks.items() if v is not None}

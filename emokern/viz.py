@@ -133,6 +133,23 @@ def _visible_html(tok: str, *, breaks: bool) -> str:
 # ----------------------------------------------------------------------------------------------------- PNG plot
 
 
+def robust_ylim(series: Sequence[torch.Tensor]) -> Optional[Tuple[float, float]]:
+    """Y-axis limits that keep the bulk of the values when a few are extreme, else ``None`` (automatic limits).
+
+    A few tokens (the first, "attention sink" positions) can project hundreds of times larger than the rest and
+    would flatten every other line. When the full range of the finite values exceeds 4x the range between their
+    2nd and 98th percentiles, the limits are that inner range padded by a quarter on each side.
+    """
+    finite = torch.cat([v[torch.isfinite(v)].double() for v in series]) if series else torch.empty(0)
+    if finite.numel() < 10:
+        return None
+    lo, hi = (float(q) for q in torch.quantile(finite, torch.tensor([0.02, 0.98], dtype=torch.float64)))
+    span = max(hi - lo, 1e-12)
+    if float(finite.max() - finite.min()) <= 4 * span:
+        return None
+    return lo - 0.25 * span, hi + 0.25 * span
+
+
 def plot_trace(trace: "Trace", emotions: Union[str, Sequence[str]], path: Union[str, os.PathLike], *,
                site: Union[int, str, None] = None, sequence: int = 0, zscore: bool = False, window: int = 1,
                marks: Optional[Sequence[Tuple[int, str]]] = None, title: Optional[str] = None) -> Path:
@@ -214,6 +231,12 @@ def plot_trace(trace: "Trace", emotions: Union[str, Sequence[str]], path: Union[
                 bbox=dict(boxstyle="round,pad=0.2", fc="white", ec="black", lw=0.6, alpha=0.85))
 
     ax.set_xlim(x_lo, x_hi)
+    limits = robust_ylim(series)
+    if limits is not None:
+        ax.set_ylim(*limits)
+        outside = sum(int(((v < limits[0]) | (v > limits[1])).sum()) for v in series)
+        ax.text(1.0, 0.0, f"{outside} outlying value(s) off the axis ", transform=ax.transAxes, ha="right",
+                va="bottom", fontsize=7, color="0.4", parse_math=False)
     if label_tokens:
         toks = trace.tokens[sequence]
         ax.set_xticks(x_np, labels=[_visible_plain(toks[int(t)], 14) for t in x_np], rotation=90, fontsize=7.5,

@@ -312,3 +312,15 @@ def test_html_renders_in_headless_chromium(tmp_path):
                           f"--screenshot={shot}", page.resolve().as_uri()], capture_output=True, timeout=60)
     assert out.returncode == 0, out.stderr.decode(errors="replace")[-2000:]
     assert shot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_robust_ylim_ignores_a_few_extreme_values_only():
+    from emokern.viz import robust_ylim
+
+    calm = torch.linspace(-1.0, 1.0, 50)
+    assert robust_ylim([calm]) is None
+    spiky = calm.clone()
+    spiky[0] = -2000.0
+    lo, hi = robust_ylim([spiky, calm])
+    assert -2.0 < lo < -0.9 and 0.9 < hi < 2.0
+    assert robust_ylim([torch.tensor([1.0, float("nan")])]) is None
