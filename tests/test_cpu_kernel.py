@@ -1,4 +1,4 @@
-"""Quick checks of the compiled CPU kernels against the fp64 reference.
+"""Checks of the compiled CPU kernels against the fp64 reference.
 
 The tolerance follows the project rule: the kernel's error against the fp64 reference may be at most twice the
 error of plain, unfused PyTorch at the input's precision, plus a small absolute term scaled by the magnitude of
@@ -185,7 +185,7 @@ def test_empty_and_row_errors():
 _PORTABLE = """
 import torch, sys
 sys.path.insert(0, {root!r})
-from tests.test_cpu_kernel_quick import test_project_and_steer_matches_reference as t
+from tests.test_cpu_kernel import test_project_and_steer_matches_reference as t
 with torch.backends.mkldnn.flags(enabled={mkldnn}):
     for dt in (torch.float32, torch.float16, torch.bfloat16):
         for shape in [(7, 576, 171), (513, 123, 256), (2, 1, 8)]:
