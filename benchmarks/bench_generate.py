@@ -110,22 +110,29 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_generate(model, ids, mask, new_tokens, device, reps, setup=None):
-    def run():
-        if setup is not None:
-            setup()
-        with torch.no_grad():
-            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                           do_sample=False, pad_token_id=0, **generate_extra)
-    run()  # warm-up (and compilation on GPU)
-    samples = []
-    for _ in range(reps):
-        sync(device)
-        t0 = time.perf_counter()
-        run()
-        sync(device)
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+def generate_once(model, ids, mask, new_tokens, device) -> float:
+    """Seconds for one greedy generation of exactly ``new_tokens`` tokens."""
+    sync(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                       do_sample=False, pad_token_id=0, **generate_extra)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def time_providers(model, providers, ids, mask, new_tokens, device, reps):
+    """Median seconds per provider. Providers are interleaved within each repetition (and each is warmed up once)
+    so that slow drifts of the machine affect them all alike. A provider is ``(name, attach, detach)``."""
+    samples = {name: [] for name, _, _ in providers}
+    for rep in range(reps + 1):
+        for name, attach, detach in providers:
+            attach()
+            seconds = generate_once(model, ids, mask, new_tokens, device)
+            detach()
+            if rep:  # repetition 0 is the warm-up (and compilation on GPU)
+                samples[name].append(seconds)
+    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 generate_extra: dict = {}
@@ -137,7 +144,7 @@ def main(argv=None):
     parser.add_argument("--batches", default=None, help="comma-separated batch sizes (default: 1,16 CPU; 1,32 GPU)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=16)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--random-model", action="store_true", help="CPU: use a random SmolLM2-shaped model")
     parser.add_argument("--prefill", type=int, default=4096, help="GPU: prefill length measured separately")
     args = parser.parse_args(argv)
@@ -160,17 +167,27 @@ def main(argv=None):
     for B in batches:
         ids = torch.randint(100, vocab, (B, args.prompt_tokens), device=device)
         mask = torch.ones_like(ids)
-        results = {}
-        results["unpatched"] = time_generate(model, ids, mask, args.new_tokens, device, args.reps)
-        handle = emokern.patch(model, bank, batch=B, tokens=args.prompt_tokens + args.new_tokens + 1)
-        results["emokern_monitor"] = time_generate(model, ids, mask, args.new_tokens, device, args.reps)
-        handle.steer({name: 0.05 for name in steer_names})
-        results["emokern_monitor_steer"] = time_generate(model, ids, mask, args.new_tokens, device, args.reps)
-        handle.remove()
-        baseline = PythonHookBaseline(model, bank, [bank.index(n) for n in steer_names], 0.05)
-        results["python_hooks"] = time_generate(model, ids, mask, args.new_tokens, device, args.reps,
-                                                setup=baseline.records.clear)
-        baseline.remove()
+        state = {}
+
+        def patch_monitor():
+            state["handle"] = emokern.patch(model, bank, batch=B, tokens=args.prompt_tokens + args.new_tokens + 1)
+
+        def patch_steer():
+            patch_monitor()
+            state["handle"].steer({name: 0.05 for name in steer_names})
+
+        def unpatch():
+            state.pop("handle").remove()
+
+        def hooks():
+            state["hooks"] = PythonHookBaseline(model, bank, [bank.index(n) for n in steer_names], 0.05)
+
+        def unhook():
+            state.pop("hooks").remove()
+
+        providers = [("unpatched", lambda: None, lambda: None), ("emokern_monitor", patch_monitor, unpatch),
+                     ("emokern_monitor_steer", patch_steer, unpatch), ("python_hooks", hooks, unhook)]
+        results = time_providers(model, providers, ids, mask, args.new_tokens, device, args.reps)
         for provider, seconds in results.items():
             tps = B * args.new_tokens / seconds
             ratio = results["unpatched"] / seconds
@@ -179,15 +196,18 @@ def main(argv=None):
             print(f"{provider:<24}{B:>6}{tps:>12.1f}{ratio:>14.3f}")
     if device == "cuda" and args.prefill:
         ids = torch.randint(100, vocab, (1, args.prefill), device=device)
-        for provider in ("unpatched", "emokern_monitor_steer"):
-            handle = None
-            if provider != "unpatched":
-                handle = emokern.patch(model, bank, batch=1, tokens=args.prefill + 2)
-                handle.steer({name: 0.05 for name in steer_names})
-            seconds = time_generate(model, ids, torch.ones_like(ids), 1, device, args.reps)
-            if handle is not None:
-                handle.remove()
-            rows.append({"provider": provider, "batch": 1, "prefill_tokens": args.prefill, "seconds": round(seconds, 4)})
+        state = {}
+
+        def attach():
+            state["handle"] = emokern.patch(model, bank, batch=1, tokens=args.prefill + 2)
+            state["handle"].steer({name: 0.05 for name in steer_names})
+
+        providers = [("unpatched", lambda: None, lambda: None),
+                     ("emokern_monitor_steer", attach, lambda: state.pop("handle").remove())]
+        prefill = time_providers(model, providers, ids, torch.ones_like(ids), 1, device, args.reps)
+        for provider, seconds in prefill.items():
+            rows.append({"provider": provider, "batch": 1, "prefill_tokens": args.prefill, "seconds": round(seconds, 4),
+                         "fraction_of_unpatched": round(prefill["unpatched"] / seconds, 4)})
             print(f"prefill {args.prefill} {provider:<24}{seconds * 1e3:>10.1f} ms")
     machine = machine_slug(device_name(device))
     out = RESULTS / f"bench_generate_{device}_{machine}.json"

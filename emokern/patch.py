@@ -33,7 +33,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 
 from emokern.bank import VectorBank
-from emokern.ops.api import project, project_and_steer, project_and_steer_
+from emokern.ops._extension import require_extension
+from emokern.ops.api import project, project_and_steer, project_and_steer_, resolve_backend
 from emokern.trace import Trace
 
 __all__ = ["ArchSpec", "ARCHITECTURES", "SITES", "patch", "PatchHandle", "GenerationResult", "UnsupportedModelError"]
@@ -162,29 +163,38 @@ class _SequenceConfig:
 
 
 class _State:
-    """The device buffers the hooks read. Sizes: S sites, K vectors, B_cap sequences, T_cap positions (+1 overflow)."""
+    """The device buffers the hooks read.
 
-    def __init__(self, V: torch.Tensor, batch: int, tokens: int):
+    Sizes: S sites, K bank vectors, B_cap sequences, T_cap positions (+1 overflow slot), and ``slots`` steering
+    slots: the vectors being steered are copied into ``Vs`` so that the steering op works on those few vectors only,
+    while monitoring projects onto all K.
+    """
+
+    def __init__(self, V: torch.Tensor, batch: int, tokens: int, slots: int = 4):
         self.V = V  # (S, K, d) model dtype
         self.S, self.K = V.shape[0], V.shape[1]
         self.device = V.device
         self.steering = False  # host flag: any op configured (branching on it is a guard, not a sync)
         self.row: Optional[torch.Tensor] = None  # (B*S_tokens,) int32 for the current forward
+        self.scratch: Optional[torch.Tensor] = None  # (B*S_tokens, K) fp32 projections of the current site
+        self.steer_scratch: Optional[torch.Tensor] = None  # (B*S_tokens, slots) fp32, discarded
         self.pos: Optional[torch.Tensor] = None  # (S_tokens,) int64 cache positions for the current forward
         self.batch = 0
-        self.allocate(batch, tokens)
+        self.allocate(batch, tokens, slots)
 
-    def allocate(self, batch: int, tokens: int) -> None:
+    def allocate(self, batch: int, tokens: int, slots: int) -> None:
         S, K, dev = self.S, self.K, self.device
-        self.B_cap, self.T_cap = batch, tokens
-        self.a = torch.zeros(S, batch, K, device=dev)
-        self.b = torch.ones(S, batch, K, device=dev)
-        self.lo = torch.full((S, batch, K), -math.inf, device=dev)
-        self.hi = torch.full((S, batch, K), math.inf, device=dev)
+        self.B_cap, self.T_cap, self.slots = batch, tokens, slots
+        self.Vs = torch.zeros(S, slots, self.V.shape[2], dtype=self.V.dtype, device=dev)
+        self.a = torch.zeros(S, batch, slots, device=dev)
+        self.b = torch.ones(S, batch, slots, device=dev)
+        self.lo = torch.full((S, batch, slots), -math.inf, device=dev)
+        self.hi = torch.full((S, batch, slots), math.inf, device=dev)
         self.seq_row = torch.full((batch,), -1, dtype=torch.int32, device=dev)
         self.scope = torch.zeros(batch, tokens + 1, dtype=torch.bool, device=dev)
         self.P = torch.full((S, batch, tokens + 1, K), float("nan"), device=dev)
-        self.site_views = [(self.V[s], self.a[s], self.b[s], self.lo[s], self.hi[s], self.P[s]) for s in range(S)]
+        self.site_views = [(self.V[s], self.Vs[s], self.a[s], self.b[s], self.lo[s], self.hi[s], self.P[s])
+                           for s in range(S)]
 
 
 class PatchHandle:
@@ -206,6 +216,10 @@ class PatchHandle:
         self._prompt: Optional[dict] = None
         self._steered_sites = [False] * len(self.site_names)
         self._needs_prompt = False
+        # On CPU (or with an explicit backend) the op does not depend on the number of tokens: pick it once.
+        dev = self.state.device
+        fixed = resolve_backend(backend, dev, 1) == resolve_backend(backend, dev, 1 << 30)
+        self._fixed_ops = self._ops(1) if fixed else None
         self._hooks = []
         self._removed = False
         self._base_params = list(inspect.signature(base.forward).parameters)
@@ -242,6 +256,9 @@ class PatchHandle:
             self.reserve(batch=B)
         st.batch = B
         st.pos = cache_position.reshape(-1).clamp(max=st.T_cap)
+        # One projection buffer per forward, shared by every site (each copies it into the trace before the next)
+        st.scratch = torch.empty(B * S, st.K, dtype=torch.float32, device=st.device)
+        st.steer_scratch = torch.empty(B * S, st.slots, dtype=torch.float32, device=st.device)
         if st.steering:
             if self._needs_prompt and self._prompt is None:
                 raise RuntimeError(
@@ -255,43 +272,58 @@ class PatchHandle:
     def _make_site_hook(self, i: int):
         def hook(module, args, output):
             st = self.state
-            h = output[0] if isinstance(output, tuple) else output
-            d = h.shape[-1]
-            N = h.numel() // d
-            V, a, b, lo, hi, P_site = st.site_views[i]
             steer = st.steering and self._steered_sites[i]
             if not steer and not self.monitor:
                 return None
-            h2 = h.view(N, d)
-            P = torch.empty(N, st.K, dtype=torch.float32, device=h.device)
+            h = output[0] if isinstance(output, tuple) else output
+            h2 = h.view(-1, h.shape[-1])
+            V, Vs, a, b, lo, hi, P_site = st.site_views[i]
+            ops = self._fixed_ops or self._ops(h2.shape[0])
             new_output = None
+            if self.monitor:  # first: the projections are those of the site's input h
+                if torch.is_grad_enabled():
+                    with torch.no_grad():
+                        ops[0](h2.detach(), V, st.scratch)
+                else:
+                    ops[0](h2, V, st.scratch)
+                P_site[:st.batch].index_copy_(1, st.pos, st.scratch.view(st.batch, -1, st.K))
             if steer and torch.is_grad_enabled() and h.requires_grad:
-                h_new, P = project_and_steer(h2, V, st.row, a, b, lo, hi, backend=self.backend)
+                h_new, _ = project_and_steer(h2, Vs, st.row, a, b, lo, hi, backend=self.backend)
                 h_new = h_new.view(h.shape)
                 new_output = (h_new,) + tuple(output[1:]) if isinstance(output, tuple) else h_new
             elif steer:
-                project_and_steer_(h2, V, st.row, a, b, lo, hi, P_out=P, backend=self.backend, validate=False)
-            else:
-                with torch.no_grad():
-                    project(h2, V, P_out=P, backend=self.backend, validate=False)
-            if self.monitor:
-                B = st.batch
-                P_site[:B].index_copy_(1, st.pos, P.detach().view(B, N // B, st.K))
+                ops[1](h2, Vs, st.row, a, b, lo, hi, st.steer_scratch)
             return new_output
 
         return hook
 
+    def _ops(self, num_tokens: int):
+        """``(project(h, V, P), steer(h, V, row, a, b, lo, hi, P))`` for this call: the registered ops themselves
+        (arguments were validated when the patch was made; per-call checks would cost more than the kernel at decode
+        sizes), or the reference in place."""
+        which = resolve_backend(self.backend, self.state.device, num_tokens)
+        if which == "reference":
+            return (lambda h, V, P: project(h, V, P_out=P, backend="reference", validate=False),
+                    lambda h, V, row, a, b, lo, hi, P: project_and_steer_(h, V, row, a, b, lo, hi, P_out=P,
+                                                                          backend="reference", validate=False))
+        if which == "triton":
+            return torch.ops.emokern.project_triton, torch.ops.emokern.project_and_steer_triton_
+        require_extension()
+        return torch.ops.emokern.project, torch.ops.emokern.project_and_steer_
+
     # ------------------------------------------------------------------------------------------ capacity
-    def reserve(self, batch: Optional[int] = None, tokens: Optional[int] = None) -> None:
-        """Grow the buffers to hold ``batch`` sequences of ``tokens`` positions (never shrinks; keeps settings).
+    def reserve(self, batch: Optional[int] = None, tokens: Optional[int] = None, slots: Optional[int] = None) -> None:
+        """Grow the buffers to hold ``batch`` sequences of ``tokens`` positions and ``slots`` steered vectors at once
+        (never shrinks; keeps settings).
 
         Call before capturing a CUDA graph or compiling: growing reallocates the buffers.
         """
         st = self.state
         batch, tokens = max(batch or 0, st.B_cap), max(tokens or 0, st.T_cap)
-        if (batch, tokens) == (st.B_cap, st.T_cap):
+        slots = max(slots or 0, st.slots)
+        if (batch, tokens, slots) == (st.B_cap, st.T_cap, st.slots):
             return
-        st.allocate(batch, tokens)
+        st.allocate(batch, tokens, slots)
         self._materialize()
 
     # ------------------------------------------------------------------------------------------ steering
@@ -423,13 +455,22 @@ class PatchHandle:
                     raise ValueError(f"steer: a scope span needs 0 <= start < end; got ({s}, {e})")
 
     def _materialize(self) -> None:
-        """Write the host-side steering configuration into the fixed device buffers (no reallocation)."""
+        """Write the host-side steering configuration into the fixed device buffers (reallocating only when more
+        vectors are steered at once than there are slots)."""
+        used: List[int] = []
+        for config in self._configs.values():
+            for op in config.ops:
+                if op.k not in used:
+                    used.append(op.k)
         st = self.state
-        S, B, K, T = st.S, st.B_cap, st.K, st.T_cap
-        a = torch.zeros(S, B, K)
-        b = torch.ones(S, B, K)
-        lo = torch.full((S, B, K), -math.inf)
-        hi = torch.full((S, B, K), math.inf)
+        if len(used) > st.slots:
+            st.allocate(st.B_cap, st.T_cap, 1 << (len(used) - 1).bit_length())
+        slot_of = {k: slot for slot, k in enumerate(used)}
+        S, B, T, slots = st.S, st.B_cap, st.T_cap, st.slots
+        a = torch.zeros(S, B, slots)
+        b = torch.ones(S, B, slots)
+        lo = torch.full((S, B, slots), -math.inf)
+        hi = torch.full((S, B, slots), math.inf)
         seq_row = torch.full((B,), -1, dtype=torch.int32)
         scope = torch.zeros(B, T + 1, dtype=torch.bool)
         steered_sites = [False] * S
@@ -442,11 +483,16 @@ class PatchHandle:
                 continue
             seq_row[seq] = seq
             for op in ops:
+                j = slot_of[op.k]
                 for s in op.sites:
-                    a[s, seq, op.k], b[s, seq, op.k], lo[s, seq, op.k], hi[s, seq, op.k] = op.a, op.b, op.lo, op.hi
+                    a[s, seq, j], b[s, seq, j], lo[s, seq, j], hi[s, seq, j] = op.a, op.b, op.lo, op.hi
                     steered_sites[s] = True
             scope[seq] = self._scope_mask(own.scope if own and own.ops else everyone.scope, seq, T)
-        for dst, src in ((st.a, a), (st.b, b), (st.lo, lo), (st.hi, hi), (st.seq_row, seq_row), (st.scope, scope)):
+        Vs = torch.zeros_like(st.Vs)
+        for k, j in slot_of.items():
+            Vs[:, j] = st.V[:, k]
+        for dst, src in ((st.a, a), (st.b, b), (st.lo, lo), (st.hi, hi), (st.seq_row, seq_row), (st.scope, scope),
+                         (st.Vs, Vs)):
             dst.copy_(src)
         self._steered_sites = steered_sites
         self._needs_prompt = any(c.ops and c.scope != "all" for c in self._configs.values())

@@ -298,3 +298,24 @@ def test_text_scope_steers_only_the_tokens_of_the_substring():
         mask = handle.state.scope[:2, :10]
     assert mask[0].tolist() == [False] * 4 + [True] * 3 + [False] * 3
     assert mask[1].tolist() == [False] * 4 + [False, False] + [True] * 3 + [False]  # 4 pads, then "you like"
+
+
+def test_steering_more_vectors_than_slots_grows_them_and_matches_reference():
+    model = tiny_model("qwen3")
+    bank = tiny_bank(model, norm=NORM)
+    ids, mask, pads = _batch(seed=11)
+    strengths = {f"emotion{k}": 0.1 * (k + 1) for k in range(6)}  # 6 vectors > the 4 initial slots
+    K = 6
+    a = torch.zeros(3, K)
+    a[:] = torch.tensor([0.1 * (k + 1) * NORM for k in range(K)])
+    tables = (a, torch.ones(3, K), torch.full((3, K), -math.inf), torch.full((3, K), math.inf))
+    ref = ReferenceHooks(model, bank, "residual", list(range(LAYERS)), tables, [0, 1, 2], lambda b, t: True)
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).logits
+    ref.remove()
+    with emokern.patch(model, bank) as handle:
+        handle.steer(strengths)
+        assert handle.state.slots == 8
+        with torch.no_grad():
+            got = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
