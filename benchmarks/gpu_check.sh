@@ -34,7 +34,7 @@ step build env EMOKERN_BUILD_CUDA=1 EMOKERN_CUDA_ARCHS=9.0 MAX_JOBS=16 "$PY" set
 step import "$PY" -c "import emokern.ops._extension as e; print('CPU', e.HAS_CPU_KERNELS, 'CUDA', e.HAS_CUDA_KERNELS)"
 # The op on every backend (CUDA and Triton in bf16 too), opcheck and compile, then the patch.
 step tests_ops "$PY" -m pytest -q -ra tests/test_project_and_steer.py tests/test_triton_kernels.py \
-  tests/test_torch_library.py tests/test_errors.py tests/test_autograd.py
+  tests/test_torch_library.py tests/test_errors.py tests/test_autograd.py tests/test_cuda_graphs.py
 step tests_patch "$PY" -m pytest -q -ra tests/test_patch.py
 step bench_ops "$PY" benchmarks/bench_ops.py --device cuda --out "$OUT/bench_ops_cuda.json"
 step bench_generate "$PY" benchmarks/bench_generate.py --device cuda --reps 3
