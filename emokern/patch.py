@@ -258,7 +258,6 @@ class PatchHandle:
         st.pos = cache_position.reshape(-1).clamp(max=st.T_cap)
         # One projection buffer per forward, shared by every site (each copies it into the trace before the next)
         st.scratch = torch.empty(B * S, st.K, dtype=torch.float32, device=st.device)
-        st.steer_scratch = torch.empty(B * S, st.slots, dtype=torch.float32, device=st.device)
         if st.steering:
             if self._needs_prompt and self._prompt is None:
                 raise RuntimeError(
@@ -266,6 +265,7 @@ class PatchHandle:
                     "patch does not know the prompt: use handle.generate(...), or call handle.prepare(input_ids, "
                     "attention_mask) before calling the model"
                 )
+            st.steer_scratch = torch.empty(B * S, st.slots, dtype=torch.float32, device=st.device)
             scoped = st.scope[:B].index_select(1, st.pos)
             st.row = torch.where(scoped, st.seq_row[:B, None], -1).reshape(-1).to(torch.int32)
 
