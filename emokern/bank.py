@@ -18,7 +18,6 @@ plus the SHA-256 of the tensor file, verified on load).
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import os
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
+
+from emokern.emotions import did_you_mean
 
 __all__ = ["VectorBank", "BankMismatchError", "BankFileError", "bank_paths"]
 
@@ -109,8 +110,7 @@ class VectorBank:
         try:
             return self.names.index(name)
         except ValueError:
-            close = difflib.get_close_matches(name, self.names, n=5, cutoff=0.6)
-            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            hint = did_you_mean(name, self.names)
             raise KeyError(f"emotion {name!r} is not in this bank ({len(self.names)} names){hint}") from None
 
     def layer_slot(self, layer: int) -> int:

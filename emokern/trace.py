@@ -15,6 +15,8 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
+from emokern.emotions import did_you_mean
+
 __all__ = ["Trace"]
 
 
@@ -59,11 +61,7 @@ class Trace:
 
     def _emotion(self, name: str) -> int:
         if name not in self.names:
-            import difflib
-
-            close = difflib.get_close_matches(name, self.names, n=5, cutoff=0.6)
-            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise KeyError(f"emotion {name!r} is not in this trace{hint}")
+            raise KeyError(f"emotion {name!r} is not in this trace{did_you_mean(name, self.names)}")
         return self.names.index(name)
 
     def values(self, emotion: str, *, site: Union[int, str, None] = None, sequence: int = 0,

