@@ -154,6 +154,50 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experiment_arguments(parser: argparse.ArgumentParser) -> None:
+    from emokern.experiments import EXPERIMENTS, load_experiment
+
+    sub = parser.add_subparsers(dest="experiment", metavar="NAME")
+    for name in EXPERIMENTS:
+        module = load_experiment(name)
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        p.add_argument("--model", default="smollm2-135m-instruct",
+                       help="embedded model name, checkpoint dir or hub id (default: the embedded SmolLM2)")
+        p.add_argument("--bank", default=None,
+                       help="bank JSON (default: emokern_out/bank/<model>.json, where `emokern extract` puts it)")
+        p.add_argument("--out", default=None, help=f"output folder, resumable (default: emokern_out/experiments/{name})")
+        p.add_argument("--size", default="quick", choices=sorted(module.SIZES),
+                       help="quick: minutes on 2 CPU cores with the embedded model; full: the paper's size")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--judge", default=None, help="optional judge: a chat model name or path (default: rules only)")
+        p.add_argument("--dtype", type=_dtype, default="bfloat16")
+        p.add_argument("--overwrite", action="store_true", help="discard finished work in --out and start afresh")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        module.add_arguments(p)
+
+
+_COMMON_EXPERIMENT_ARGS = {"command", "experiment", "model", "bank", "out", "size", "seed", "judge", "dtype",
+                           "overwrite", "no_progress"}
+
+
+@command("experiment", help="run one of the paper's experiments: preferences, blackmail, reward_hacking, sycophancy",
+         arguments=_experiment_arguments)
+def _experiment(args: argparse.Namespace) -> int:
+    from emokern.experiments import run_experiment
+
+    if args.experiment is None:
+        print("emokern experiment: give a NAME (see `emokern experiment --help`)", file=sys.stderr)
+        return 2
+    options = {k: v for k, v in vars(args).items() if k not in _COMMON_EXPERIMENT_ARGS and v is not None}
+    out = args.out or f"emokern_out/experiments/{args.experiment}"
+    result = run_experiment(args.experiment, out=out, model=args.model, bank=args.bank, size=args.size,
+                            seed=args.seed, judge=args.judge, dtype=args.dtype, overwrite=args.overwrite,
+                            progress=not args.no_progress, **options)
+    print(json.dumps(result.get("summary", {}), indent=1))
+    print(f"results: {out}/result.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one subparser per entry of :data:`COMMANDS`."""
     parser = argparse.ArgumentParser(prog="emokern", description="Find, read and steer emotion vectors in LMs.")

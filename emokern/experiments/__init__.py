@@ -1,0 +1,147 @@
+"""The paper's experiments (PAPER_NOTES §3) as commands: ``emokern experiment NAME`` and :func:`run_experiment`.
+
+=================  =====================================================================================
+``preferences``    64 activities, all ordered pairs, Elo; emotion probes vs Elo; steering shifts (§3a)
+``blackmail``      an agentic e-mail scenario, sampled rollouts under a steering sweep, classified (§3b)
+``reward_hacking`` impossible coding tasks run in a sandbox over several turns; hack rate and traces (§3c)
+``sycophancy``     push-back and dubious-belief scenarios: hold, give in or turn harsh (§3d)
+=================  =====================================================================================
+
+Every experiment module defines ``NAME``, ``HELP``, an ``Options`` dataclass, ``SIZES`` (``{"quick": Options,
+"full": Options}``: ``quick`` runs on the embedded default model on 2 CPU cores in minutes, ``full`` is the paper's
+size for a GPU and a larger model), ``add_arguments(parser)`` (its own flags, each defaulting to None = "from the
+size") and ``run(ctx, options) -> dict``. The shared machinery (resumable units, seeds, rollouts, statistics, the
+judge) is in :mod:`emokern.experiments.common`.
+
+Outputs, in ``out/``: ``config.json``, ``units/`` (finished work; a rerun skips it), ``result.json`` and PNG plots
+(and, where an experiment records them, traces).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import torch
+
+__all__ = ["EXPERIMENTS", "Context", "default_bank_path", "load_experiment", "run_experiment"]
+
+EXPERIMENTS: Dict[str, str] = {
+    "preferences": "emokern.experiments.preferences",
+    "blackmail": "emokern.experiments.blackmail",
+    "reward_hacking": "emokern.experiments.reward_hacking",
+    "sycophancy": "emokern.experiments.sycophancy",
+}
+
+
+@dataclass
+class Context:
+    """What an experiment's ``run`` gets: the loaded model, its tokenizer and bank, the run directory
+    (:class:`~emokern.experiments.common.RunDir`), the seed, whether to show progress, and the optional judge."""
+
+    model: Any
+    tokenizer: Any
+    bank: Any
+    run_dir: Any
+    seed: int = 0
+    progress: bool = True
+    judge: Any = None
+    model_name: str = ""
+
+    @property
+    def out(self) -> Path:
+        return self.run_dir.path
+
+
+def load_experiment(name: str):
+    """The experiment module called ``name`` (KeyError lists the known names)."""
+    if name not in EXPERIMENTS:
+        from emokern.emotions import did_you_mean
+
+        raise KeyError(f"experiment: unknown name {name!r}{did_you_mean(name, list(EXPERIMENTS))}; known: "
+                       f"{', '.join(EXPERIMENTS)}")
+    return importlib.import_module(EXPERIMENTS[name])
+
+
+def default_bank_path(model_name: str) -> Path:
+    """Where ``emokern extract`` / ``make demo`` put the bank for ``model_name`` with the default ``--out``."""
+    from emokern.pipeline import _bank_stem
+
+    return _bank_stem(Path("emokern_out"), model_name).with_suffix(".json")
+
+
+def _bank_digest(bank) -> str:
+    """A digest of the bank's vectors and names: another bank in the same ``--out`` is another configuration."""
+    import hashlib
+
+    digest = hashlib.sha256(bank.vectors.detach().float().cpu().contiguous().numpy().tobytes())
+    digest.update("\n".join(bank.names).encode())
+    return digest.hexdigest()[:16]
+
+
+def _options(module, size: str, overrides: Dict[str, Any]):
+    if size not in module.SIZES:
+        raise ValueError(f"size: expected one of {sorted(module.SIZES)}; got {size!r}")
+    fields = {f.name for f in dataclasses.fields(module.Options)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise TypeError(f"{module.NAME}: unknown option(s) {unknown}; options: {sorted(fields)}")
+    return dataclasses.replace(module.SIZES[size], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def run_experiment(name: str, *, out: Union[str, os.PathLike], model: Any = "smollm2-135m-instruct",
+                   tokenizer: Any = None, bank: Any = None, size: str = "quick", seed: int = 0,
+                   judge: Any = None, progress: bool = True, overwrite: bool = False,
+                   dtype: torch.dtype = torch.bfloat16, **options) -> dict:
+    """Run experiment ``name`` and return its result (also written to ``out/result.json``).
+
+    Args:
+        out: output folder; a rerun with the same configuration skips finished work.
+        model: an embedded model name, checkpoint directory or hub id (loaded in ``dtype``), or a loaded model
+            (then give ``tokenizer``).
+        bank: a :class:`~emokern.VectorBank`, a bank path, or None for :func:`default_bank_path` of the model.
+        size: ``quick`` or ``full`` (see each module's ``SIZES``); ``options`` override single fields.
+        judge: None (rules only), a model name/path for :class:`~emokern.experiments.common.ChatJudge`, or a judge.
+    """
+    from emokern.bank import VectorBank
+    from emokern.experiments.common import ChatJudge, RunDir
+    from emokern.models import load_model, model_fingerprint
+
+    module = load_experiment(name)
+    opts = _options(module, size, options)
+    model_name = model if isinstance(model, (str, os.PathLike)) else getattr(getattr(model, "config", None),
+                                                                              "_name_or_path", "model")
+    if isinstance(model, (str, os.PathLike)):
+        if bank is None:
+            bank = default_bank_path(str(model))
+            if not bank.is_file():
+                raise FileNotFoundError(
+                    f"bank: none given and no bank at {bank} (where `emokern extract --model {model}` puts it); "
+                    f"build one with that command (or `make demo`), or pass --bank PATH")
+        model, tokenizer = load_model(model, dtype=dtype)
+    elif tokenizer is None:
+        raise ValueError("tokenizer: a loaded model needs its tokenizer (tokenizer=...)")
+    if bank is None:
+        raise ValueError("bank: a loaded model needs a bank (bank=VectorBank or a path)")
+    if not isinstance(bank, VectorBank):
+        bank = VectorBank.load(bank, model=model)
+    if isinstance(judge, (str, os.PathLike)):
+        judge = ChatJudge.load(str(judge))
+    config = {"experiment": module.NAME, "size": size, "seed": seed, "model": model_fingerprint(model),
+              "bank": _bank_digest(bank),
+              "dtype": str(next(model.parameters()).dtype), "judge": getattr(judge, "name", None),
+              "options": dataclasses.asdict(opts)}
+    run_dir = RunDir(out, config, overwrite=overwrite)
+    ctx = Context(model=model, tokenizer=tokenizer, bank=bank, run_dir=run_dir, seed=seed, progress=progress,
+                  judge=judge, model_name=str(model_name))
+    started = time.perf_counter()
+    result = module.run(ctx, opts)
+    result = {"experiment": module.NAME, "size": size, "seed": seed, "model": str(model_name),
+              "options": dataclasses.asdict(opts), "seconds": round(time.perf_counter() - started, 1), **result}
+    run_dir.write_json("result.json", result)
+    return result
