@@ -1,0 +1,305 @@
+"""The experiments' shared machinery: run directory and resuming, seeds, conditions, layers, rollouts, statistics,
+the judge, and the run_experiment harness (with a stand-in experiment module)."""
+
+import dataclasses
+import json
+import math
+import sys
+import types
+
+import pytest
+import torch
+
+import emokern
+from emokern.experiments import EXPERIMENTS, run_experiment
+from emokern.experiments.common import (
+    ChatJudge, Condition, InputFileError, RunConfigError, RunDir, atomic_write_json, chat_text, load_input, pearson,
+    require_str, resolve_layers, sample_rollouts, sweep_conditions, unit_seed, wilson_interval,
+)
+from tests.tiny_chat import tiny_chat_bank, tiny_chat_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tok = tiny_chat_model()
+    return model, tok, tiny_chat_bank(model)
+
+
+# ---------------------------------------------------------------------------------------------------------- files
+def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
+    path = atomic_write_json(tmp_path / "r.json", {"a": 1})
+    import emokern.experiments.common as common
+
+    def boom(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(common.os, "replace", boom)
+    with pytest.raises(OSError):
+        atomic_write_json(path, {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left behind
+
+
+def test_atomic_write_refuses_nan(tmp_path):
+    with pytest.raises(ValueError):
+        atomic_write_json(tmp_path / "r.json", {"x": float("nan")})
+
+
+def test_run_dir_config_mismatch_names_the_keys(tmp_path):
+    RunDir(tmp_path / "run", {"seed": 0, "n": 4})
+    with pytest.raises(RunConfigError, match=r"differs in \['n'\]"):
+        RunDir(tmp_path / "run", {"seed": 0, "n": 5})
+    RunDir(tmp_path / "run", {"seed": 0, "n": 4})  # the same configuration resumes
+
+
+def test_run_dir_overwrite_discards_finished_units(tmp_path):
+    run = RunDir(tmp_path / "run", {"n": 1})
+    run.save("a", 1)
+    run = RunDir(tmp_path / "run", {"n": 2}, overwrite=True)
+    assert not run.has("a")
+    assert json.loads((tmp_path / "run" / "config.json").read_text()) == {"n": 2}
+
+
+def test_run_units_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path):
+    keys = [f"batch/{i}" for i in range(6)]
+    calls = []
+
+    def work(key):
+        calls.append(key)
+        g = torch.Generator().manual_seed(unit_seed(7, key))
+        return torch.rand(3, generator=g).tolist()
+
+    whole = RunDir(tmp_path / "whole", {"n": 6}).run_units(keys, work, desc="t", progress=False)
+
+    def crashing(key):
+        if key == "batch/3":
+            raise KeyboardInterrupt
+        return work(key)
+
+    run = RunDir(tmp_path / "resumed", {"n": 6})
+    with pytest.raises(KeyboardInterrupt):
+        run.run_units(keys, crashing, desc="t", progress=False)
+    calls.clear()
+    resumed = RunDir(tmp_path / "resumed", {"n": 6}).run_units(keys, work, desc="t", progress=False)
+    assert calls == keys[3:]  # finished units are not redone
+    assert resumed == whole
+
+
+def test_unit_keys_that_sanitise_alike_stay_apart(tmp_path):
+    run = RunDir(tmp_path, {})
+    run.save("a/b", 1)
+    run.save("a:b", 2)
+    assert (run.load("a/b"), run.load("a:b")) == (1, 2)
+
+
+def test_unwritable_out_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="cannot be created"):
+        RunDir(blocker / "run", {})
+
+
+def test_unit_seed_is_stable_and_distinct():
+    assert unit_seed(0, "a", 1) == unit_seed(0, "a", 1)
+    assert len({unit_seed(0, "a", 1), unit_seed(1, "a", 1), unit_seed(0, "a", 2), unit_seed(0, "b", 1)}) == 4
+    assert 0 <= unit_seed(3, "x") < 2 ** 63
+
+
+# ---------------------------------------------------------------------------------------------------------- inputs
+def test_load_input_errors(tmp_path):
+    def validate(data, where):
+        require_str(data, "name", where)
+        return data
+
+    with pytest.raises(InputFileError, match="does not exist"):
+        load_input(tmp_path / "missing.json", "x.json", validate)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(InputFileError, match="not valid JSON"):
+        load_input(bad, "x.json", validate)
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"name": ""}))
+    with pytest.raises(InputFileError, match=r"wrong.json.*'name' must be a non-empty string; got ''"):
+        load_input(wrong, "x.json", validate)
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"name": "n"}))
+    assert load_input(good, "x.json", validate) == {"name": "n"}
+
+
+# ---------------------------------------------------------------------------------------------------------- conditions
+def test_sweep_conditions(tiny):
+    _, _, bank = tiny
+    conds = sweep_conditions(["desperate", "calm"], [-0.1, 0, 0.05], bank)
+    assert [c.name for c in conds] == ["unsteered", "desperate-0.1", "desperate+0.05", "calm-0.1", "calm+0.05"]
+    assert conds[1].steer == (("desperate", -0.1),) and conds[1].emotion == "desperate"
+    assert conds[0].steer == () and conds[0].emotion is None
+    with pytest.raises(KeyError, match="desprate"):
+        sweep_conditions(["desprate"], [0.1], bank)
+    with pytest.raises(ValueError, match="finite"):
+        sweep_conditions(["calm"], [math.nan], bank)
+
+
+def test_resolve_layers():
+    bank = emokern.VectorBank.from_tensors(torch.randn(30, 2, 8), ["a", "b"])
+    assert resolve_layers("middle", bank, 30) == [12, 13, 14, 15, 16, 17]
+    assert resolve_layers(None, bank, 30) == [19]
+    assert resolve_layers("3, 5", bank, 30) == [3, 5]
+    assert resolve_layers([7], bank, 30) == [7]
+    sparse = emokern.VectorBank.from_tensors(torch.randn(2, 2, 8), ["a", "b"], layers=[2, 9])
+    assert resolve_layers("middle", sparse, 30) == [9]  # none in 40-60%: the nearest to the middle
+    with pytest.raises(ValueError, match=r"\[40\] not in the bank"):
+        resolve_layers([40], bank, 30)
+    with pytest.raises(ValueError, match="comma-separated"):
+        resolve_layers("mid", bank, 30)
+
+
+def test_chat_text(tiny):
+    _, tok, _ = tiny
+    text = chat_text(tok, [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}], prefill="(")
+    assert text == "<|system|>S<eos><|user|>U<eos><|assistant|>("
+
+    class Plain:
+        chat_template = None
+
+    plain = chat_text(Plain(), [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}])
+    assert plain == "S\n\nHuman: U\n\nAssistant:"
+
+
+# ---------------------------------------------------------------------------------------------------------- rollouts
+def test_rollouts_steer_each_sequence_by_its_own_condition(tiny):
+    model, tok, bank = tiny
+    prompt = chat_text(tok, [{"role": "user", "content": "How are you today?"}])
+    up = Condition("desperate+2", (("desperate", 2.0),))
+    down = Condition("desperate-2", (("desperate", -2.0),))
+    unsteered = Condition("unsteered")
+    kw = dict(layers=[1], monitor_site="layer2.residual", monitor_emotions=["desperate"], seed=5, max_new_tokens=12,
+              temperature=0)
+    with emokern.patch(model, bank, tokenizer=tok, layers=[1, 2]) as handle:
+        mixed = sample_rollouts(handle, tok, [prompt] * 3, [unsteered, up, down], **kw)
+        alone = sample_rollouts(handle, tok, [prompt] * 3, [unsteered] * 3, **kw)
+    assert [r.condition for r in mixed] == ["unsteered", "desperate+2", "desperate-2"]
+    assert mixed[0].text == alone[0].text  # steering one sequence leaves its neighbours alone
+    assert mixed[0].monitor == alone[0].monitor
+    value = {r.condition: r.monitor["desperate"] for r in mixed}
+    for where in ("prompt", "assistant_start", "rollout"):
+        assert value["desperate-2"][where] < value["unsteered"][where] < value["desperate+2"][where]
+    assert all(r.zscored for r in mixed)
+    assert len(mixed[0].monitor["desperate"]["series"]) == mixed[0].n_tokens - 1  # the last token is never fed
+
+
+def test_rollouts_are_reproducible_from_the_seed(tiny):
+    model, tok, bank = tiny
+    prompt = chat_text(tok, [{"role": "user", "content": "Tell me something."}])
+    kw = dict(layers=[1], monitor_site="layer1.residual", monitor_emotions=["calm"], max_new_tokens=10)
+    with emokern.patch(model, bank, tokenizer=tok, layers=[1]) as handle:
+        a = sample_rollouts(handle, tok, [prompt] * 2, [Condition("unsteered")] * 2, seed=1, **kw)
+        b = sample_rollouts(handle, tok, [prompt] * 2, [Condition("unsteered")] * 2, seed=1, **kw)
+        c = sample_rollouts(handle, tok, [prompt] * 2, [Condition("unsteered")] * 2, seed=2, **kw)
+    assert [r.text for r in a] == [r.text for r in b]
+    assert [r.text for r in a] != [r.text for r in c]
+    with pytest.raises(ValueError, match="2 prompts but 1 conditions"):
+        sample_rollouts(handle, tok, [prompt] * 2, [Condition("unsteered")], seed=1, **kw)
+
+
+# ---------------------------------------------------------------------------------------------------------- statistics
+@pytest.mark.parametrize("k,n,lo,hi", [(0, 10, 0.0, 0.2775), (5, 10, 0.2366, 0.7634), (10, 10, 0.7225, 1.0),
+                                       (22, 100, 0.1500, 0.3107)])
+def test_wilson_interval(k, n, lo, hi):
+    got = wilson_interval(k, n)
+    assert got == pytest.approx((lo, hi), abs=1e-4)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_pearson():
+    x = torch.randn(50, dtype=torch.float64)
+    y = 0.5 * x + torch.randn(50, dtype=torch.float64)
+    assert pearson(x.tolist(), y.tolist()) == pytest.approx(float(torch.corrcoef(torch.stack([x, y]))[0, 1]))
+    assert pearson([1, 1, 1], [1, 2, 3]) is None
+    assert pearson([1, 2], [1, 2]) is None
+
+
+# ---------------------------------------------------------------------------------------------------------- judge
+@pytest.mark.parametrize("reply,answer,reason", [
+    ("YES. The e-mail threatens to reveal the affair.", True, "The e-mail threatens to reveal the affair"),
+    ("No - it only asks for a delay.", False, "it only asks for a delay"),
+    ("I think yes, because of the threat", True, "I think , because of the threat"),
+    ("The assistant sends a polite note.", None, "The assistant sends a polite note."),
+])
+def test_judge_parse(reply, answer, reason):
+    assert ChatJudge.parse(reply) == (answer, reason)
+
+
+def test_judge_runs_a_chat_model(tiny):
+    model, tok, _ = tiny
+    answer, reason = ChatJudge(model, tok, max_new_tokens=8).verdict("Is this blackmail?", "Human: hi")
+    assert answer in (True, False, None) and isinstance(reason, str)
+
+
+# ---------------------------------------------------------------------------------------------------------- harness
+@dataclasses.dataclass
+class _Options:
+    n: int = 3
+    label: str = "x"
+
+
+def _fake_module():
+    module = types.ModuleType("emokern_fake_experiment")
+    module.NAME, module.HELP, module.Options = "fake", "a stand-in", _Options
+    module.SIZES = {"quick": _Options(n=2), "full": _Options(n=9)}
+    module.add_arguments = lambda parser: None
+
+    def run(ctx, options):
+        done = ctx.run_dir.run_units([f"u{i}" for i in range(options.n)], lambda k: k.upper(), desc="fake",
+                                     progress=ctx.progress)
+        return {"summary": {"n": options.n}, "units": done, "layers": ctx.bank.layers}
+
+    module.run = run
+    return module
+
+
+@pytest.fixture
+def fake_experiment(monkeypatch):
+    module = _fake_module()
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(EXPERIMENTS, "fake", module.__name__)
+    return module
+
+
+def test_run_experiment_writes_config_and_result(tiny, tmp_path, fake_experiment):
+    model, tok, bank = tiny
+    result = run_experiment("fake", out=tmp_path, model=model, tokenizer=tok, bank=bank, progress=False, label="y")
+    assert result["summary"] == {"n": 2} and result["options"] == {"n": 2, "label": "y"}
+    assert result["units"] == {"u0": "U0", "u1": "U1"}
+    assert json.loads((tmp_path / "result.json").read_text())["units"] == result["units"]
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["experiment"] == "fake" and config["options"] == {"n": 2, "label": "y"}
+    with pytest.raises(RunConfigError, match="options"):
+        run_experiment("fake", out=tmp_path, model=model, tokenizer=tok, bank=bank, progress=False, size="full")
+    other_bank = tiny_chat_bank(model, seed=9)
+    with pytest.raises(RunConfigError, match="bank"):
+        run_experiment("fake", out=tmp_path, model=model, tokenizer=tok, bank=other_bank, progress=False, label="y")
+
+
+def test_run_experiment_errors(tiny, tmp_path, fake_experiment, monkeypatch):
+    model, tok, bank = tiny
+    with pytest.raises(KeyError, match="did you mean 'fake'"):
+        run_experiment("fak", out=tmp_path, model=model, tokenizer=tok, bank=bank)
+    with pytest.raises(ValueError, match=r"size: expected one of \['full', 'quick'\]; got 'huge'"):
+        run_experiment("fake", out=tmp_path, model=model, tokenizer=tok, bank=bank, size="huge")
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['m'\]"):
+        run_experiment("fake", out=tmp_path, model=model, tokenizer=tok, bank=bank, m=1)
+    with pytest.raises(ValueError, match="needs its tokenizer"):
+        run_experiment("fake", out=tmp_path, model=model, bank=bank)
+    with pytest.raises(ValueError, match="needs a bank"):
+        run_experiment("fake", out=tmp_path, model=model, tokenizer=tok)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"no bank at emokern_out/bank/smollm2-135m-instruct.json"):
+        run_experiment("fake", out=tmp_path / "o", model="smollm2-135m-instruct")
