@@ -12,7 +12,7 @@ export EMOKERN_BUILD_CUDA
 
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/include/emokern/*.cuh)
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo experiments bench clean
 
 $(VENV)/.deps: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,13 @@ test: install
 
 demo: install
 	$(PY) -m emokern demo
+
+# The paper's four experiments at their `quick` size, on the bank `make demo` leaves in emokern_out/ (built here
+# first if missing). Each is resumable: run it again after an interruption and it skips finished work.
+EXPERIMENTS := preferences blackmail reward_hacking sycophancy
+experiments: install
+	test -f emokern_out/bank/smollm2-135m-instruct.json || $(PY) -m emokern extract
+	for e in $(EXPERIMENTS); do $(PY) -m emokern experiment $$e || exit 1; done
 
 bench: install
 	$(PY) benchmarks/bench_ops.py
