@@ -414,7 +414,10 @@ def test_command_line_parses_lists():
 
     args = build_parser().parse_args(["experiment", "reward_hacking", "--strengths=-0.1,0.1", "--emotions",
                                       "desperate,calm", "--task-ids", "sum_fast"])
-    assert args.strengths == (-0.1, 0.1) and args.emotions == ("desperate", "calm") and args.task_ids == ("sum_fast",)
+    assert args.strengths == [-0.1, 0.1] and args.emotions == ["desperate", "calm"] and args.task_ids == ["sum_fast"]
+    spaced = build_parser().parse_args(["experiment", "reward_hacking", "--strengths", "-0.1", "0.05", "--emotions",
+                                        "desperate", "at ease"])
+    assert spaced.strengths == [-0.1, 0.05] and spaced.emotions == ["desperate", "at ease"]
     assert args.max_turns is None  # from --size
 
 

@@ -14,6 +14,7 @@ Starting with a different configuration in a directory that holds another raises
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
@@ -22,13 +23,13 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
 __all__ = [
     "Condition", "RunConfigError", "RunDir", "InputFileError", "ChatJudge", "Rollout",
-    "atomic_write_json", "chat_text", "load_input", "monitor_summary", "progress_bar", "resolve_layers",
+    "add_list_argument", "atomic_write_json", "chat_text", "load_input", "monitor_summary", "progress_bar", "resolve_layers",
     "sample_rollouts", "sweep_conditions", "unit_seed", "wilson_interval",
 ]
 
@@ -192,6 +193,30 @@ def require_str(obj: Mapping, key: str, where: str) -> str:
     require(isinstance(value, str) and value.strip() != "", where,
             f"{key!r} must be a non-empty string; got {value!r}")
     return value
+
+
+class _FlattenLists(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, [x for chunk in values for x in chunk])
+
+
+def add_list_argument(parser: argparse.ArgumentParser, flag: str, *, dest: str, item: type = str,
+                      metavar: str = "X", help: str = "") -> None:
+    """A flag taking one or more values, space- or comma-separated (``--emotions desperate calm`` or
+    ``--emotions desperate,calm``; two-word emotions need quotes: ``--emotions "at ease"``). Negative numbers work
+    space-separated (``--strengths -0.1 0.1``) or after ``=`` (``--strengths=-0.1,0.1``). Default None."""
+
+    def parse(text: str) -> list:
+        parts = [x.strip() for x in text.split(",") if x.strip()]
+        if not parts:
+            raise argparse.ArgumentTypeError(f"{flag}: expected a value; got {text!r}")
+        try:
+            return [item(x) for x in parts]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag}: expected {item.__name__} values; got {text!r}") from None
+
+    parser.add_argument(flag, dest=dest, nargs="+", type=parse, action=_FlattenLists, default=None, metavar=metavar,
+                        help=help + " (space- or comma-separated)")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

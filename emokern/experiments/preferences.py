@@ -91,7 +91,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from emokern.experiments.common import (
-    chat_text, load_input, pearson, require, require_str, resolve_layers, unit_seed,
+    add_list_argument, chat_text, load_input, pearson, require, require_str, resolve_layers, unit_seed,
 )
 
 __all__ = [
@@ -153,12 +153,6 @@ SIZES = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The experiment's flags; each defaults to None so that ``--size`` decides."""
-    def emotion_list(s: str) -> List[str]:
-        names = [x.strip() for x in s.split(",") if x.strip()]
-        if not names:
-            raise argparse.ArgumentTypeError(f"expected comma-separated emotion names; got {s!r}")
-        return names
-
     parser.add_argument("--activities", dest="activities", default=None, metavar="PATH",
                         help='activities file: {"activities": [{"text": ..., "category": ...}, ...]} '
                              "(default: the packaged 64)")
@@ -168,8 +162,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="layers whose probe values are averaged: middle (default), two_thirds or indices")
     parser.add_argument("--strength", dest="strength", type=float, default=None,
                         help="steering strength, fraction of the layer's mean residual norm (default 0.5)")
-    parser.add_argument("--steer-emotions", dest="steer_emotions", type=emotion_list, default=None,
-                        metavar="E1,E2,...", help="emotions to steer (default: chosen from the probe correlations)")
+    add_list_argument(parser, "--steer-emotions", dest="steer_emotions", metavar="EMOTION",
+                      help="emotions to steer (default: chosen from the probe correlations)")
     parser.add_argument("--n-steer-emotions", dest="n_steer_emotions", type=int, default=None,
                         help="how many emotions to steer when --steer-emotions is not given (quick 12, full 35)")
     parser.add_argument("--steered-pairs", dest="steered_pairs", choices=STEERED_PAIRS, default=None,

@@ -138,37 +138,21 @@ SIZES = {
 # Command line
 # ----------------------------------------------------------------------------------------------------------------------
 
-def _names(text: str) -> Tuple[str, ...]:
-    names = tuple(x.strip() for x in text.split(",") if x.strip())
-    if not names:
-        raise argparse.ArgumentTypeError(f"expected comma-separated names; got {text!r}")
-    return names
-
-
-def _numbers(text: str) -> Tuple[float, ...]:
-    try:
-        values = tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers; got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers; got {text!r}")
-    return values
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The experiment's flags; each defaults to None, meaning "from --size"."""
     a = parser.add_argument
     a("--tasks", dest="tasks", default=None,
       help="task file (JSON, see the module docs; default: the 7 packaged tasks)")
-    a("--task-ids", dest="task_ids", type=_names, default=None, help="comma-separated task ids to run (default: all)")
+    common.add_list_argument(parser, "--task-ids", dest="task_ids", metavar="ID", help="task ids to run (default: all)")
     a("--max-tasks", dest="max_tasks", type=int, default=None, help="run only the first N tasks")
     a("--episodes", dest="episodes", type=int, default=None, help="episodes per task and condition")
-    a("--emotions", dest="emotions", type=_names, default=None, help="steered emotions, comma-separated")
-    a("--strengths", dest="strengths", type=_numbers, default=None,
-      help="steering strengths (fractions of the layer's mean residual norm), e.g. --strengths=-0.1,0.1")
+    common.add_list_argument(parser, "--emotions", dest="emotions", metavar="EMOTION", help="steered emotions")
+    common.add_list_argument(parser, "--strengths", dest="strengths", item=float, metavar="S",
+                             help="steering strengths (fractions of the layer's mean residual norm)")
     a("--layers", dest="layers", default=None, help="steered layers: two_thirds, middle or indices like 12,13")
     a("--monitor-layer", dest="monitor_layer", type=int, default=None, help="layer read for traces")
-    a("--trace-emotions", dest="trace_emotions", type=_names, default=None, help="emotions recorded and plotted")
+    common.add_list_argument(parser, "--trace-emotions", dest="trace_emotions", metavar="EMOTION",
+                             help="emotions recorded and plotted")
     a("--max-turns", dest="max_turns", type=int, default=None, help="turns per episode, at most")
     a("--max-new-tokens", dest="max_new_tokens", type=int, default=None, help="tokens per reply, at most")
     a("--temperature", dest="temperature", type=float, default=None, help="sampling temperature (0 = greedy)")

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from emokern.experiments.common import (
-    Condition, resolve_layers, sample_rollouts, sweep_conditions, unit_seed, wilson_interval,
+    Condition, add_list_argument, resolve_layers, sample_rollouts, sweep_conditions, unit_seed, wilson_interval,
 )
 
 __all__ = [
@@ -73,9 +73,9 @@ class SweepOptions:
 
 def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags for the :class:`SweepOptions` fields (``dest`` = field name, default None = from the size preset)."""
-    parser.add_argument("--emotions", nargs="+", default=None, metavar="EMOTION", help="emotions to steer")
-    parser.add_argument("--strengths", nargs="+", type=float, default=None, metavar="S",
-                        help="steering strengths per emotion, fractions of the layer's mean residual norm")
+    add_list_argument(parser, "--emotions", dest="emotions", metavar="EMOTION", help="emotions to steer")
+    add_list_argument(parser, "--strengths", dest="strengths", item=float, metavar="S",
+                      help="steering strengths per emotion, fractions of the layer's mean residual norm")
     parser.add_argument("--samples", type=int, default=None, help="rollouts per prompt and condition")
     parser.add_argument("--batch-size", dest="batch_size", type=int, default=None, help="rollouts per batch")
     parser.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=None)
@@ -85,8 +85,8 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
                         help="steer layers: two_thirds (default), middle, or comma-separated indices")
     parser.add_argument("--monitor-layer", dest="monitor_layer", type=int, default=None,
                         help="layer whose residual stream is monitored (default: the first steer layer)")
-    parser.add_argument("--monitor-emotions", dest="monitor_emotions", nargs="+", default=None, metavar="EMOTION",
-                        help="emotions monitored on the prompt, at the assistant's turn and over each rollout")
+    add_list_argument(parser, "--monitor-emotions", dest="monitor_emotions", metavar="EMOTION",
+                      help="emotions monitored on the prompt, at the assistant's turn and over each rollout")
 
 
 def resolve_sweep(options: SweepOptions, bank, num_layers: int) -> Tuple[List[Condition], List[int], int]:
