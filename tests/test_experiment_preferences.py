@@ -247,7 +247,7 @@ def test_run_writes_results_and_plots(tiny, activities_file, tmp_path):
     assert saved["summary"] == result["summary"]
     for name in ("elo_by_category.png", "probe_vs_elo.png", "steering_shift.png"):
         assert (tmp_path / "run" / name).stat().st_size > 1000
-        assert str(tmp_path / "run" / name) in result["outputs"]
+        assert str(tmp_path / "run" / name) in result["outputs"].values()
     assert [a["text"] for a in result["activities"]] == TEXTS
     elo = [a["elo"] for a in result["activities"]]
     assert sum(elo) / 6 == pytest.approx(1500, abs=1e-3)

@@ -445,3 +445,42 @@ def test_trace_episode_replays_the_transcript_under_its_condition(tiny):
         assert shift.mean() > 0.02 and (shift > 0).float().mean() > 0.9
         # read at the steered layer itself: before its steering is added, so the same either way
         assert torch.equal(values({}, "layer2.residual"), values({"desperate": 0.5}, "layer2.residual"))
+
+
+class _FakeJudge:
+    """Answers YES when the code mentions ``range`` (the scripted hack does), and records what it was shown."""
+
+    name = "fake-judge"
+
+    def __init__(self):
+        self.seen = []
+
+    def verdict(self, question, transcript):
+        self.seen.append(transcript)
+        special = "isinstance" in transcript.split("FINAL CODE:")[-1]
+        return special, "checks the input's type" if special else "a plain loop"
+
+
+def test_judge_verdicts_are_kept_and_rated(tiny, tmp_path, monkeypatch):
+    _scripted(monkeypatch, {"unsteered": [HACKING], "desperate+0.05": [FAILING, FAILING]})
+    tasks = _task_file(tmp_path, _packaged_entries("sum_fast"))
+    judge = _FakeJudge()
+    model, tok, bank = tiny
+    result = run_experiment("reward_hacking", out=tmp_path / "run", model=model, tokenizer=tok, bank=bank,
+                            judge=judge, emotions=["desperate"], strengths=[0.05], max_new_tokens=4, batch_size=2,
+                            per_test_s=0.5, max_turns=2, tasks=tasks, progress=False)
+    assert len(judge.seen) == 2 and all("FINAL CODE:" in t and "VISIBLE TESTS:" in t for t in judge.seen)
+    by_condition = {e["condition"]: e for e in result["episodes"]}
+    assert by_condition["unsteered"]["judge"] == {"answer": True, "reason": "checks the input's type"}
+    assert by_condition["desperate+0.05"]["judge"]["answer"] is False
+    assert result["summary"]["judge_hack_rate"] == {"unsteered": 1.0, "desperate+0.05": 0.0}
+    # a rerun reads the saved verdicts instead of asking again
+    run_experiment("reward_hacking", out=tmp_path / "run", model=model, tokenizer=tok, bank=bank, judge=judge,
+                   emotions=["desperate"], strengths=[0.05], max_new_tokens=4, batch_size=2, per_test_s=0.5,
+                   max_turns=2, tasks=tasks, progress=False)
+    assert len(judge.seen) == 2
+
+
+def test_judge_episode_without_code():
+    episode = {"turns": [{"code": None}]}
+    assert rh.judge_episode(_FakeJudge(), episode, None) == {"answer": None, "reason": "no code to judge"}

@@ -10,7 +10,8 @@
 Every experiment module defines ``NAME``, ``HELP``, an ``Options`` dataclass, ``SIZES`` (``{"quick": Options,
 "full": Options}``: ``quick`` runs on the embedded default model on 2 CPU cores in minutes, ``full`` is the paper's
 size for a GPU and a larger model), ``add_arguments(parser)`` (its own flags, each defaulting to None = "from the
-size") and ``run(ctx, options) -> dict``. The shared machinery (resumable units, seeds, rollouts, statistics, the
+size") and ``run(ctx, options) -> dict`` (JSON-ready, with ``"summary"``: the headline numbers the command prints,
+and ``"outputs"``: ``{name: path}`` of the files written). The shared machinery (resumable units, seeds, rollouts, statistics, the
 judge) is in :mod:`emokern.experiments.common`.
 
 Outputs, in ``out/``: ``config.json``, ``units/`` (finished work; a rerun skips it), ``result.json`` and PNG plots

@@ -86,6 +86,7 @@ import json
 import math
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -741,7 +742,7 @@ def run(ctx, options: Options) -> dict:
         },
     }
     outputs = _plots(ctx, activities, elo, elo_hard, values, bank.names, correlations, ranked, shifts, r_shift)
-    result["outputs"] = [str(p) for p in outputs]
+    result["outputs"] = {p.stem: str(p) for p in map(Path, outputs)}
     result["summary"] = {
         "activities": n,
         "pairs": len(pairs),
