@@ -303,3 +303,69 @@ def test_run_experiment_errors(tiny, tmp_path, fake_experiment, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"no bank at emokern_out/bank/smollm2-135m-instruct.json"):
         run_experiment("fake", out=tmp_path / "o", model="smollm2-135m-instruct")
+
+
+# ---------------------------------------------------------------------------------------------------------- SIGKILL
+CHILD = r"""
+import sys, time, torch
+from emokern.experiments import common, run_experiment
+from tests.tiny_chat import tiny_chat_bank, tiny_chat_model
+
+out, scenarios, pause = sys.argv[1], sys.argv[2], float(sys.argv[3])
+save = common.RunDir.save
+
+def paced(self, key, value):  # a pause after each unit so that the kill lands mid-run
+    save(self, key, value)
+    time.sleep(pause)
+
+common.RunDir.save = paced
+torch.set_num_threads(1)
+model, tok = tiny_chat_model()
+run_experiment("sycophancy", out=out, model=model, tokenizer=tok, bank=tiny_chat_bank(model), scenarios=scenarios,
+               emotions=["calm"], strengths=[0.5], samples=2, batch_size=2, max_new_tokens=8, progress=False)
+"""
+
+
+def test_an_experiment_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    packaged = json.loads((repo / "emokern/data/experiments/sycophancy_scenarios.json").read_text())
+    scenarios = tmp_path / "scenarios.json"
+    scenarios.write_text(json.dumps({**packaged, "scenarios": packaged["scenarios"][:3]}))
+    env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    log = tmp_path / "child.log"
+
+    def child(out, pause):
+        with open(log, "w") as f:
+            return subprocess.Popen([sys.executable, "-c", CHILD, str(out), str(scenarios), str(pause)], env=env,
+                                    stdout=f, stderr=subprocess.STDOUT)
+
+    killed = tmp_path / "killed"
+    running = child(killed, 1.0)
+    deadline = time.monotonic() + 120
+    while len(list((killed / "units").glob("*.json"))) < 2:
+        assert running.poll() is None, f"the child ended early:\n{log.read_text()}"
+        assert time.monotonic() < deadline, "no unit after 120 s"
+        time.sleep(0.02)
+    running.send_signal(signal.SIGKILL)
+    running.wait()
+    assert running.returncode == -signal.SIGKILL
+    finished_before = {p.name for p in (killed / "units").glob("*.json")}
+    assert 2 <= len(finished_before) < 6 and not (killed / "result.json").exists()  # 3 x 2 x 2 / 2 = 6 units
+    assert not list((killed / "units").glob(".*"))  # no half-written unit
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (killed / "units").glob("*.json")}
+    for out in (killed, tmp_path / "reference"):
+        assert child(out, 0.0).wait(timeout=300) == 0, log.read_text()
+    assert all((killed / "units" / name).stat().st_mtime_ns == t for name, t in mtimes.items())  # not redone
+
+    def comparable(path):
+        result = json.loads((path / "result.json").read_text())
+        result.pop("seconds")
+        return json.loads(json.dumps(result).replace(str(path), "OUT"))
+
+    assert comparable(killed) == comparable(tmp_path / "reference")
