@@ -15,3 +15,25 @@ from hypothesis import settings  # noqa: E402
 
 settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True)
 settings.load_profile("ci")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (use with ``pytest.mark.usefixtures("one_thread")``): generation on a shared
+    2-core machine with two OpenMP threads spinning against other processes runs up to ten times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """``(model, tokenizer, bank)``: the tiny random chat model of ``tests/tiny_chat.py`` and a bank over real emotion
+    names, shared by a module's experiment tests."""
+    from tests.tiny_chat import tiny_chat_bank, tiny_chat_model
+
+    model, tok = tiny_chat_model()
+    return model, tok, tiny_chat_bank(model)

@@ -12,26 +12,14 @@ from emokern.experiments import run_experiment
 from emokern.experiments import blackmail as B
 from emokern.experiments import rollout_sweep as R
 from emokern.experiments.common import ChatJudge, Condition, InputFileError
-from tests.tiny_chat import tiny_chat_bank, tiny_chat_model, tiny_chat_tokenizer
+from tests.tiny_chat import tiny_chat_tokenizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def scenario():
     return B.load_scenario()
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    model, tok = tiny_chat_model()
-    return model, tok, tiny_chat_bank(model)
 
 
 # A scenario short enough for the byte-level tiny model (one token per byte).

@@ -13,7 +13,8 @@ from emokern.experiments import preferences as pf
 from emokern.experiments import run_experiment
 from emokern.experiments.common import InputFileError
 from emokern.patch import patch
-from tests.tiny_chat import tiny_chat_bank, tiny_chat_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ACTIVITIES = [
     ("bake bread for a neighbour", "Kind"),
@@ -24,21 +25,6 @@ ACTIVITIES = [
     ("lie to a close friend about money", "Bad"),
 ]
 TEXTS = [t for t, _ in ACTIVITIES]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: two OpenMP threads on a shared 2-core machine spin against the other processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    model, tok = tiny_chat_model()
-    return model, tok, tiny_chat_bank(model)
 
 
 @pytest.fixture(scope="module")

