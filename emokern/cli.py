@@ -171,13 +171,14 @@ def _experiment_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--judge", default=None, help="optional judge: a chat model name or path (default: rules only)")
         p.add_argument("--dtype", type=_dtype, default="bfloat16")
+        p.add_argument("--device", default=None, help="where the model runs (default: cuda when available, else cpu)")
         p.add_argument("--overwrite", action="store_true", help="discard finished work in --out and start afresh")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
         module.add_arguments(p)
 
 
 _COMMON_EXPERIMENT_ARGS = {"command", "experiment", "model", "bank", "out", "size", "seed", "judge", "dtype",
-                           "overwrite", "no_progress"}
+                           "device", "overwrite", "no_progress"}
 
 
 @command("experiment", help="run one of the paper's experiments: preferences, blackmail, reward_hacking, sycophancy",
@@ -191,7 +192,8 @@ def _experiment(args: argparse.Namespace) -> int:
     options = {k: v for k, v in vars(args).items() if k not in _COMMON_EXPERIMENT_ARGS and v is not None}
     out = args.out or f"emokern_out/experiments/{args.experiment}"
     result = run_experiment(args.experiment, out=out, model=args.model, bank=args.bank, size=args.size,
-                            seed=args.seed, judge=args.judge, dtype=args.dtype, overwrite=args.overwrite,
+                            seed=args.seed, judge=args.judge, dtype=args.dtype, device=args.device,
+                            overwrite=args.overwrite,
                             progress=not args.no_progress, **options)
     print(json.dumps(result.get("summary", {}), indent=1))
     print(f"results: {out}/result.json")

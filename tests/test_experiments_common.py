@@ -357,3 +357,30 @@ def test_an_experiment_killed_with_sigkill_resumes_to_the_uninterrupted_result(t
         return json.loads(json.dumps(result).replace(str(path), "OUT"))
 
     assert comparable(killed) == comparable(tmp_path / "reference")
+
+
+def test_command_line_passes_common_and_experiment_options(fake_experiment, monkeypatch, capsys):
+    import emokern.experiments as experiments
+    from emokern.cli import main
+
+    def add_arguments(parser):
+        parser.add_argument("--label", default=None)
+
+    fake_experiment.add_arguments = add_arguments
+    seen = {}
+
+    def fake_run(name, **kwargs):
+        seen.update(kwargs, name=name)
+        return {"summary": {"ok": 1}}
+
+    monkeypatch.setattr(experiments, "run_experiment", fake_run)
+    assert main(["experiment", "fake", "--bank", "b.json", "--size", "full", "--seed", "3", "--device", "cpu",
+                 "--label", "z", "--no-progress"]) == 0
+    assert seen["name"] == "fake" and seen["bank"] == "b.json" and seen["size"] == "full" and seen["seed"] == 3
+    assert seen["device"] == "cpu" and seen["label"] == "z" and seen["progress"] is False
+    assert seen["out"] == "emokern_out/experiments/fake" and seen["model"] == "smollm2-135m-instruct"
+    assert '"ok": 1' in capsys.readouterr().out
+    seen.clear()
+    main(["experiment", "fake"])
+    assert "label" not in seen  # flags left out fall back to the size preset
+    assert main(["experiment"]) == 2

@@ -98,13 +98,14 @@ def _options(module, size: str, overrides: Dict[str, Any]):
 def run_experiment(name: str, *, out: Union[str, os.PathLike], model: Any = "smollm2-135m-instruct",
                    tokenizer: Any = None, bank: Any = None, size: str = "quick", seed: int = 0,
                    judge: Any = None, progress: bool = True, overwrite: bool = False,
-                   dtype: torch.dtype = torch.bfloat16, **options) -> dict:
+                   dtype: torch.dtype = torch.bfloat16, device: Union[str, torch.device, None] = None,
+                   **options) -> dict:
     """Run experiment ``name`` and return its result (also written to ``out/result.json``).
 
     Args:
         out: output folder; a rerun with the same configuration skips finished work.
-        model: an embedded model name, checkpoint directory or hub id (loaded in ``dtype``), or a loaded model
-            (then give ``tokenizer``).
+        model: an embedded model name, checkpoint directory or hub id (loaded in ``dtype`` on ``device``: default
+            CUDA when available, else the CPU), or a loaded model, used where it is (then give ``tokenizer``).
         bank: a :class:`~emokern.VectorBank`, a bank path, or None for :func:`default_bank_path` of the model.
         size: ``quick`` or ``full`` (see each module's ``SIZES``); ``options`` override single fields.
         judge: None (rules only), a model name/path for :class:`~emokern.experiments.common.ChatJudge`, or a judge.
@@ -124,7 +125,8 @@ def run_experiment(name: str, *, out: Union[str, os.PathLike], model: Any = "smo
                 raise FileNotFoundError(
                     f"bank: none given and no bank at {bank} (where `emokern extract --model {model}` puts it); "
                     f"build one with that command (or `make demo`), or pass --bank PATH")
-        model, tokenizer = load_model(model, dtype=dtype)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model, tokenizer = load_model(model, dtype=dtype, device=device)
     elif tokenizer is None:
         raise ValueError("tokenizer: a loaded model needs its tokenizer (tokenizer=...)")
     if bank is None:
@@ -132,7 +134,7 @@ def run_experiment(name: str, *, out: Union[str, os.PathLike], model: Any = "smo
     if not isinstance(bank, VectorBank):
         bank = VectorBank.load(bank, model=model)
     if isinstance(judge, (str, os.PathLike)):
-        judge = ChatJudge.load(str(judge))
+        judge = ChatJudge.load(str(judge), device=next(model.parameters()).device)
     config = {"experiment": module.NAME, "size": size, "seed": seed, "model": model_fingerprint(model),
               "bank": _bank_digest(bank),
               "dtype": str(next(model.parameters()).dtype), "judge": getattr(judge, "name", None),

@@ -461,10 +461,10 @@ class ChatJudge:
         self.model, self.tokenizer, self.max_new_tokens, self.name = model, tokenizer, max_new_tokens, name
 
     @classmethod
-    def load(cls, name_or_path: str, *, dtype: torch.dtype = torch.bfloat16) -> "ChatJudge":
+    def load(cls, name_or_path: str, *, dtype: torch.dtype = torch.bfloat16, device="cpu") -> "ChatJudge":
         from emokern.models import load_model
 
-        model, tokenizer = load_model(name_or_path, dtype=dtype)
+        model, tokenizer = load_model(name_or_path, dtype=dtype, device=device)
         return cls(model, tokenizer, name=str(name_or_path))
 
     @staticmethod

@@ -82,6 +82,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import math
 import random
@@ -404,7 +405,10 @@ def score_pairs(model, prompts: PairPrompts, pairs: Sequence[Tuple[int, int]], *
     positions = P + (mask.cumsum(1) - 1).clamp(min=0)
     if handle is not None:
         handle.clear_steering()
-    prefix = base(input_ids=torch.tensor([prompts.prefix], device=device), use_cache=True).cache
+    # transformers renamed the cache argument and output field (past_key_values -> cache); take whichever exists
+    cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    first = base(input_ids=torch.tensor([prompts.prefix], device=device), use_cache=True)
+    prefix = getattr(first, cache_arg)
     prefix.batch_repeat_interleave(B)
     if handle is not None and steer:
         # The patch places spans by cache position. Padding sits between the shared prefix and each row's tail,
@@ -426,7 +430,7 @@ def score_pairs(model, prompts: PairPrompts, pairs: Sequence[Tuple[int, int]], *
     try:
         full_mask = torch.cat([torch.ones(B, P, dtype=torch.long), mask], 1)
         h = base(input_ids=input_ids.to(device), attention_mask=full_mask.to(device),
-                 position_ids=positions.to(device), cache=prefix, use_cache=True).last_hidden_state[:, -1]
+                 position_ids=positions.to(device), use_cache=True, **{cache_arg: prefix}).last_hidden_state[:, -1]
     finally:
         if handle is not None:
             handle.clear_steering()
