@@ -196,7 +196,7 @@ def _experiment(args: argparse.Namespace) -> int:
                             overwrite=args.overwrite,
                             progress=not args.no_progress, **options)
     print(json.dumps(result.get("summary", {}), indent=1))
-    print(f"results: {out}/result.json")
+    print(f"results: {out}/result.json, page: {out}/report.html")
     return 0
 
 

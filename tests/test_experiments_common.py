@@ -384,3 +384,45 @@ def test_command_line_passes_common_and_experiment_options(fake_experiment, monk
     main(["experiment", "fake"])
     assert "label" not in seen  # flags left out fall back to the size preset
     assert main(["experiment"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------- page
+def test_report_page_shows_summary_plots_and_escaped_transcripts(tmp_path):
+    from emokern.experiments.page import write_experiment_page
+
+    (tmp_path / "rollouts.json").write_text(json.dumps({"rollouts": [
+        {"condition": "unsteered", "prompt": "p", "sample": 0, "text": "<script>alert(1)</script> hi",
+         "rules": {"blackmail": True, "exposes_affair": False, "reasons": ["unless you stop"]}},
+        {"condition": "calm+0.1", "prompt": "p", "sample": 0, "text": "fine", "rules": {"label": "hold"},
+         "judge": {"answer": False, "reason": "keeps 56"}},
+    ]}))
+    result = {"experiment": "blackmail", "summary": {"rate": {"unsteered": 0.5}},
+              "outputs": {"plot": str(tmp_path / "rates.png"), "rollouts": str(tmp_path / "rollouts.json")}}
+    page = write_experiment_page(tmp_path, result).read_text()
+    assert "<th>unsteered</th><td>0.5</td>" in page
+    assert "<img src='rates.png'" in page and "<a href='rollouts.json'>" in page
+    assert "<script>alert(1)" not in page and "&lt;script&gt;alert(1)&lt;/script&gt; hi" in page
+    assert page.count("<details class='item'") == 2
+    assert "data-label='blackmail'" in page and "data-label='hold'" in page and "keeps 56" in page
+    assert "unless you stop" in page
+
+
+def test_report_page_for_episodes(tmp_path):
+    from emokern.experiments.page import write_experiment_page
+
+    (tmp_path / "episodes.json").write_text(json.dumps([
+        {"id": "sum_fast/unsteered/0", "condition": "unsteered", "label": "hack",
+         "evidence": [{"kind": "task_pattern", "detail": "isinstance(numbers, range)", "line": 2}],
+         "turns": [{"turn": 0, "reply": "code A", "code": "x", "tests": {"passed": False, "failed": [{"name": "t"}]},
+                    "feedback": "1 of 3 tests failed"},
+                   {"turn": 1, "reply": "code B", "code": "y", "tests": {"passed": True, "failed": []}}]}]))
+    page = write_experiment_page(tmp_path, {"experiment": "reward_hacking", "summary": {}, "outputs": {}}).read_text()
+    assert "turn 0: 1 test(s) failed" in page and "turn 1: tests passed" in page
+    assert "1 of 3 tests failed" in page and "isinstance(numbers, range)" in page
+
+
+def test_run_experiment_writes_the_page(tiny, tmp_path, fake_experiment):
+    model, tok, bank = tiny
+    result = run_experiment("fake", out=tmp_path, model=model, tokenizer=tok, bank=bank, progress=False)
+    assert result["outputs"]["report"] == str(tmp_path / "report.html")
+    assert "<h1>emokern experiment: fake</h1>" in (tmp_path / "report.html").read_text()

@@ -14,8 +14,9 @@ size") and ``run(ctx, options) -> dict`` (JSON-ready, with ``"summary"``: the he
 and ``"outputs"``: ``{name: path}`` of the files written). The shared machinery (resumable units, seeds, rollouts, statistics, the
 judge) is in :mod:`emokern.experiments.common`.
 
-Outputs, in ``out/``: ``config.json``, ``units/`` (finished work; a rerun skips it), ``result.json`` and PNG plots
-(and, where an experiment records them, traces).
+Outputs, in ``out/``: ``config.json``, ``units/`` (finished work; a rerun skips it), ``result.json``, PNG plots,
+the recorded rollouts or episodes with their monitored traces, and ``report.html`` (:mod:`~emokern.experiments.page`:
+the summary, the plots and every transcript with its verdict, filterable).
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ def run_experiment(name: str, *, out: Union[str, os.PathLike], model: Any = "smo
     """
     from emokern.bank import VectorBank
     from emokern.experiments.common import ChatJudge, RunDir
+    from emokern.experiments.page import write_experiment_page
     from emokern.models import load_model, model_fingerprint
 
     module = load_experiment(name)
@@ -146,5 +148,7 @@ def run_experiment(name: str, *, out: Union[str, os.PathLike], model: Any = "smo
     result = module.run(ctx, opts)
     result = {"experiment": module.NAME, "size": size, "seed": seed, "model": str(model_name),
               "options": dataclasses.asdict(opts), "seconds": round(time.perf_counter() - started, 1), **result}
+    result.setdefault("outputs", {})["report"] = str(run_dir.path / "report.html")
     run_dir.write_json("result.json", result)
+    write_experiment_page(run_dir.path, result)
     return result
