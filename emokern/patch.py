@@ -213,6 +213,8 @@ class PatchHandle:
         self._norms = [float(bank.residual_norm[bank.layer_slot(layer)]) for layer in self._site_layers]
         self.state = _State(V.to(device=param.device, dtype=param.dtype).contiguous(), batch, tokens)
         self._configs: Dict[Optional[int], _SequenceConfig] = {}
+        self._host: Optional[Dict[str, torch.Tensor]] = None  # host copies of the steering buffers (see _materialize)
+        self._used: List[int] = []  # bank indices of the steered vectors, in slot order
         self._prompt: Optional[dict] = None
         self._steered_sites = [False] * len(self.site_names)
         self._needs_prompt = False
@@ -375,7 +377,8 @@ class PatchHandle:
         for key in keys:
             if key is not None and not 0 <= key:
                 raise ValueError(f"steer: sequence indices must be >= 0; got {key}")
-        previous = copy.deepcopy(self._configs)
+        # only the touched sequences are copied (and rebuilt): a call per sequence stays cheap in a large batch
+        previous = {key: copy.deepcopy(self._configs.get(key)) for key in keys}
         for key in keys:
             config = self._configs.setdefault(key, _SequenceConfig())
             config.ops.extend(new_ops)
@@ -383,9 +386,13 @@ class PatchHandle:
         try:
             if keys and max((k for k in keys if k is not None), default=-1) >= self.state.B_cap:
                 self.reserve(batch=max(k for k in keys if k is not None) + 1)
-            self._materialize()
+            self._materialize(None if None in keys else keys)
         except Exception:
-            self._configs = previous  # a refused call leaves the earlier settings in force
+            for key, config in previous.items():  # a refused call leaves the earlier settings in force
+                if config is None:
+                    self._configs.pop(key, None)
+                else:
+                    self._configs[key] = config
             self._materialize()
             raise
         return self
@@ -454,9 +461,14 @@ class PatchHandle:
                 if not 0 <= s < e:
                     raise ValueError(f"steer: a scope span needs 0 <= start < end; got ({s}, {e})")
 
-    def _materialize(self) -> None:
+    def _materialize(self, sequences: Optional[Sequence[int]] = None) -> None:
         """Write the host-side steering configuration into the fixed device buffers (reallocating only when more
-        vectors are steered at once than there are slots)."""
+        vectors are steered at once than there are slots).
+
+        ``sequences``: only these rows' settings changed, so only they are rebuilt and copied, which keeps a steer()
+        call per sequence from costing time that grows with the batch. Everything is rebuilt when ``sequences`` is
+        None or the set of steered vectors changed (their slots move).
+        """
         used: List[int] = []
         for config in self._configs.values():
             for op in config.ops:
@@ -465,38 +477,66 @@ class PatchHandle:
         st = self.state
         if len(used) > st.slots:
             st.allocate(st.B_cap, st.T_cap, 1 << (len(used) - 1).bit_length())
-        slot_of = {k: slot for slot, k in enumerate(used)}
         S, B, T, slots = st.S, st.B_cap, st.T_cap, st.slots
-        a = torch.zeros(S, B, slots)
-        b = torch.ones(S, B, slots)
-        lo = torch.full((S, B, slots), -math.inf)
-        hi = torch.full((S, B, slots), math.inf)
-        seq_row = torch.full((B,), -1, dtype=torch.int32)
-        scope = torch.zeros(B, T + 1, dtype=torch.bool)
+        host = self._host
+        incremental = (sequences is not None and host is not None and used == self._used
+                       and tuple(host["a"].shape) == (S, B, slots) and host["scope"].shape[1] == T + 1)
+        slot_of = {k: slot for slot, k in enumerate(used)}
+        if incremental:
+            rows = sorted({seq for seq in sequences if seq is not None and 0 <= seq < B})
+        else:
+            host = self._host = {
+                "a": torch.zeros(S, B, slots), "b": torch.ones(S, B, slots),
+                "lo": torch.full((S, B, slots), -math.inf), "hi": torch.full((S, B, slots), math.inf),
+                "seq_row": torch.full((B,), -1, dtype=torch.int32), "scope": torch.zeros(B, T + 1, dtype=torch.bool),
+            }
+            rows = range(B)
+        for seq in rows:
+            self._fill_row(host, seq, slot_of, T)
+        if incremental:
+            for seq in rows:
+                for name in ("a", "b", "lo", "hi"):
+                    getattr(st, name)[:, seq].copy_(host[name][:, seq])
+                st.seq_row[seq:seq + 1].copy_(host["seq_row"][seq:seq + 1])
+                st.scope[seq].copy_(host["scope"][seq])
+        else:
+            Vs = torch.zeros_like(st.Vs)
+            for k, j in slot_of.items():
+                Vs[:, j] = st.V[:, k]
+            for name in ("a", "b", "lo", "hi", "seq_row", "scope"):
+                getattr(st, name).copy_(host[name])
+            st.Vs.copy_(Vs)
+        self._used = used
         steered_sites = [False] * S
-        prompt = self._prompt
-        everyone = self._configs.get(None, _SequenceConfig())
-        for seq in range(B):
-            own = self._configs.get(seq)
-            ops = everyone.ops + (own.ops if own else [])
-            if not ops or (prompt is not None and seq >= prompt["batch"]):
-                continue
-            seq_row[seq] = seq
-            for op in ops:
-                j = slot_of[op.k]
-                for s in op.sites:
-                    a[s, seq, j], b[s, seq, j], lo[s, seq, j], hi[s, seq, j] = op.a, op.b, op.lo, op.hi
-                    steered_sites[s] = True
-            scope[seq] = self._scope_mask(own.scope if own and own.ops else everyone.scope, seq, T)
-        Vs = torch.zeros_like(st.Vs)
-        for k, j in slot_of.items():
-            Vs[:, j] = st.V[:, k]
-        for dst, src in ((st.a, a), (st.b, b), (st.lo, lo), (st.hi, hi), (st.seq_row, seq_row), (st.scope, scope),
-                         (st.Vs, Vs)):
-            dst.copy_(src)
+        live = B if self._prompt is None else min(B, self._prompt["batch"])
+        for key, config in self._configs.items():
+            if key is None or key < live:
+                for op in config.ops:
+                    for site in op.sites:
+                        steered_sites[site] = True
         self._steered_sites = steered_sites
         self._needs_prompt = any(c.ops and c.scope != "all" for c in self._configs.values())
         st.steering = any(steered_sites)
+
+    def _fill_row(self, host: Dict[str, torch.Tensor], seq: int, slot_of: Dict[int, int], T: int) -> None:
+        """Reset row ``seq`` of the host buffers and write its settings (the everyone-settings, then its own)."""
+        for name, neutral in (("a", 0.0), ("b", 1.0), ("lo", -math.inf), ("hi", math.inf)):
+            host[name][:, seq] = neutral
+        host["seq_row"][seq] = -1
+        host["scope"][seq] = False
+        prompt = self._prompt
+        everyone = self._configs.get(None, _SequenceConfig())
+        own = self._configs.get(seq)
+        ops = everyone.ops + (own.ops if own else [])
+        if not ops or (prompt is not None and seq >= prompt["batch"]):
+            return
+        host["seq_row"][seq] = seq
+        a, b, lo, hi = host["a"], host["b"], host["lo"], host["hi"]
+        for op in ops:
+            j = slot_of[op.k]
+            for s in op.sites:
+                a[s, seq, j], b[s, seq, j], lo[s, seq, j], hi[s, seq, j] = op.a, op.b, op.lo, op.hi
+        host["scope"][seq] = self._scope_mask(own.scope if own and own.ops else everyone.scope, seq, T)
 
     def _scope_mask(self, scope, seq: int, T: int) -> torch.Tensor:
         mask = torch.zeros(T + 1, dtype=torch.bool)

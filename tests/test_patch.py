@@ -319,3 +319,45 @@ def test_steering_more_vectors_than_slots_grows_them_and_matches_reference():
         with torch.no_grad():
             got = model(ids, attention_mask=mask).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_per_sequence_steer_calls_update_only_their_rows_and_equal_a_full_rebuild():
+    """steer() for given sequences rebuilds and copies only those rows; after any mix of calls (new vectors moving
+    slots, everyone-settings, refused calls) the buffers equal a rebuild of everything from the settings."""
+    model = tiny_model("llama")
+    bank = tiny_bank(model)
+    rng = torch.Generator().manual_seed(0)
+    with emokern.patch(model, bank, layers=[0, 2]) as handle:
+        ids, mask, _ = _batch(B=3, T=7, pads=(0, 2, 3))
+        handle.prepare(torch.zeros(6, 7, dtype=torch.long), torch.ones(6, 7, dtype=torch.long))
+        st = handle.state
+        names = list(bank.names)
+
+        def buffers():
+            return [t.clone() for t in (st.a, st.b, st.lo, st.hi, st.seq_row, st.scope, st.Vs)]
+
+        calls = 0
+        for step in range(40):
+            emotion = names[int(torch.randint(0, 3 if step < 20 else len(names), (1,), generator=rng))]
+            seq = int(torch.randint(0, 6, (1,), generator=rng))
+            kind = step % 5
+            try:
+                if kind == 0:
+                    handle.steer({emotion: 0.3}, sequences=seq, scope=[(seq % 4, seq % 4 + 2)])
+                elif kind == 1:
+                    handle.steer(emotion, mode="ablate", sequences=[seq, (seq + 1) % 6], layers=[2])
+                elif kind == 2:
+                    handle.steer(emotion, (-0.1, 0.2), mode="clamp", sequences=seq, scope="prompt")
+                elif kind == 3 and step % 10 == 3:
+                    handle.steer({emotion: 0.1})  # everyone
+                else:
+                    handle.steer({emotion: 0.2}, sequences=seq, scope=[(5, 9)])  # outside the prompt: refused
+            except ValueError:
+                pass
+            calls += 1
+            incremental = buffers()
+            handle._materialize()  # everything, from the settings
+            for got, want in zip(incremental, buffers()):
+                assert torch.equal(got, want), f"after call {calls}"
+            assert handle._steered_sites == [any(op_site == s for c in handle._configs.values() for op in c.ops
+                                                 for op_site in op.sites) for s in range(st.S)]

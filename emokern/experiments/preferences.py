@@ -423,7 +423,7 @@ def score_pairs(model, prompts: PairPrompts, pairs: Sequence[Tuple[int, int]], *
             spans = tuple((s + pad, e + pad) for (s, e), x in zip(prompts.spans(a, b), (a, b)) if steered[x])
             if spans:
                 rows_of.setdefault(spans, []).append(i)
-        # one call per distinct set of spans: each steer() call costs time that grows with the batch
+        # one steer() call per distinct set of spans, for all the rows that share it
         for spans, rows in rows_of.items():
             handle.steer(dict(steer), sequences=rows, layers=list(layers) if layers is not None else None,
                          scope=list(spans))
