@@ -11,6 +11,8 @@ Where things live:
 * :mod:`emokern.extract` — activations, emotion vectors, denoising, the bank, llama.cpp control-vector export.
 * :mod:`emokern.report` / :mod:`emokern.datasets` — the validation report and the external data it uses.
 * :mod:`emokern.pipeline` — the end-to-end jobs behind ``emokern extract`` and ``emokern demo``.
+* :mod:`emokern.experiments` — the paper's experiments behind ``emokern experiment NAME``: activity preferences,
+  blackmail, reward hacking (with its sandbox) and sycophancy.
 * :mod:`emokern.emotions` — the paper's 171 emotion words.
 * :mod:`emokern.cli` — the ``emokern`` command.
 
