@@ -36,6 +36,8 @@ step import "$PY" -c "import emokern.ops._extension as e; print('CPU', e.HAS_CPU
 step tests_ops "$PY" -m pytest -q -ra tests/test_project_and_steer.py tests/test_triton_kernels.py \
   tests/test_torch_library.py tests/test_errors.py tests/test_autograd.py tests/test_cuda_graphs.py
 step tests_patch "$PY" -m pytest -q -ra tests/test_patch.py
+# The experiments with the model on the GPU (micro sizes; the real-model ones need weights the device lacks).
+step tests_experiments "$PY" -m pytest -q -ra tests/test_experiments_cuda.py tests/test_experiments_common.py
 step bench_ops "$PY" benchmarks/bench_ops.py --device cuda --out "$OUT/bench_ops_cuda.json"
 step bench_generate "$PY" benchmarks/bench_generate.py --device cuda --reps 3
 cp benchmarks/results/bench_generate_cuda_*.json "$OUT/" 2>/dev/null
