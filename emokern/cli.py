@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -214,12 +215,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit status.
 
-    No subcommand prints the help to stderr and returns 2, like an argparse usage error.
+    No subcommand prints the help to stderr and returns 2, like an argparse usage error. Bad input that a command
+    refuses (``ValueError``, ``KeyError``, ``FileNotFoundError``: a missing bank, an unknown emotion, a malformed
+    input file, a run directory holding another configuration) is printed as one line, ``emokern COMMAND: error:
+    MESSAGE``, with exit status 2; ``EMOKERN_TRACEBACK=1`` re-raises it instead, with its traceback.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    return COMMANDS[args.command].run(args)
+    try:
+        return COMMANDS[args.command].run(args)
+    except (ValueError, KeyError, FileNotFoundError) as exc:
+        if os.environ.get("EMOKERN_TRACEBACK") == "1":
+            raise
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # KeyError quotes its message
+        print(f"emokern {args.command}: error: {message}", file=sys.stderr)
+        return 2
 

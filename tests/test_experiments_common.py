@@ -426,3 +426,16 @@ def test_run_experiment_writes_the_page(tiny, tmp_path, fake_experiment):
     result = run_experiment("fake", out=tmp_path, model=model, tokenizer=tok, bank=bank, progress=False)
     assert result["outputs"]["report"] == str(tmp_path / "report.html")
     assert "<h1>emokern experiment: fake</h1>" in (tmp_path / "report.html").read_text()
+
+
+def test_command_line_prints_refused_input_as_one_line(tmp_path, capsys, monkeypatch):
+    from emokern.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("EMOKERN_TRACEBACK", raising=False)
+    assert main(["experiment", "blackmail"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("emokern experiment: error: bank: none given and no bank at") and err.count("\n") == 1
+    monkeypatch.setenv("EMOKERN_TRACEBACK", "1")
+    with pytest.raises(FileNotFoundError, match="no bank at"):
+        main(["experiment", "blackmail"])
