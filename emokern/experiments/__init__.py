@@ -15,7 +15,8 @@ and ``"outputs"``: ``{name: path}`` of the files written). The shared machinery 
 judge) is in :mod:`emokern.experiments.common`.
 
 Outputs, in ``out/``: ``config.json``, ``units/`` (finished work; a rerun skips it), ``result.json``, PNG plots,
-the recorded rollouts or episodes with their monitored traces, and ``report.html`` (:mod:`~emokern.experiments.page`:
+the recorded rollouts or episodes with their monitored means (and, for reward hacking, the per-token trace of one
+episode), and ``report.html`` (:mod:`~emokern.experiments.page`:
 the summary, the plots and every transcript with its verdict, filterable).
 """
 

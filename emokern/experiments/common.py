@@ -323,8 +323,8 @@ class Rollout:
     """One sampled continuation with its condition and the monitored emotions' projections.
 
     ``monitor``: ``{emotion: {"prompt": mean over prompt tokens, "assistant_start": value at the last prompt token,
-    "rollout": mean over generated tokens, "series": per generated token}}`` at the monitored layer, z-scored by the
-    bank's neutral statistics when it has them (``zscored``).
+    "rollout": mean over generated tokens, "series": per generated token (when asked for)}}`` at the monitored
+    layer, z-scored by the bank's neutral statistics when it has them (``zscored``).
     """
 
     text: str
@@ -333,11 +333,6 @@ class Rollout:
     n_tokens: int
     monitor: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     zscored: bool = False
-    tokens: List[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return {"text": self.text, "condition": self.condition, "seed": self.seed, "n_tokens": self.n_tokens,
-                "monitor": self.monitor, "zscored": self.zscored, "tokens": self.tokens}
 
 
 def apply_conditions(handle, conditions: Sequence[Condition], layers: Sequence[int]) -> None:
@@ -384,11 +379,12 @@ def _mean(v: torch.Tensor) -> Optional[float]:
 @torch.no_grad()
 def sample_rollouts(handle, tokenizer, prompts: Sequence[str], conditions: Sequence[Condition], *, layers: Sequence[int],
                     monitor_site: str, monitor_emotions: Sequence[str], seed: int, max_new_tokens: int,
-                    temperature: float = 1.0, top_p: float = 0.95, keep_tokens: bool = False) -> List[Rollout]:
+                    temperature: float = 1.0, top_p: float = 0.95, series: bool = True) -> List[Rollout]:
     """Sample one continuation per (prompt, condition) pair in one batched ``generate``, each sequence steered by its
     own condition, seeded with ``seed`` first; returns the rollouts in order.
 
-    ``temperature == 0`` decodes greedily.
+    ``temperature == 0`` decodes greedily. ``series``: keep each monitored emotion's per-token values in
+    ``Rollout.monitor`` (False keeps only the means).
     """
     if len(prompts) != len(conditions):
         raise ValueError(f"sample_rollouts: {len(prompts)} prompts but {len(conditions)} conditions")
@@ -413,10 +409,9 @@ def sample_rollouts(handle, tokenizer, prompts: Sequence[str], conditions: Seque
             # positions after the end of this sequence are padding that generate appended: not part of the rollout
             trace.is_prompt[i, W + n:] = False
             trace.is_pad[i, W + n:] = True
-        monitor, z = ({}, False) if trace is None else monitor_summary(trace, monitor_emotions, monitor_site, i)
-        tokens = trace.tokens[i][W:W + n] if (keep_tokens and trace is not None) else []
-        out.append(Rollout(text=text, condition=c.name, seed=seed, n_tokens=n, monitor=monitor, zscored=z,
-                           tokens=tokens))
+        monitor, z = (({}, False) if trace is None else
+                      monitor_summary(trace, monitor_emotions, monitor_site, i, series=series))
+        out.append(Rollout(text=text, condition=c.name, seed=seed, n_tokens=n, monitor=monitor, zscored=z))
     return out
 
 

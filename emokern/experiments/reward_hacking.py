@@ -734,14 +734,14 @@ def _run_batch(handle, tokenizer, episodes: List[_Episode], options: Options, *,
         rollouts = common.sample_rollouts(
             handle, tokenizer, prompts, [ep.condition for ep in active], layers=layers, monitor_site=site,
             monitor_emotions=list(options.trace_emotions), seed=common.unit_seed(seed, turn),
-            max_new_tokens=options.max_new_tokens, temperature=options.temperature, top_p=options.top_p)
+            max_new_tokens=options.max_new_tokens, temperature=options.temperature, top_p=options.top_p,
+            series=False)
         still = []
         for ep, rollout in zip(active, rollouts):
             code = extract_code(rollout.text, ep.task.function_name)
             record = {"turn": turn, "reply": rollout.text, "n_tokens": rollout.n_tokens, "code": code, "tests": None,
                       "evidence": inspect_code(code, ep.task) if code is not None else [],
-                      "monitor": {e: {k: v for k, v in m.items() if k != "series"}
-                                  for e, m in rollout.monitor.items()},
+                      "monitor": rollout.monitor,
                       "feedback": None}
             ep.messages.append({"role": "assistant", "content": rollout.text})
             if code is None:
@@ -1082,13 +1082,15 @@ def run(ctx, options: Options) -> dict:
         done = ctx.run_dir.run_units(keys, work, desc="reward hacking", progress=ctx.progress, unit="batch")
         episodes = [e for k in keys for e in done[k]]
         if ctx.judge is not None:
-            by_id = {e["id"]: e for e in episodes}
-            verdicts = ctx.run_dir.run_units(
-                [f"judge/{e['id']}" for e in episodes],
-                lambda key: judge_episode(ctx.judge, by_id[key[len("judge/"):]], by_task[by_id[key[len("judge/"):]]["task"]]),
-                desc="judge", progress=ctx.progress, unit="episode")
-            for e in episodes:
-                e["judge"] = verdicts[f"judge/{e['id']}"]
+            of_key = {f"judge/{e['id']}": e for e in episodes}
+
+            def judge_unit(key: str) -> dict:
+                return judge_episode(ctx.judge, of_key[key], by_task[of_key[key]["task"]])
+
+            verdicts = ctx.run_dir.run_units(list(of_key), judge_unit, desc="judge", progress=ctx.progress,
+                                             unit="episode")
+            for key, e in of_key.items():
+                e["judge"] = verdicts[key]
         chosen = pick_trace_episode(episodes)
         trace = trace_episode(handle, model, tokenizer, chosen, by_task[chosen["task"]], layers=layers, site=site,
                               emotions=list(options.trace_emotions))

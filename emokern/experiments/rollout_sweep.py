@@ -173,12 +173,12 @@ def sample_sweep(ctx, prompts: Mapping[str, str], conditions: Sequence[Condition
         rollouts = sample_rollouts(handle, ctx.tokenizer, [prompts[r.prompt] for r in batch],
                                    [r.condition for r in batch], layers=layers, monitor_site=site,
                                    monitor_emotions=list(monitor_emotions), seed=seed, max_new_tokens=max_new_tokens,
-                                   temperature=temperature, top_p=top_p)
+                                   temperature=temperature, top_p=top_p, series=False)
         records = []
         for spec, rollout in zip(batch, rollouts):
             record = {"prompt": spec.prompt, "condition": spec.condition.name, "sample": spec.sample, "seed": seed,
                       "text": rollout.text, "n_tokens": rollout.n_tokens,
-                      "monitor": {e: {p: v[p] for p in MONITOR_POINTS} for e, v in rollout.monitor.items()},
+                      "monitor": rollout.monitor,
                       "zscored": rollout.zscored}
             if annotate is not None:
                 record.update(annotate(record))
