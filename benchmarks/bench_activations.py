@@ -108,7 +108,7 @@ def make_texts(tok, n: int, tokens: int) -> list[str]:
 
 def hidden_states_means(model, tok, texts, batch_size, fmt):
     """The naive way: full forwards with output_hidden_states, then the same masked means per layer."""
-    ids, spans = _tokenize(tok, texts, fmt, "texts")
+    ids, spans, _ = _tokenize(tok, texts, fmt, "texts")
     order = sorted(range(len(texts)), key=lambda i: -len(ids[i]))
     L = model.config.num_hidden_layers
     means = torch.empty(len(texts), L, model.config.hidden_size)
@@ -148,7 +148,7 @@ def main(argv=None):
     model, tok, label = load(args.model)
     tok.padding_side = "right"
     texts = make_texts(tok, args.texts, args.tokens)
-    ids, spans = _tokenize(tok, texts, args.fmt, "texts")
+    ids, spans, _ = _tokenize(tok, texts, args.fmt, "texts")
     # Longest first, in chunks of one batch: every provider runs the same batches that story_activations forms.
     order = sorted(range(len(texts)), key=lambda i: -len(ids[i]))
     chunks = [order[i:i + args.batch] for i in range(0, len(order), args.batch)]

@@ -120,6 +120,26 @@ class VectorBank:
         except ValueError:
             raise ValueError(f"the bank has no vectors for layer {layer}; it covers layers {self.layers}") from None
 
+    def default_layer(self) -> tuple[int, str]:
+        """The layer to read and steer when none is given, and where it came from, by the first rule that applies:
+
+        1. ``metadata["default_layer"]["chosen"]`` (written by :func:`emokern.extract.extract_bank`: the layer of
+           best held-out accuracy on a validation split of the training premises, never the test premises);
+        2. ``metadata["default_layer"]["two_thirds"]`` (banks made before the validation choice), or an int
+           ``metadata["default_layer"]``;
+        3. the bank layer at two thirds of the bank's layer list.
+
+        A recorded layer that is not among :attr:`layers` is skipped.
+        """
+        recorded = self.metadata.get("default_layer")
+        if isinstance(recorded, dict):
+            for key in ("chosen", "two_thirds"):
+                if isinstance(recorded.get(key), int) and recorded[key] in self.layers:
+                    return recorded[key], f"bank.metadata['default_layer']['{key}']"
+        elif isinstance(recorded, int) and not isinstance(recorded, bool) and recorded in self.layers:
+            return recorded, "bank.metadata['default_layer']"
+        return self.layers[round(2 * (len(self.layers) - 1) / 3)], "two thirds of the bank's layers"
+
     def vector(self, name: str, layer: int) -> torch.Tensor:
         """The (d,) vector of emotion ``name`` at model layer ``layer``."""
         return self.vectors[self.layer_slot(layer), self.index(name)]

@@ -112,46 +112,103 @@ def _dtype(name: str):
     return choices[name]
 
 
+def _reading_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--first-token", type=int, default=None,
+                        help="average activations from this story token on (default: the corpus style's)")
+    parser.add_argument("--exclude", choices=["none", "opening", "opening+word"], default=None,
+                        help="left out of each story's mean: the opening written for the model and/or the emotion "
+                             "word (default: the corpus style's)")
+    parser.add_argument("--exclude-after", type=int, default=None, help="tokens after each excluded span also left out")
+    parser.add_argument("--format", dest="fmt", choices=["chat", "raw"], default="chat")
+
+
 def _extract_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="embedded model name, checkpoint dir or hub id")
     parser.add_argument("--out", default="emokern_out", help="output folder (corpus/ and bank/ inside; resumable)")
-    parser.add_argument("--preset", default="quick", help="corpus preset: quick, mini or paper")
+    parser.add_argument("--preset", default="standard", help="corpus preset: standard, quick, mini or paper")
     parser.add_argument("--emotions", default=None, help="comma-separated emotions (default: the preset's)")
     parser.add_argument("--stories-per-emotion", type=int, default=None)
-    parser.add_argument("--first-token", type=int, default=50, help="average activations from this story token on")
-    parser.add_argument("--format", dest="fmt", choices=["chat", "raw"], default="chat")
+    _reading_arguments(parser)
     parser.add_argument("--dtype", type=_dtype, default="bfloat16")
+    parser.add_argument("--regenerate", action="store_true",
+                        help="generate the corpus here even where the package ships one (takes much longer)")
     parser.add_argument("--overwrite", action="store_true", help="restart the corpus even if --out holds another one")
 
 
-@command("extract", help="generate the story corpus (resumable) and build the emotion-vector bank",
+@command("extract", help="get the story corpus (shipped, or generated: resumable) and build the emotion-vector bank",
          arguments=_extract_arguments)
 def _extract(args: argparse.Namespace) -> int:
     from emokern.pipeline import extract
 
     emotions = [e.strip() for e in args.emotions.split(",")] if args.emotions else None
     path = extract(args.model, args.out, preset=args.preset, dtype=args.dtype, emotions=emotions,
-                   stories_per_emotion=args.stories_per_emotion, first_token=args.first_token, fmt=args.fmt,
+                   stories_per_emotion=args.stories_per_emotion, first_token=args.first_token, exclude=args.exclude,
+                   exclude_after=args.exclude_after, fmt=args.fmt, regenerate=args.regenerate,
                    overwrite=args.overwrite)
     print(path)
+    return 0
+
+
+def _corpus_arguments(parser: argparse.ArgumentParser) -> None:
+    from emokern.prompts import STYLES
+
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="embedded model name, checkpoint dir or hub id")
+    parser.add_argument("--out", default="emokern_out/corpus", help="corpus directory (resumable)")
+    parser.add_argument("--preset", default="standard", help="corpus preset: standard, quick, mini or paper")
+    parser.add_argument("--emotions", default=None, help="comma-separated emotions (default: the preset's)")
+    parser.add_argument("--stories-per-emotion", type=int, default=None)
+    parser.add_argument("--neutral", type=int, default=None, help="neutral dialogues (default: the preset's)")
+    parser.add_argument("--style", choices=sorted(STYLES), default=None, help="story style (default: the preset's)")
+    parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--prompt-format", choices=["chat", "plain"], default=None,
+                        help="chat template (default) or plain text (base models)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", type=_dtype, default="bfloat16")
+    parser.add_argument("--pack", default=None, metavar="FILE.jsonl.gz",
+                        help="when the corpus is complete, also pack it into one file (what the package ships)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a corpus of another configuration in --out")
+
+
+@command("corpus", help="generate a story corpus with the model itself (resumable; --pack: one shippable file)",
+         arguments=_corpus_arguments)
+def _corpus(args: argparse.Namespace) -> int:
+    from emokern.corpus import generate_corpus
+    from emokern.models import load_model
+    from emokern.packaged import pack_corpus
+
+    model, tok = load_model(args.model, dtype=args.dtype)
+    model.eval()
+    emotions = [e.strip() for e in args.emotions.split(",")] if args.emotions else None
+    corpus = generate_corpus(model, tok, args.out, preset=args.preset, emotions=emotions,
+                             stories_per_emotion=args.stories_per_emotion, neutral=args.neutral, style=args.style,
+                             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             prompt_format=args.prompt_format, seed=args.seed, overwrite=args.overwrite)
+    stats = corpus.stats()
+    print(json.dumps({"out": str(args.out), **stats["totals"], **stats["timings"]}, indent=1))
+    if args.pack:
+        print(f"packed: {pack_corpus(args.out, args.pack)}")
     return 0
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--out", default="emokern_out")
-    parser.add_argument("--preset", default="quick")
+    parser.add_argument("--preset", default="standard")
+    parser.add_argument("--regenerate", action="store_true",
+                        help="generate the corpus here instead of using the one the package ships (much longer)")
     parser.add_argument("--strength", type=float, default=0.25,
                         help="steering strength at the default layer, as a fraction of its mean residual norm")
     parser.add_argument("--dtype", type=_dtype, default="bfloat16")
 
 
-@command("demo", help="the main job: extraction, bank, report, a monitored generation and a steered one",
+@command("demo", help="the main job: corpus, bank, report, a monitored generation and steered ones",
          arguments=_demo_arguments)
 def _demo(args: argparse.Namespace) -> int:
     from emokern.pipeline import demo
 
-    demo(args.out, model_name=args.model, preset=args.preset, strength=args.strength, dtype=args.dtype)
+    demo(args.out, model_name=args.model, preset=args.preset, strength=args.strength, dtype=args.dtype,
+         regenerate=args.regenerate)
     return 0
 
 

@@ -7,12 +7,15 @@ This is step one of the paper's recipe (PAPER_NOTES §1)::
     corpus = StoryCorpus.load("/tmp/corpus")
     corpus.stories[0].text, corpus.neutral[0].text, corpus.stats()
 
-**Stories.** Each story job asks the model, through its chat template (a system and a user turn), for ONE short
-story of about a paragraph on an everyday premise (``emokern/data/topics.txt``, 100 premises) whose main character
-feels the job's emotion, narrated in the first or the third person, without ever naming the emotion or a synonym:
-the feeling is to come through actions, body, dialogue and tone, thoughts, and setting. The paper asked for several
-stories per call, tagged ``[story 1]``, ``[story 2]``...; one story per call needs no parsing, and a 135M model keeps
-to one story far better than to a numbered list.
+**Stories.** Each story job asks the model, through its chat template (an optional system turn and a user turn),
+for ONE short story of about a paragraph on an everyday premise (``emokern/data/topics.txt``, 100 premises) whose
+main character feels the job's emotion, narrated in the first or the third person. *How* it is asked is the corpus's
+**style** (:data:`emokern.prompts.STYLES`): the paper's ``implicit`` rule (never name the feeling) or one of the
+styles compared by ``benchmarks/bench_recipe.py``, among them ``opening``, where the answer starts with words written
+for the model ("I felt {emotion}." / "{name} felt {emotion}.") that it then continues; those words are stored as the
+start of the story and recorded as its ``opening``. The paper asked for several stories per call, tagged ``[story
+1]``, ``[story 2]``...; one story per call needs no parsing, and a small model keeps to one story far better than to
+a numbered list.
 
 **Neutral dialogues.** Each neutral job asks, over the same premises, for one emotionless task dialogue (code, facts,
 how-to, lists, names, work tasks) of 2 to 4 exchanges with no pleasantries. As in the paper, the model writes the
@@ -20,36 +23,37 @@ speakers as ``Person:`` and ``AI:`` (labels a chat model does not confuse with i
 stored relabelled ``Human:`` / ``Assistant:``. The paper's occasional system prompt in a dialogue is not imitated.
 
 **Filtering.** Each output is cleaned (:func:`clean_story`, :func:`relabel_dialogue`), then checked in this order:
-a story or dialogue under the preset's ``min_words`` words is dropped as ``"too_short"``; a story that contains its
-emotion word in any form :func:`emotion_word_pattern` knows is dropped as ``"emotion_word"``; a dialogue without both
-a ``Human:`` and an ``Assistant:`` line is dropped as ``"not_a_dialogue"``.
-Dropped jobs are kept on disk (with their reason) and counted per emotion by :meth:`StoryCorpus.stats`; they are
-not regenerated. Neutral dialogues are not checked for emotion words.
+a story or dialogue under ``min_words`` words is dropped as ``"too_short"``; a story that no longer starts with its
+opening after clean-up as ``"opening_lost"``; in a style that may not name its emotion (``names_emotion=False``), a
+story that contains its emotion word in any form :func:`emokern.emotion_words.emotion_word_pattern` knows as
+``"emotion_word"`` (the form found is recorded as ``matched`` in every style); a dialogue without both a
+``Human:`` and an ``Assistant:`` line as ``"not_a_dialogue"``. Dropped jobs are kept on disk (with their reason) and
+counted per emotion by :meth:`StoryCorpus.stats`; they are not regenerated.
 
 **Jobs, chunks and resuming.** :func:`plan_chunks` turns the configuration into a fixed list of jobs (story key
 ``"{emotion}|{topic_index}|{k}"``, neutral key ``"neutral|{topic_index}|{k}"``) cut into chunks of ``batch_size``
 jobs: the same configuration always gives the same chunks. A chunk is the unit of work and of commit: one batched
-sampling call (left padding, ``torch.manual_seed(chunk.seed)`` first), then one shard file
-``shards/stories-{chunk:05d}.jsonl`` (or ``neutral-...``) written to a temporary file and renamed into place, with
-one JSON record per job, kept or dropped. A run that is killed at any moment and started again with the same
-arguments skips the chunks whose shard exists, so no finished story is lost or written twice. ``manifest.json``
-records the configuration; starting with a different one in the same directory raises :class:`CorpusConfigError`.
-Given the chunk, generation is deterministic on the same machine, dtype, thread count and library versions (a
-resumed run then equals an uninterrupted one); elsewhere the sampled texts may differ.
+sampling call (:func:`emokern.sampling.sample`, left padding, its generator seeded with the chunk's seed), then one
+shard file ``shards/stories-{chunk:05d}.jsonl`` (or ``neutral-...``) written to a temporary file and renamed into
+place, with one JSON record per job, kept or dropped. A run that is killed at any moment and started again with the
+same arguments skips the chunks whose shard exists, so no finished story is lost or written twice.
+``manifest.json`` records the configuration; starting with a different one in the same directory raises
+:class:`CorpusConfigError`, except that a corpus can be grown to more stories or dialogues (see
+:func:`generate_corpus`). Given the chunk, generation is deterministic on the same machine, dtype, thread count and
+library versions (a resumed run then equals an uninterrupted one); elsewhere the sampled texts may differ.
 
-**Presets** (:data:`PRESETS`; every field can be overridden through :func:`generate_corpus`'s arguments):
+**Presets** (:data:`PRESETS`; most fields can be overridden through :func:`generate_corpus`'s arguments):
 
-* ``quick``: the README's main job for SmolLM2-135M-Instruct on 2 CPU cores: all 171 emotions x 2 stories (two
-  premises, one first-person and one third-person story each), 24 neutral dialogues, 100 new tokens each: 6.5 min
-  of generation on this project's shared 2-core machine (see its ``description`` for the measurement).
+* ``standard``: the main job's corpus: all 171 emotions x 24 stories on 24 premises in the ``opening`` style and 48
+  neutral dialogues. The package ships the one generated on the embedded SmolLM2 (:mod:`emokern.packaged`).
+* ``quick``: the same recipe with 4 stories per emotion, for a corpus made here in minutes.
 * ``mini``: for tests and CI: 4 emotions (desperate, calm, happy, afraid) x 2 stories and 4 neutral dialogues of at
-  most 40 new tokens: 16 to 24 s with SmolLM2 on that machine.
-* ``paper``: the paper's scale: 100 premises x 12 stories for each of the 171 emotions (205,200 stories) and 1,200
-  neutral dialogues, 300 new tokens each: about 8 days or more of that machine (see its ``description``).
+  most 40 new tokens.
+* ``paper``: the paper's scale and rule: 100 premises x 12 stories for each of the 171 emotions (205,200 stories) in
+  the ``implicit`` style and 1,200 neutral dialogues, 300 new tokens each: days of a 2-core machine, a GPU job.
 
 The model is used as given: put it in eval mode. On CPUs with AMX a bfloat16 model samples about three times faster
-than float32, and on a machine shared with other processes ``torch.set_num_threads(1)`` can be ten times faster
-than two threads; neither is set here. The tokenizer is never modified: padding is done here.
+than float32. The tokenizer is never modified: padding is done here.
 """
 
 from __future__ import annotations
@@ -70,7 +74,10 @@ from typing import Sequence
 
 import torch
 
+from emokern.emotion_words import emotion_word_pattern, emotion_word_spans, find_emotion_word  # noqa: F401
 from emokern.emotions import load_emotions
+from emokern.prompts import (NAMES, NARRATION, NEUTRAL_OPENING, NEUTRAL_SYSTEM, NEUTRAL_TASKS, NEUTRAL_USER, PLAIN_LEAD,
+                             STYLES, StoryStyle, prompts_sha256)
 from emokern.models import model_fingerprint
 
 __all__ = [
@@ -87,6 +94,7 @@ __all__ = [
     "StoryCorpus",
     "clean_story",
     "emotion_word_pattern",
+    "emotion_word_spans",
     "find_emotion_word",
     "generate_corpus",
     "load_topics",
@@ -100,6 +108,8 @@ _FORMAT = 1
 _N_TOPICS = 100
 _TOPICS_FILE = "topics.txt"
 PROMPT_FORMATS = ("chat", "plain")
+# Recorded in the manifest: shards sampled another way are not continued with this sampler.
+_SAMPLER = "emokern.sampling.sample(candidates=256)"
 
 
 class CorpusConfigError(ValueError):
@@ -129,6 +139,7 @@ class CorpusPreset:
         temperature, top_p: sampling settings (``top_k`` is disabled).
         prompt_format: ``"chat"`` (the tokenizer's chat template, system + user turns) or ``"plain"`` (the same
             instructions as plain text, for base models without a chat template).
+        style: the name of the story style in :data:`emokern.prompts.STYLES` (how a story is asked for).
     """
 
     name: str
@@ -142,26 +153,39 @@ class CorpusPreset:
     temperature: float = 0.8
     top_p: float = 0.95
     prompt_format: str = "chat"
+    style: str = "implicit"
 
 
 PRESETS: dict[str, CorpusPreset] = {
     p.name: p
     for p in [
         CorpusPreset(
+            name="standard",
+            description=(
+                "The main job's corpus: all 171 emotions x 24 stories (one on each of 24 premises) in the 'opening' "
+                "style + 48 neutral dialogues, <= 120 new tokens each. Shipped in the package for the embedded "
+                "SmolLM2-135M-Instruct (emokern/data/corpora/), so the main job only reads it; generating it anew "
+                "(emokern demo --regenerate, or emokern corpus) takes the time the README gives."),
+            emotions=None,
+            stories_per_emotion=24,
+            neutral=48,
+            max_new_tokens=120,
+            batch_size=57,
+            min_words=20,
+            style="opening",
+        ),
+        CorpusPreset(
             name="quick",
             description=(
-                "All 171 emotions x 2 stories + 24 neutral dialogues, <= 100 new tokens each (366 jobs, 7 chunks of "
-                "57). Measured with SmolLM2-135M-Instruct in bfloat16 and torch.set_num_threads(1) on a shared "
-                "2-core Xeon (AMX) with other jobs running: 6 min 33 s of generation (plus about 10 s to load the "
-                "model), 35,821 tokens at 91 tokens/s, chunks taking 52 to 78 s as the other load varied; 319 of 342 "
-                "stories and 19 of 24 dialogues kept. On the same machine two threads ran ten times slower (20 vs "
-                "177 tokens/s in one batch) and float32 about three times slower."),
+                "All 171 emotions x 4 stories in the 'opening' style + 48 neutral dialogues, <= 120 new tokens "
+                "each: the standard recipe at a sixth of its size, generated in minutes on two CPU cores."),
             emotions=None,
             stories_per_emotion=4,
             neutral=48,
-            max_new_tokens=100,
-            batch_size=61,
-            min_words=40,
+            max_new_tokens=120,
+            batch_size=57,
+            min_words=20,
+            style="opening",
         ),
         CorpusPreset(
             name="mini",
@@ -172,6 +196,7 @@ PRESETS: dict[str, CorpusPreset] = {
             max_new_tokens=40,
             batch_size=4,
             min_words=10,
+            style="opening",
         ),
         CorpusPreset(
             name="paper",
@@ -188,6 +213,7 @@ PRESETS: dict[str, CorpusPreset] = {
             max_new_tokens=300,
             batch_size=64,
             min_words=60,
+            style="implicit",
         ),
     ]
 }
@@ -213,46 +239,12 @@ def load_topics() -> list[str]:
     return list(_topics())
 
 
-_STORY_SYSTEM = ("You are a fiction writer. You answer with the story only: no title, no introduction, no notes "
-                 "after it.")
-_STORY_USER = (
-    "Write one short story of about one paragraph (four to six sentences).\n"
-    "Premise: {topic}.\n"
-    "The main character feels {emotion}.\n"
-    "Narration: {narration}.\n"
-    "Never write the word \"{emotion}\" or any word that means the same. The reader must sense the feeling only "
-    "through what the character does, how their body feels and moves, what they say and in what tone, what they "
-    "think, and what the place around them is like.")
-_NARRATION = {"first": "first person (\"I\")", "third": "third person (\"he\", \"she\" or a name)"}
-
-_NEUTRAL_SYSTEM = ("You write example conversations between a person and an AI assistant for a technical dataset. "
-                   "The assistant answers plainly and factually.")
-_NEUTRAL_USER = (
-    "Topic: {topic}.\n"
-    "Write a conversation of {exchanges} exchanges in which the person asks for {task} related to this topic and "
-    "the AI gives it. Each exchange is a line \"Person: ...\" and then a line \"AI: ...\".\n"
-    "Plain, factual language only: no greetings, no thanks, no compliments, no feelings, no opinions.")
-# The paper's mix of neutral tasks; dialogue j asks for _TASKS[j % 6].
-_TASKS = (
-    "help with a short piece of code",
-    "a fact from science, history, maths or geography",
-    "step-by-step instructions for a practical task",
-    "a list",
-    "name or title ideas",
-    "help with a work task such as a schedule, a summary or an email draft",
-)
-# Labels that end a plain-format prompt, so that a base model continues with the text itself.
-_PLAIN_LEAD = {"story": "Story:\n", "neutral": "Dialogue:\n"}
-# The start of the model's answer, written for it: a small model asked for a dialogue often narrates one instead,
-# but continues a dialogue that has begun. The prefix is part of the stored raw output.
-_ANSWER_PREFIX = {"story": "", "neutral": "Person:"}
-
-
-def _prompt_hash() -> str:
-    """SHA-256 of every prompt text: a change of wording makes old shards incompatible (see the manifest)."""
-    parts = [_STORY_SYSTEM, _STORY_USER, json.dumps(_NARRATION, sort_keys=True), _NEUTRAL_SYSTEM, _NEUTRAL_USER,
-             *_TASKS, json.dumps(_PLAIN_LEAD, sort_keys=True), json.dumps(_ANSWER_PREFIX, sort_keys=True)]
-    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
+def _resolve_style(style) -> StoryStyle:
+    if isinstance(style, StoryStyle):
+        return style
+    if isinstance(style, str) and style in STYLES:
+        return STYLES[style]
+    raise ValueError(f"style: expected one of {', '.join(STYLES)} or a StoryStyle; got {style!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -272,7 +264,8 @@ class Job:
         topic_index: index of the premise in the topic list; ``topic`` is its text.
         person: ``"first"`` or ``"third"`` (narration) for a story; ``None`` for a dialogue.
         task: the dialogue's task type; ``None`` for a story.
-        system, user: the two prompt turns.
+        system, user: the two prompt turns (``system`` may be ``None``).
+        opening: the first words of the answer, written for the model and stored as part of the text (``""``: none).
     """
 
     key: str
@@ -282,8 +275,9 @@ class Job:
     topic: str
     person: str | None
     task: str | None
-    system: str
+    system: str | None
     user: str
+    opening: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,7 +302,7 @@ def _derived_seed(*parts) -> int:
 
 
 def plan_chunks(emotions: Sequence[str], topics: Sequence[str], stories_per_emotion: int, neutral: int,
-                batch_size: int, seed: int) -> list[Chunk]:
+                batch_size: int, seed: int, style: str | StoryStyle = "implicit") -> list[Chunk]:
     """The fixed job list of a configuration, cut into chunks: story chunks first, then neutral chunks.
 
     Premise order is a permutation of ``range(len(topics))`` seeded by ``seed`` (sorted by the SHA-256 of
@@ -316,15 +310,20 @@ def plan_chunks(emotions: Sequence[str], topics: Sequence[str], stories_per_emot
 
     * story ``j`` (0 <= j < ``stories_per_emotion``) of emotion ``i`` (its position in ``emotions``) uses premise
       ``order[j % T]`` for the ``k = j // T``-th time and first-person narration when ``(i + j % T + k)`` is even,
-      third-person otherwise, so that narration alternates across emotions, premises and repeats;
+      third-person otherwise, so that narration alternates across emotions, premises and repeats; its prompt is
+      ``style``'s (:data:`emokern.prompts.STYLES`), and its opening, if the style has one, names the character
+      ``NAMES[i']`` with ``i'`` from the SHA-256 of the job key;
     * stories are listed by ``j`` first, then emotion (every emotion has ``j + 1`` stories after ``(j + 1) *
-      len(emotions)`` jobs), and cut into chunks of ``batch_size`` (the last may be shorter);
+      len(emotions)`` jobs), and cut into chunks of ``batch_size`` (the last may be shorter). So a configuration
+      with more stories per emotion (and otherwise the same) begins with the same chunks whenever ``batch_size``
+      divides ``len(emotions)`` times the smaller count;
     * neutral dialogue ``j`` uses premise ``order[j % T]`` (``k = j // T``), task ``j % 6`` of the six task types
-      and ``2 + j % 3`` exchanges; neutral jobs are cut into their own chunks.
+      and ``2 + j % 3`` exchanges, and opens with ``"Person:"``; neutral jobs are cut into their own chunks.
 
     Chunk ``c`` of kind ``kind`` is seeded with the first 31 bits of the SHA-256 of ``f"{seed}|{kind}|{c}"``.
     Arguments are assumed valid (:func:`generate_corpus` checks them).
     """
+    style = _resolve_style(style)
     T = len(topics)
     order = sorted(range(T), key=lambda t: hashlib.sha256(f"{seed}|topic|{t}".encode()).digest())
     stories = []
@@ -333,14 +332,17 @@ def plan_chunks(emotions: Sequence[str], topics: Sequence[str], stories_per_emot
         t = order[pos]
         for i, emotion in enumerate(emotions):
             person = "first" if (i + pos + k) % 2 == 0 else "third"
-            user = _STORY_USER.format(topic=topics[t], emotion=emotion, narration=_NARRATION[person])
-            stories.append(Job(f"{emotion}|{t}|{k}", "story", emotion, t, topics[t], person, None, _STORY_SYSTEM,
-                               user))
+            key = f"{emotion}|{t}|{k}"
+            user = style.user.format(topic=topics[t], emotion=emotion, narration=NARRATION[person])
+            name = NAMES[_derived_seed(key) % len(NAMES)]
+            stories.append(Job(key, "story", emotion, t, topics[t], person, None, style.system, user,
+                               style.opening(person, emotion, name)))
     dialogues = []
     for j in range(neutral):
-        t, k, task = order[j % T], j // T, _TASKS[j % len(_TASKS)]
-        user = _NEUTRAL_USER.format(topic=topics[t], task=task, exchanges=2 + j % 3)
-        dialogues.append(Job(f"neutral|{t}|{k}", "neutral", None, t, topics[t], None, task, _NEUTRAL_SYSTEM, user))
+        t, k, task = order[j % T], j // T, NEUTRAL_TASKS[j % len(NEUTRAL_TASKS)]
+        user = NEUTRAL_USER.format(topic=topics[t], task=task, exchanges=2 + j % 3)
+        dialogues.append(Job(f"neutral|{t}|{k}", "neutral", None, t, topics[t], None, task, NEUTRAL_SYSTEM, user,
+                             NEUTRAL_OPENING))
     chunks = []
     for kind, jobs in (("stories", stories), ("neutral", dialogues)):
         for c, start in enumerate(range(0, len(jobs), batch_size)):
@@ -351,146 +353,6 @@ def plan_chunks(emotions: Sequence[str], topics: Sequence[str], stories_per_emot
 # ----------------------------------------------------------------------------------------------------------------------
 # Filter and clean-up
 # ----------------------------------------------------------------------------------------------------------------------
-
-# Suffixes added to the emotion word itself (calm -> calmly, calmness, calmed, calming, calmer; hope -> hopeful).
-_SUFFIXES = ("", "s", "es", "d", "ed", "ing", "ingly", "ly", "ally", "ness", "ment", "ments", "er", "est", "ity",
-             "ful", "fully")
-# Suffixes that begin with a vowel, after a final "e" is dropped (desperate -> desperation, serene -> serenity) or
-# a final consonant doubled (sad -> sadden, upset -> upsetting).
-_VOWEL_SUFFIXES = ("ing", "ingly", "ion", "ions", "ation", "ity", "ed", "er", "est", "en", "ened", "ening")
-# Derived words the suffix rules cannot reach, for the commonest cases. Only derivations of the word itself, not
-# synonyms (afraid has no entry: "fear" is a synonym). The bare verb of a participle (alarm, please, scar, puzzle,
-# rattle, tire) is deliberately not matched by the rules, because it usually means something else; the few that do
-# carry the emotion are listed here.
-_DERIVED = {
-    "angry": ("anger", "angered", "angers"),
-    "anxious": ("anxiety", "anxieties"),
-    "ashamed": ("shame", "shamed", "shameful"),
-    "bored": ("bore", "bores", "boredom"),
-    "compassionate": ("compassion",),
-    "contemptuous": ("contempt",),
-    "delighted": ("delight", "delights", "delightful"),
-    "disdainful": ("disdain",),
-    "disgusted": ("disgust", "disgusting"),
-    "ecstatic": ("ecstasy",),
-    "empathetic": ("empathy",),
-    "enraged": ("rage", "enrage"),
-    "envious": ("envy",),
-    "euphoric": ("euphoria",),
-    "excited": ("excite", "excites"),
-    "furious": ("fury",),
-    "grateful": ("gratitude",),
-    "greedy": ("greed",),
-    "grief-stricken": ("grief", "grieve", "grieves", "grieved", "grieving"),
-    "guilty": ("guilt",),
-    "hateful": ("hate", "hates", "hated", "hating", "hatred"),
-    "heartbroken": ("heartbreak", "heartbreaking"),
-    "hopeful": ("hope", "hopes", "hoped", "hoping"),
-    "horrified": ("horror", "horrific"),
-    "hysterical": ("hysteria", "hysterics"),
-    "indignant": ("indignation",),
-    "jealous": ("jealousy",),
-    "joyful": ("joy", "joys", "joyous"),
-    "jubilant": ("jubilation",),
-    "loving": ("love", "loves", "loved"),
-    "melancholy": ("melancholic",),
-    "miserable": ("misery",),
-    "nostalgic": ("nostalgia",),
-    "offended": ("offend", "offence", "offense"),
-    "optimistic": ("optimism",),
-    "outraged": ("outrage",),
-    "panicked": ("panic", "panics", "panicky"),
-    "paranoid": ("paranoia",),
-    "peaceful": ("peace",),
-    "proud": ("pride",),
-    "regretful": ("regret", "regrets", "regretted"),
-    "relieved": ("relief", "relieve"),
-    "remorseful": ("remorse",),
-    "resentful": ("resent", "resents", "resentment"),
-    "safe": ("safety",),
-    "satisfied": ("satisfy", "satisfaction"),
-    "scared": ("scare", "scares", "scary"),
-    "scornful": ("scorn",),
-    "shocked": ("shock",),
-    "skeptical": ("skepticism", "sceptical", "scepticism"),
-    "spiteful": ("spite",),
-    "stressed": ("stress", "stressful"),
-    "surprised": ("surprise", "surprises"),
-    "suspicious": ("suspicion",),
-    "sympathetic": ("sympathy",),
-    "terrified": ("terror", "terrify"),
-    "tormented": ("torment", "torments"),
-    "triumphant": ("triumph",),
-    "valiant": ("valour", "valor"),
-    "vengeful": ("vengeance",),
-    "vulnerable": ("vulnerability",),
-    "worried": ("worry", "worries"),
-}
-
-
-def _word_forms(word: str) -> set[str]:
-    """The forms of one lower-case word that the suffix rules generate (see :func:`emotion_word_pattern`)."""
-    forms = {word + s for s in _SUFFIXES}
-    if word.endswith("e"):
-        forms |= {word[:-1] + s for s in _VOWEL_SUFFIXES}
-    if word.endswith("y"):
-        forms |= {word[:-1] + "i" + s for s in ("ly", "ness", "er", "est", "es", "ed")}
-    if word.endswith(("ent", "ant")):
-        forms.add(word[:-1] + "ce")
-    if re.search(r"(?:^|[^aeiou])[aeiou][bdgklmnprt]$", word):
-        forms |= {word + word[-1] + s for s in _VOWEL_SUFFIXES}
-    if word.endswith("ed") and len(word) > 4:
-        roots = {word[:-2], word[:-1]}
-        if word[-3] == word[-4]:
-            roots.add(word[:-3])
-        if word.endswith("ied"):
-            roots.add(word[:-3] + "y")
-        forms |= {r + s for r in roots for s in ("ing", "ingly", "ment", "ments", "ion", "ation")}
-    return forms
-
-
-@functools.lru_cache(maxsize=None)
-def emotion_word_pattern(emotion: str) -> re.Pattern:
-    """A compiled case-insensitive regex matching ``emotion`` and its inflections as whole words.
-
-    The emotion is split on spaces and hyphens; all parts but the last must appear in order, separated by spaces,
-    hyphens or nothing ("worn out", "worn-out"; "grief-stricken", "grief stricken"). The last part (the whole word,
-    for one-word emotions) matches in these forms:
-
-    * the word plus any of ``"", s, es, d, ed, ing, ingly, ly, ally, ness, ment(s), er, est, ity, ful, fully``;
-    * ending in ``e``: the word without it plus a vowel suffix ``ing, ingly, ion(s), ation, ity, ed, er, est, en,
-      ened, ening`` (desperate -> desperation, serene -> serenity);
-    * ending in ``y``: ``y`` -> ``i`` plus ``ly, ness, er, est, es, ed`` (angry -> angrily, happy -> happiness);
-    * ending in ``ent``/``ant``: ``-ence``/``-ance`` (patient -> patience, defiant -> defiance);
-    * ending consonant-vowel-consonant (not w, x, y): the last letter doubled plus a vowel suffix (sad -> sadden,
-      upset -> upsetting);
-    * a participle in ``ed`` of 5+ letters: the word without ``ed``, without ``d``, without ``ied`` plus ``y``, and
-      without the doubled consonant, each plus ``ing, ingly, ment(s), ion, ation`` (amused -> amusement,
-      frustrated -> frustration, worried -> worrying). The bare verb is not matched (alarmed does not match
-      "alarm", pleased does not match "please");
-    * for one-word emotions, the hand-written derived words of ``_DERIVED`` (angry -> anger, proud -> pride,
-      hopeful -> hope, worried -> worry), and for "grief-stricken" grief/grieve/grieving.
-
-    The rules over-generate non-words ("happyness"), which cost nothing. They are an approximation: irregular
-    derivations not listed are missed, and a form can also be an unrelated word ("kind" in "a kind of").
-    """
-    if not isinstance(emotion, str) or not emotion.strip():
-        raise ValueError(f"emotion: expected a non-empty string; got {emotion!r}")
-    parts = re.split(r"[\s-]+", emotion.strip().lower())
-    alternatives = set(_word_forms(parts[-1]))
-    prefix = "".join(re.escape(p) + r"[\s-]*" for p in parts[:-1])
-    pattern = prefix + "(?:" + "|".join(re.escape(f) for f in sorted(alternatives, key=len, reverse=True)) + ")"
-    derived = _DERIVED.get(emotion.strip().lower(), ())
-    if derived:
-        pattern = "(?:" + pattern + "|" + "|".join(re.escape(d) for d in derived) + ")"
-    return re.compile(r"\b" + pattern + r"\b", re.IGNORECASE)
-
-
-def find_emotion_word(text: str, emotion: str) -> str | None:
-    """The first form of ``emotion`` in ``text`` (as written there), or ``None``; see :func:`emotion_word_pattern`."""
-    match = emotion_word_pattern(emotion).search(text)
-    return None if match is None else match.group(0)
-
 
 _MARKER = re.compile(r"\[\s*/?\s*(?:story|dialogue|end)\b[^\]\n]*\]", re.IGNORECASE)
 _TITLE_LINE = re.compile(r"^\s*(?:#.*|(?:\*\*)?\s*title\s*(?:\*\*)?\s*:.*|\*\*[^*]+\*\*\s*)$", re.IGNORECASE)
@@ -551,8 +413,8 @@ def _is_dialogue(text: str) -> bool:
 @dataclasses.dataclass(frozen=True)
 class Story:
     """A kept story: ``key`` (see :class:`Job`), ``emotion``, ``topic`` (the premise's text), ``person`` (``"first"``
-    or ``"third"``), ``text`` (cleaned) and ``n_tokens`` (tokens of ``text`` under the generating tokenizer, no
-    special tokens)."""
+    or ``"third"``), ``text`` (cleaned), ``n_tokens`` (tokens of ``text`` under the generating tokenizer, no
+    special tokens) and ``opening`` (the words written for the model, with which ``text`` begins; ``""``: none)."""
 
     key: str
     emotion: str
@@ -560,6 +422,7 @@ class Story:
     person: str
     text: str
     n_tokens: int
+    opening: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -591,7 +454,8 @@ class StoryCorpus:
         self.manifest = manifest
         self.records = records
         self.complete = complete
-        self.stories = [Story(r["key"], r["emotion"], r["topic"], r["person"], r["text"], r["n_tokens"])
+        self.stories = [Story(r["key"], r["emotion"], r["topic"], r["person"], r["text"], r["n_tokens"],
+                              r.get("opening", ""))
                         for r in records if r["kind"] == "story" and r["reason"] is None]
         self.neutral = [NeutralDialogue(r["key"], r["topic"], r["task"], r["text"], r["n_tokens"])
                         for r in records if r["kind"] == "neutral" and r["reason"] is None]
@@ -706,7 +570,7 @@ def _plan_from_manifest(manifest: dict) -> list[Chunk]:
     if hashlib.sha256("\n".join(topics).encode()).hexdigest() != config["topics_sha256"]:
         raise ValueError(f"{MANIFEST}: its topics do not match its topics_sha256; the manifest was edited or damaged")
     return plan_chunks(config["emotions"], topics, config["stories_per_emotion"], config["neutral"],
-                       config["batch_size"], config["seed"])
+                       config["batch_size"], config["seed"], config.get("style", "implicit"))
 
 
 def _read_shard(path: Path) -> list[dict]:
@@ -733,13 +597,14 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _render(tokenizer, job: Job, prompt_format: str) -> str:
-    """The full prompt text of ``job``, ending with the start of the answer (``_ANSWER_PREFIX``)."""
+    """The full prompt text of ``job``, ending with the start of the answer (``job.opening``)."""
     if prompt_format == "chat":
-        messages = [{"role": "system", "content": job.system}, {"role": "user", "content": job.user}]
+        messages = ([{"role": "system", "content": job.system}] if job.system else []) + [
+            {"role": "user", "content": job.user}]
         head = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     else:
-        head = f"{job.system}\n\n{job.user}\n\n{_PLAIN_LEAD[job.kind]}"
-    return head + _ANSWER_PREFIX[job.kind]
+        head = (f"{job.system}\n\n" if job.system else "") + f"{job.user}\n\n{PLAIN_LEAD[job.kind]}"
+    return head + job.opening
 
 
 def _special_ids(model, tokenizer) -> tuple[int, list[int]]:
@@ -759,8 +624,11 @@ def _special_ids(model, tokenizer) -> tuple[int, list[int]]:
 
 def _generate_chunk(model, tokenizer, prompts: list[str], *, seed: int, max_new_tokens: int, temperature: float,
                     top_p: float, add_special_tokens: bool) -> tuple[list[str], list[int]]:
-    """Sample one continuation per prompt in one batched call; returns the decoded texts (special tokens skipped)
-    and the number of new tokens of each, up to and including its first end-of-sequence token."""
+    """Sample one continuation per prompt in one batched call (:func:`emokern.sampling.sample`); returns the decoded
+    texts (special tokens skipped) and the number of new tokens of each, up to and including its first
+    end-of-sequence token."""
+    from emokern.sampling import sample
+
     pad_id, eos_ids = _special_ids(model, tokenizer)
     encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
     width = max(len(ids) for ids in encoded)
@@ -769,22 +637,14 @@ def _generate_chunk(model, tokenizer, prompts: list[str], *, seed: int, max_new_
     for row, ids in enumerate(encoded):  # left padding: every prompt ends where generation starts
         input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, width - len(ids):] = 1
-    device = next(model.parameters()).device
-    torch.manual_seed(seed)
-    with torch.inference_mode():
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                             do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                             max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_ids)
-    texts, counts = [], []
-    for row in out[:, width:].tolist():
-        n = next((i + 1 for i, tid in enumerate(row) if tid in eos_ids), len(row))
-        texts.append(tokenizer.decode(row[:n], skip_special_tokens=True))
-        counts.append(n)
-    return texts, counts
+    new_ids, n_new = sample(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_p=top_p, eos_ids=eos_ids, pad_id=pad_id, seed=seed)
+    texts = [tokenizer.decode(row[:n].tolist(), skip_special_tokens=True) for row, n in zip(new_ids, n_new.tolist())]
+    return texts, n_new.tolist()
 
 
-def _records(chunk: Chunk, raws: list[str], new_tokens: list[int], tokenizer, min_words: int,
-             seconds: float) -> list[dict]:
+def _records(chunk: Chunk, raws: list[str], new_tokens: list[int], tokenizer, min_words: int, seconds: float,
+             names_emotion: bool) -> list[dict]:
     """The shard records of a generated chunk: each job's cleaned text, its fate and where it came from."""
     out = []
     for job, raw, n_new in zip(chunk.jobs, raws, new_tokens):
@@ -796,7 +656,9 @@ def _records(chunk: Chunk, raws: list[str], new_tokens: list[int], tokenizer, mi
             text = relabel_dialogue(raw)
         if len(text.split()) < min_words:
             reason = "too_short"
-        elif matched is not None:
+        elif job.kind == "story" and not text.startswith(job.opening):
+            reason = "opening_lost"  # clean-up removed the words written for the model: their span is unknown
+        elif matched is not None and not names_emotion:
             reason = "emotion_word"
         elif job.kind == "neutral" and not _is_dialogue(text):
             reason = "not_a_dialogue"
@@ -804,9 +666,10 @@ def _records(chunk: Chunk, raws: list[str], new_tokens: list[int], tokenizer, mi
             reason = None
         out.append({
             "key": job.key, "kind": job.kind, "emotion": job.emotion, "topic_index": job.topic_index,
-            "topic": job.topic, "person": job.person, "task": job.task, "text": text, "reason": reason,
-            "matched": matched, "n_tokens": len(tokenizer(text, add_special_tokens=False)["input_ids"]),
-            "new_tokens": n_new, "raw": raw, "chunk": chunk.index, "seed": chunk.seed, "chunk_seconds": seconds,
+            "topic": job.topic, "person": job.person, "task": job.task, "opening": job.opening, "text": text,
+            "reason": reason, "matched": matched,
+            "n_tokens": len(tokenizer(text, add_special_tokens=False)["input_ids"]), "new_tokens": n_new, "raw": raw,
+            "chunk": chunk.index, "seed": chunk.seed, "chunk_seconds": seconds,
         })
     return out
 
@@ -883,16 +746,18 @@ def generate_corpus(model, tokenizer, out_dir: str | os.PathLike, *, preset: str
                     emotions: Sequence[str] | None = None, topics: Sequence[str] | None = None,
                     stories_per_emotion: int | None = None, neutral: int | None = None,
                     max_new_tokens: int | None = None, batch_size: int | None = None,
-                    prompt_format: str | None = None, seed: int = 0, progress: bool = True,
+                    prompt_format: str | None = None, style: str | None = None, temperature: float | None = None,
+                    min_words: int | None = None, seed: int = 0, progress: bool = True,
                     overwrite: bool = False) -> StoryCorpus:
     """Generate (or finish) a story corpus in ``out_dir`` and return it, loaded with :meth:`StoryCorpus.load`.
 
     Args:
-        model, tokenizer: a causal LM with ``generate`` and its tokenizer (used as given, never modified).
+        model, tokenizer: a causal LM and its tokenizer (used as given, never modified); sampling is
+            :func:`emokern.sampling.sample`.
         out_dir: the corpus directory, created if needed: ``manifest.json`` and ``shards/*.jsonl``.
         preset: a name in :data:`PRESETS` or a :class:`CorpusPreset`. The keyword arguments ``emotions``,
-            ``stories_per_emotion``, ``neutral``, ``max_new_tokens``, ``batch_size`` and ``prompt_format`` override
-            its fields when not ``None``.
+            ``stories_per_emotion``, ``neutral``, ``max_new_tokens``, ``batch_size``, ``prompt_format``, ``style``,
+            ``temperature`` and ``min_words`` override its fields when not ``None``.
         topics: the premises, default :func:`load_topics` (100).
         seed: fixes the premise order and every chunk's sampling seed (see :func:`plan_chunks`).
         progress: show a tqdm bar over jobs (ETA, and generated tokens per second of this run as postfix).
@@ -900,16 +765,22 @@ def generate_corpus(model, tokenizer, out_dir: str | os.PathLike, *, preset: str
 
     Chunks whose shard exists are skipped, so calling again with the same arguments after an interruption
     continues where it stopped. One process per directory: a second one running at the same time would redo the
-    same chunks. Each chunk reseeds torch's global random generator (``torch.manual_seed``). The manifest's
-    ``config`` holds everything that determines the jobs and the sampling: preset name, model fingerprint and dtype,
-    emotions, topics' SHA-256, stories per emotion, neutral count, max_new_tokens, batch size (chunk size),
-    min_words, temperature, top_p, prompt format, prompt texts' SHA-256 and seed.
+    same chunks. Each chunk samples with its own generator seeded by the chunk's seed. The manifest's ``config``
+    holds everything that determines the jobs and the sampling: preset name, model fingerprint and dtype, emotions,
+    topics' SHA-256, stories per emotion, neutral count, max_new_tokens, batch size (chunk size), min_words,
+    temperature, top_p, prompt format, style, prompt texts' SHA-256, sampler and seed.
+
+    **Growing a corpus.** A directory whose configuration differs only by fewer ``stories_per_emotion`` and/or
+    ``neutral`` is grown rather than refused (:func:`plan_chunks` lists the smaller plan's jobs first): the manifest
+    is updated, every shard that is a chunk of the new plan is kept, the old plan's last, partial chunk of each kind
+    is generated again in full (same seed, more jobs), and the new chunks are generated. With a ``batch_size`` that
+    divides ``len(emotions)`` times the old count, nothing is generated twice.
 
     Raises:
         ValueError: an unknown preset (the presets are listed), an empty or unknown emotion list (close names are
             suggested), malformed topics or counts, ``prompt_format="chat"`` with a tokenizer that has no chat
             template (pass ``prompt_format="plain"``: there is no silent fallback, because the corpus would change),
-            or no end-of-sequence token.
+            an unknown style, a temperature below 0, or no end-of-sequence token.
         CorpusConfigError: ``out_dir`` holds a corpus of another configuration (the differing keys are named), or
             shards without a manifest; pass a fresh directory or ``overwrite=True``.
         OSError: ``out_dir`` cannot be created or written (the path and the reason are given).
@@ -920,8 +791,10 @@ def generate_corpus(model, tokenizer, out_dir: str | os.PathLike, *, preset: str
     emotions = _check_emotions(emotions)
     topics = load_topics() if topics is None else _check_topics(topics)
     stories_per_emotion = _check_int("stories_per_emotion", p.stories_per_emotion if stories_per_emotion is None
-                                     else stories_per_emotion, 1)
+                                     else stories_per_emotion, 0)
     neutral = _check_int("neutral", p.neutral if neutral is None else neutral, 0)
+    if stories_per_emotion == 0 and neutral == 0:
+        raise ValueError("stories_per_emotion, neutral: expected at least one story or neutral dialogue; got 0 and 0")
     max_new_tokens = _check_int("max_new_tokens", p.max_new_tokens if max_new_tokens is None else max_new_tokens, 1)
     batch_size = _check_int("batch_size", p.batch_size if batch_size is None else batch_size, 1)
     seed = _check_int("seed", seed, 0)
@@ -931,6 +804,11 @@ def generate_corpus(model, tokenizer, out_dir: str | os.PathLike, *, preset: str
     if prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
         raise ValueError("prompt_format: 'chat' needs a tokenizer with a chat template, and this one has none; pass "
                          "prompt_format='plain' to write the instructions as plain text (for base models)")
+    min_words = _check_int("min_words", p.min_words if min_words is None else min_words, 0)
+    story_style = _resolve_style(p.style if style is None else style)
+    temperature = p.temperature if temperature is None else temperature
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ValueError(f"temperature: expected a number >= 0; got {temperature!r}")
     _special_ids(model, tokenizer)
 
     config = {
@@ -944,22 +822,23 @@ def generate_corpus(model, tokenizer, out_dir: str | os.PathLike, *, preset: str
         "neutral": neutral,
         "max_new_tokens": max_new_tokens,
         "batch_size": batch_size,
-        "min_words": p.min_words,
-        "temperature": p.temperature,
+        "min_words": min_words,
+        "temperature": float(temperature),
         "top_p": p.top_p,
         "prompt_format": prompt_format,
-        "prompts_sha256": _prompt_hash(),
+        "style": story_style.name,
+        "prompts_sha256": prompts_sha256(story_style),
+        "sampler": _SAMPLER,
         "seed": seed,
     }
     out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise OSError(f"out_dir: expected a directory; {out_dir} is a file")
-    if not overwrite:
-        _check_existing(out_dir, config)
+    chunks = plan_chunks(emotions, topics, stories_per_emotion, neutral, batch_size, seed, story_style)
+    grow = False if overwrite else _check_existing(out_dir, config, chunks)
     _prepare_dir(out_dir, overwrite)
 
-    chunks = plan_chunks(emotions, topics, stories_per_emotion, neutral, batch_size, seed)
-    if not (out_dir / MANIFEST).is_file():
+    if grow or not (out_dir / MANIFEST).is_file():
         manifest = {
             "format": _FORMAT,
             "config": config,
@@ -986,10 +865,11 @@ def generate_corpus(model, tokenizer, out_dir: str | os.PathLike, *, preset: str
             # a chat template writes its own special tokens; plain text needs the tokenizer's (e.g. a BOS)
             continuations, new_tokens = _generate_chunk(
                 model, tokenizer, prompts, seed=chunk.seed, max_new_tokens=max_new_tokens,
-                temperature=p.temperature, top_p=p.top_p, add_special_tokens=prompt_format == "plain")
+                temperature=temperature, top_p=p.top_p, add_special_tokens=prompt_format == "plain")
             elapsed = time.perf_counter() - start
-            raws = [_ANSWER_PREFIX[job.kind] + text for job, text in zip(chunk.jobs, continuations)]
-            records = _records(chunk, raws, new_tokens, tokenizer, p.min_words, round(elapsed, 3))
+            raws = [job.opening + text for job, text in zip(chunk.jobs, continuations)]
+            records = _records(chunk, raws, new_tokens, tokenizer, min_words, round(elapsed, 3),
+                               story_style.names_emotion)
             _write_atomic(out_dir / SHARDS / chunk.shard_name,
                           "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
             tokens += sum(new_tokens)
@@ -1001,8 +881,9 @@ def generate_corpus(model, tokenizer, out_dir: str | os.PathLike, *, preset: str
     return StoryCorpus.load(out_dir)
 
 
-def _check_existing(out_dir: Path, config: dict) -> None:
-    """Raise :class:`CorpusConfigError` unless ``out_dir`` is new, empty of shards, or holds this configuration."""
+def _check_existing(out_dir: Path, config: dict, chunks: list[Chunk]) -> bool:
+    """Whether ``out_dir`` holds a smaller corpus of this configuration to grow (see :func:`generate_corpus`);
+    ``False`` when it is new, empty of shards, or holds this configuration; else :class:`CorpusConfigError`."""
     manifest = _read_manifest(out_dir)
     if manifest is None:
         shards = sorted((out_dir / SHARDS).glob("*.jsonl")) if (out_dir / SHARDS).is_dir() else []
@@ -1010,13 +891,24 @@ def _check_existing(out_dir: Path, config: dict) -> None:
             raise CorpusConfigError(f"out_dir: {out_dir / SHARDS} holds {len(shards)} shards but {out_dir} has no "
                                     f"{MANIFEST}, so their configuration is unknown; pass a fresh out_dir or "
                                     f"overwrite=True")
-        return
+        return False
     stored = manifest["config"]
-    diffs = [f"{k}: stored {_short(stored.get(k))}, requested {_short(config.get(k))}"
-             for k in sorted(set(stored) | set(config)) if stored.get(k) != config.get(k)]
-    if diffs:
-        raise CorpusConfigError(f"out_dir: {out_dir} holds a corpus made with another configuration ("
-                                f"{'; '.join(diffs)}); pass a fresh out_dir, or overwrite=True to replace it")
+    differ = [k for k in sorted(set(stored) | set(config)) if stored.get(k) != config.get(k)]
+    if not differ:
+        return False
+    if set(differ) <= {"stories_per_emotion", "neutral"} and all(stored[k] <= config[k] for k in differ):
+        planned = {c.shard_name: [j.key for j in c.jobs] for c in chunks}
+        present = {p: [r.get("key") for r in _read_shard(p)] for p in sorted((out_dir / SHARDS).glob("*.jsonl"))}
+        # a shard holding the first jobs of a larger chunk was the old plan's last, partial chunk: it is regenerated
+        partial = [p for p, keys in present.items() if keys != planned.get(p.name)
+                   and keys == (planned.get(p.name) or [])[:len(keys)]]
+        if all(keys == planned.get(p.name) or p in partial for p, keys in present.items()):
+            for p in partial:
+                p.unlink()
+            return True
+    diffs = [f"{k}: stored {_short(stored.get(k))}, requested {_short(config.get(k))}" for k in differ]
+    raise CorpusConfigError(f"out_dir: {out_dir} holds a corpus made with another configuration ("
+                            f"{'; '.join(diffs)}); pass a fresh out_dir, or overwrite=True to replace it")
 
 
 def _short(value) -> str:

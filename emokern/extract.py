@@ -6,7 +6,7 @@
     neutral, _ = story_activations(model, tok, neutral_texts)
     ev = emotion_vectors(acts, story_labels, names, neutral)           # raw and denoised (L, K, d) unit vectors
     bank = extract_bank(model, tok, story_texts, story_labels, neutral_texts)   # all of it, with metadata
-    export_gguf_control_vector(bank, "calm.gguf", {"calm": 1.0, "desperate": -0.5})  # for llama.cpp
+    export_gguf_control_vector(bank, "calm.gguf", {"calm": 1.0, "desperate": -0.5})  # llama.cpp (control_vectors)
 
 The steps:
 
@@ -26,21 +26,17 @@ The steps:
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import difflib
-import json
 import logging
-import math
-import os
-import tempfile
 import time
-from pathlib import Path
-from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 from emokern.bank import VectorBank
+# llama.cpp control vectors live in their own module; these names stay importable from here
+from emokern.control_vectors import ControlVectorFile, export_gguf_control_vector, read_gguf_control_vector  # noqa: F401
 from emokern.models import _text_config
 from emokern.patch import _resolve_arch, _select_layers
 
@@ -53,6 +49,7 @@ __all__ = [
     "export_gguf_control_vector",
     "extract_bank",
     "extract_bank_from_corpus",
+    "story_exclusions",
     "held_out_accuracy",
     "read_gguf_control_vector",
     "story_activations",
@@ -64,10 +61,6 @@ logger = logging.getLogger(__name__)
 CHAT_REQUEST = "Please write a short story."
 FORMATS = ("chat", "raw")
 
-# llama.cpp's GGUF architecture name for each Hugging Face model_type that emokern patches (convert_hf_to_gguf.py
-# converts MistralForCausalLM with its Llama class). llama.cpp only prints controlvector.model_hint; it never checks it.
-_GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3",
-              "gemma3": "gemma3", "gpt2": "gpt2"}
 
 
 class _StopForward(Exception):
@@ -118,8 +111,12 @@ def _render(tokenizer, texts: List[str], fmt: str, argument: str) -> Tuple[List[
     return rendered, spans
 
 
-def _tokenize(tokenizer, texts: List[str], fmt: str, argument: str) -> Tuple[List[List[int]], List[Tuple[int, int]]]:
-    """Token ids of each full sequence and the token span ``[s0, s1)`` of its story text."""
+def _tokenize(tokenizer, texts: List[str], fmt: str, argument: str,
+              exclude: Optional[Sequence[Sequence[Tuple[int, int]]]] = None,
+              exclude_after: int = 0) -> Tuple[List[List[int]], List[Tuple[int, int]], List[List[int]]]:
+    """Token ids of each full sequence, the token span ``[s0, s1)`` of its story text, and the sorted positions of
+    its excluded tokens: those overlapping a character span ``[a, b)`` of ``exclude[i]`` (offsets into ``texts[i]``)
+    and the ``exclude_after`` story tokens after each such run."""
     if fmt not in FORMATS:
         raise ValueError(f"fmt: expected one of {FORMATS}; got {fmt!r}")
     if not getattr(tokenizer, "is_fast", False):
@@ -128,7 +125,7 @@ def _tokenize(tokenizer, texts: List[str], fmt: str, argument: str) -> Tuple[Lis
     strings, char_spans = _render(tokenizer, texts, fmt, argument)
     # The chat template already holds its special tokens; raw text gets the tokenizer's usual ones (e.g. BOS).
     enc = tokenizer(strings, add_special_tokens=(fmt == "raw"), return_offsets_mapping=True)
-    ids, spans = [], []
+    ids, spans, excluded = [], [], []
     for i, (seq, offsets, (a, b)) in enumerate(zip(enc["input_ids"], enc["offset_mapping"], char_spans)):
         # A story token is a non-empty token whose characters overlap the story text: tokens the tokenizer adds
         # (e.g. BOS) have empty spans, and a token straddling the boundary (e.g. a merged leading space) counts as
@@ -138,7 +135,16 @@ def _tokenize(tokenizer, texts: List[str], fmt: str, argument: str) -> Tuple[Lis
             raise ValueError(f"{argument}[{i}]: the text produced no tokens of its own")
         ids.append(list(seq))
         spans.append((inside[0], inside[-1] + 1))
-    return ids, spans
+        out = set()
+        if exclude is not None and exclude[i]:
+            # the story text may have been located stripped (see _render): shift text offsets by what was stripped
+            shift = a - (len(texts[i]) - len(texts[i].lstrip())) if b - a != len(texts[i]) else a
+            for x0, x1 in exclude[i]:
+                hit = [t for t in inside if offsets[t][1] > x0 + shift and offsets[t][0] < x1 + shift]
+                if hit:
+                    out.update(range(hit[0], min(hit[-1] + 1 + exclude_after, inside[-1] + 1)))
+        excluded.append(sorted(out))
+    return ids, spans, excluded
 
 
 def _averaged_range(s0: int, s1: int, first_token: int) -> Tuple[int, int]:
@@ -148,18 +154,52 @@ def _averaged_range(s0: int, s1: int, first_token: int) -> Tuple[int, int]:
     return (s0 + first_token, s1) if n > first_token else (s0 + n // 2, s1)
 
 
-def _activations(model, tokenizer, texts, *, layers, first_token, fmt, batch_size, progress, argument):
-    """Shared body of :func:`story_activations`; also returns the story token counts and the layer indices."""
+def _averaged_positions(span: Tuple[int, int], first_token: int, excluded: Sequence[int]) -> List[int]:
+    """The token positions averaged for a story at ``span``: :func:`_averaged_range` without the ``excluded``
+    positions; when that leaves none, every story position that is not excluded; when none is left at all, ``[]``."""
+    drop = set(excluded)
+    kept = [t for t in range(*_averaged_range(*span, first_token)) if t not in drop]
+    return kept or [t for t in range(*span) if t not in drop]
+
+
+def _check_exclusion(texts: List[str], exclude_spans, exclude_after) -> None:
+    if isinstance(exclude_after, bool) or not isinstance(exclude_after, int) or exclude_after < 0:
+        raise ValueError(f"exclude_after: expected an int >= 0; got {exclude_after!r}")
+    if exclude_spans is None:
+        return
+    if isinstance(exclude_spans, (str, bytes)) or not isinstance(exclude_spans, Sequence) \
+            or len(exclude_spans) != len(texts):
+        got = len(exclude_spans) if isinstance(exclude_spans, Sequence) else type(exclude_spans).__name__
+        raise ValueError(f"exclude_spans: expected one list of (start, end) character spans per text ({len(texts)}); "
+                         f"got {got}")
+    for i, spans in enumerate(exclude_spans):
+        for span in spans or ():
+            ok = (isinstance(span, (tuple, list)) and len(span) == 2 and all(isinstance(x, int) for x in span)
+                  and 0 <= span[0] < span[1] <= len(texts[i]))
+            if not ok:
+                raise ValueError(f"exclude_spans[{i}]: expected (start, end) ints with 0 <= start < end <= "
+                                 f"{len(texts[i])} (the text's length); got {span!r}")
+
+
+def _activations(model, tokenizer, texts, *, layers, first_token, fmt, batch_size, progress, argument,
+                 exclude_spans=None, exclude_after=0):
+    """Shared body of :func:`story_activations`; also returns the story token counts, the layer indices and the
+    number of averaged tokens of each text."""
     texts = _check_texts(argument, texts)
     if isinstance(first_token, bool) or not isinstance(first_token, int) or first_token < 0:
         raise ValueError(f"first_token: expected an int >= 0; got {first_token!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected an int >= 1; got {batch_size!r}")
+    _check_exclusion(texts, exclude_spans, exclude_after)
     _, base, decoder_layers = _resolve_arch(model, None)
     layer_ids = _select_layers(layers, len(decoder_layers))
-    ids, spans = _tokenize(tokenizer, texts, fmt, argument)
+    ids, spans, excluded = _tokenize(tokenizer, texts, fmt, argument, exclude_spans, exclude_after)
     n, L = len(texts), len(layer_ids)
-    ranges = [_averaged_range(s0, s1, first_token) for s0, s1 in spans]
+    positions = [_averaged_positions(span, first_token, ex) for span, ex in zip(spans, excluded)]
+    empty = [i for i, p in enumerate(positions) if not p]
+    if empty:
+        raise ValueError(f"exclude_spans[{empty[0]}]: excluding these spans (and {exclude_after} tokens after each) "
+                         f"leaves no token of {argument}[{empty[0]}] to average")
     n_story = torch.tensor([s1 - s0 for s0, s1 in spans], dtype=torch.int64)
 
     device = model.get_input_embeddings().weight.device
@@ -205,7 +245,7 @@ def _activations(model, tokenizer, texts, *, layers, first_token, fmt, batch_siz
                     off = T - len(ids[i]) if left else 0
                     input_ids[r, off:off + len(ids[i])] = torch.tensor(ids[i])
                     mask[r, off:off + len(ids[i])] = 1
-                    sel[r, off + ranges[i][0]:off + ranges[i][1]] = True
+                    sel[r, [off + t for t in positions[i]]] = True
                 # Explicit positions, so left-padded rows get the same positions as unpadded ones (this matters
                 # for absolute position embeddings such as GPT-2's).
                 position_ids = (mask.cumsum(1) - 1).clamp_min(0)
@@ -238,11 +278,12 @@ def _activations(model, tokenizer, texts, *, layers, first_token, fmt, batch_siz
         logger.info("%s: %d of %d texts have at most first_token=%d tokens; their last half was averaged",
                     argument, n_short, n, first_token)
     residual_norm = (norm_sum / n_averaged).to(torch.float32).cpu()
-    return means, residual_norm, n_story, layer_ids
+    return means, residual_norm, n_story, layer_ids, torch.tensor([len(p) for p in positions], dtype=torch.int64)
 
 
 def story_activations(model, tokenizer, texts: Sequence[str], *, layers=None, first_token: int = 50,
-                      fmt: str = "chat", batch_size: int = 8, progress: bool = True, return_counts: bool = False):
+                      fmt: str = "chat", batch_size: int = 8, progress: bool = True, return_counts: bool = False,
+                      exclude_spans: Optional[Sequence[Sequence[Tuple[int, int]]]] = None, exclude_after: int = 0):
     """Per-text mean residual-stream activations at the chosen layers, without running the LM head.
 
     Args:
@@ -262,6 +303,11 @@ def story_activations(model, tokenizer, texts: Sequence[str], *, layers=None, fi
         batch_size: texts per forward; texts are grouped by length to limit padding.
         progress: show a progress bar.
         return_counts: also return each text's number of story tokens.
+        exclude_spans: optional, one list per text of ``(start, end)`` character spans of that text whose tokens are
+            left out of its mean (e.g. the emotion word: :func:`emotion_word_spans`), together with the
+            ``exclude_after`` story tokens after each. When that removes every token from ``first_token`` on, the
+            text's other story tokens are averaged; when it removes all of them, ``ValueError``.
+        exclude_after: tokens after each excluded span that are left out too (>= 0).
 
     Returns:
         ``(means, residual_norm)``, or ``(means, residual_norm, n_story_tokens)`` with ``return_counts``:
@@ -273,9 +319,10 @@ def story_activations(model, tokenizer, texts: Sequence[str], *, layers=None, fi
     layer raises a private exception, so no later layer, final norm or LM head runs. Hooks are removed and the
     model's train/eval mode restored however the call ends.
     """
-    means, residual_norm, n_story, _ = _activations(model, tokenizer, texts, layers=layers, first_token=first_token,
-                                                    fmt=fmt, batch_size=batch_size, progress=progress,
-                                                    argument="texts")
+    means, residual_norm, n_story, _, _ = _activations(model, tokenizer, texts, layers=layers,
+                                                       first_token=first_token, fmt=fmt, batch_size=batch_size,
+                                                       progress=progress, argument="texts",
+                                                       exclude_spans=exclude_spans, exclude_after=exclude_after)
     return (means, residual_norm, n_story) if return_counts else (means, residual_norm)
 
 
@@ -469,19 +516,10 @@ def held_out_accuracy(acts: torch.Tensor, labels: Sequence[str], names: Sequence
     train, test = _split(member, len(names), test_fraction, seed, groups)
     if len(test) == 0:
         raise ValueError("labels: no emotion has 2 or more stories, so none can be held out for testing")
-    trained = sorted(set(member[train].tolist()))
-    train_names = [names[k] for k in trained]
-    ev = emotion_vectors(acts[train], [names[k] for k in member[train].tolist()], train_names, neutral_acts,
-                         variance=variance)
-    to_train_index = {k: i for i, k in enumerate(trained)}
-    truth = torch.tensor([to_train_index[k] for k in member[test].tolist()], device=acts.device)
-    test_acts = acts[test].float()
-    test_center = torch.stack([test_acts[truth == i].mean(0) for i in truth.unique()]).mean(0)
-    scores = torch.einsum("nld,lkd->nlk", test_acts - test_center, ev.denoised)  # (n_test, L, K_train)
-    top = scores.topk(min(5, len(train_names)), dim=-1).indices  # (n_test, L, k)
-    hits = top == truth[:, None, None]
-    return QualityCurve(top1=hits[..., 0].float().mean(0).cpu(), top5=hits.any(-1).float().mean(0).cpu(),
-                        n_train=len(train), n_test=len(test))
+    from emokern.quality import mean_difference_accuracy
+
+    top1, top5, n_test = mean_difference_accuracy(acts, labels, names, neutral_acts, train, test, variance=variance)
+    return QualityCurve(top1=top1.cpu(), top5=top5.cpu(), n_train=len(train), n_test=n_test)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -492,8 +530,10 @@ def held_out_accuracy(acts: torch.Tensor, labels: Sequence[str], names: Sequence
 def extract_bank(model, tokenizer, story_texts: Sequence[str], story_labels: Sequence[str],
                  neutral_texts: Sequence[str], *, names: Optional[Sequence[str]] = None, layers=None,
                  first_token: int = 50, fmt: str = "chat", variance: float = 0.5, batch_size: int = 8,
-                 test_fraction: float = 0.2, seed: int = 0, progress: bool = True,
-                 metadata: Optional[Mapping] = None, story_groups: Optional[Sequence] = None) -> VectorBank:
+                 test_fraction: float = 0.2, validation_fraction: float = 0.2, seed: int = 0, progress: bool = True,
+                 metadata: Optional[Mapping] = None, story_groups: Optional[Sequence] = None,
+                 story_exclude_spans: Optional[Sequence[Sequence[Tuple[int, int]]]] = None, exclude_after: int = 0,
+                 probe: bool = True) -> VectorBank:
     """Run the whole recipe and return a :class:`VectorBank` for ``model``.
 
     Args:
@@ -503,16 +543,23 @@ def extract_bank(model, tokenizer, story_texts: Sequence[str], story_labels: Seq
             otherwise are left out (and counted in the metadata).
         layers, first_token, fmt, batch_size, progress: as :func:`story_activations` (neutral texts use the same
             ``fmt`` and ``first_token``, so both sets are read the same way).
+        story_exclude_spans, exclude_after: character spans of each story left out of its mean, with the
+            ``exclude_after`` tokens after each (``exclude_spans`` of :func:`story_activations`); neutral texts
+            exclude nothing.
         variance: as :func:`emotion_vectors`.
-        test_fraction, seed: as :func:`held_out_accuracy`.
-        story_groups: optional group id per story (the corpus's topics): the quality curve then holds out whole
-            premises, so it measures emotion, not premise, recognition.
+        story_groups: optional premise id per story (the corpus's topics). With at least 3 premises, the held-out
+            measurements of :func:`emokern.quality.evaluate` are made (whole premises held out: ``test_fraction``
+            for the test numbers, ``validation_fraction`` of the rest to choose the default layer; ``probe``: also
+            fit the logistic-regression ceiling at the chosen layer and at 2/3 depth). Without groups (or with
+            fewer), :func:`held_out_accuracy` holds out stories instead and the default layer is the 2/3-depth one.
+        test_fraction, validation_fraction, seed: the split (see above).
         metadata: extra JSON-serialisable entries merged into the bank's metadata (e.g. where the corpus came from).
 
     Returns:
         A bank whose fields are:
 
-        * ``vectors`` (L, K, d): the denoised unit vectors; ``extra["raw_vectors"]`` the raw ones and
+        * ``vectors`` (L, K, d): the denoised unit vectors, from **all** stories (the held-out numbers come from
+          vectors built without the held-out premises); ``extra["raw_vectors"]`` the raw ones and
           ``extra["center"]`` (L, d) the mean over emotion means (all float32);
         * ``layers``: the model layers read; ``residual_norm`` (L,): the mean activation norm over all averaged
           tokens of the stories and neutral texts together;
@@ -521,57 +568,82 @@ def extract_bank(model, tokenizer, story_texts: Sequence[str], story_labels: Seq
           per-text statistic: single-token projections spread more widely);
         * ``model_id``, ``fingerprint`` (:func:`emokern.models.model_fingerprint`);
         * ``metadata``: ``recipe`` (the parameters above, :data:`CHAT_REQUEST`, the PCA's input), ``corpus``
-          (counts per emotion, short texts, token counts), ``pcs_removed`` per layer, ``quality`` (the curve of
-          :func:`held_out_accuracy`, or ``None`` when no emotion has 2 stories), ``default_layer`` (``two_thirds``:
-          the bank layer nearest round(2/3·(N−1)) for a model of N layers, the paper's choice; ``best_accuracy``:
-          the layer of highest top-1 accuracy, first on ties, or ``None``), ``model`` (type, depth, width,
-          dtype), ``timings`` (seconds) and ``created`` (UTC, ISO 8601).
+          (counts per emotion, short texts, token counts), ``pcs_removed`` per layer, ``quality`` (the held-out
+          measurements: ``split`` ("premises"), ``layers``, test ``top1``/``top5``,
+          ``validation_top1``/``validation_top5``, ``valence_auroc``, ``probe_top1`` {layer: accuracy}, chance
+          levels, counts, ``premises`` {part: [premise, ...]}; or, with ``split`` "stories", the story-split curve;
+          or ``None`` when no emotion has 2 stories), ``default_layer``
+          (``chosen``: the validation choice, or ``None``; ``two_thirds``: the bank layer nearest round(2/3·(N−1))
+          for a model of N layers, the paper's choice; ``rule``: how ``chosen`` was made), ``model`` (type, depth,
+          width, dtype), ``timings`` (seconds) and ``created`` (UTC, ISO 8601).
     """
+    from emokern import quality as Q
+
     t_start = time.perf_counter()
     story_texts = _check_texts("story_texts", story_texts)
     neutral_texts = _check_texts("neutral_texts", neutral_texts)
     if len(story_labels) != len(story_texts):
         raise ValueError(f"story_labels: expected one label per story ({len(story_texts)}); got {len(story_labels)}")
+    if story_groups is not None and len(story_groups) != len(story_texts):
+        raise ValueError(f"story_groups: expected one premise id per story ({len(story_texts)}); got "
+                         f"{len(story_groups)}")
     names = sorted(set(story_labels)) if names is None else list(names)
     names, member = _membership(story_labels, names, len(story_texts))
     kw = dict(layers=layers, first_token=first_token, fmt=fmt, batch_size=batch_size, progress=progress)
 
     t0 = time.perf_counter()
-    acts, story_norm, story_tokens, layer_ids = _activations(model, tokenizer, story_texts, argument="story_texts",
-                                                             **kw)
+    acts, story_norm, story_tokens, layer_ids, story_avg = _activations(
+        model, tokenizer, story_texts, argument="story_texts", exclude_spans=story_exclude_spans,
+        exclude_after=exclude_after, **kw)
     t1 = time.perf_counter()
-    neutral, neutral_norm, neutral_tokens, _ = _activations(model, tokenizer, neutral_texts, argument="neutral_texts",
-                                                            **kw)
+    neutral, neutral_norm, neutral_tokens, _, neutral_avg = _activations(model, tokenizer, neutral_texts,
+                                                                         argument="neutral_texts", **kw)
     t2 = time.perf_counter()
     ev = emotion_vectors(acts, story_labels, names, neutral, variance=variance)
     t3 = time.perf_counter()
     counts = torch.bincount(member[member >= 0], minlength=len(names)).tolist()
-    # The curve needs a held-out story, i.e. an emotion with at least 2 stories.
-    if story_groups is not None and len({str(x) for x in story_groups}) < 2:
-        story_groups = None  # a single premise cannot be held out; fall back to holding out stories
-    quality = held_out_accuracy(acts, story_labels, names, neutral, test_fraction=test_fraction, variance=variance,
-                                seed=seed, groups=story_groups) if max(counts) >= 2 else None
+    config = _text_config(model.config)
+    n_model_layers = int(config.num_hidden_layers)
+    two_thirds = min(layer_ids, key=lambda x: (abs(x - round(2 / 3 * (n_model_layers - 1))), x))
+    quality, chosen, rule = None, None, None
+    n_groups = len({str(x) for x in story_groups}) if story_groups is not None else 0
+    if n_groups >= 3:
+        evaluation = Q.evaluate(acts, story_labels, names, neutral, story_groups, layers=layer_ids,
+                                variance=variance, test_fraction=test_fraction,
+                                validation_fraction=validation_fraction, seed=seed, probe=probe,
+                                probe_layers=[two_thirds])
+        quality = {k: v for k, v in evaluation.to_dict().items() if k not in ("test_top1", "test_top5", "split")}
+        quality.update(split="premises", premises=evaluation.split, top1=evaluation.test_top1,
+                       top5=evaluation.test_top5)
+        chosen = evaluation.layer
+        rule = ("highest validation top-1 + top-5 (three-layer moving mean), vectors from the training premises, "
+                "scored on the validation premises; the test premises took no part")
+    elif max(counts) >= 2:
+        curve = held_out_accuracy(acts, story_labels, names, neutral, test_fraction=test_fraction,
+                                  variance=variance, seed=seed)
+        quality = {"split": "stories", "layers": layer_ids, "top1": curve.top1.tolist(),
+                   "top5": curve.top5.tolist(), "n_train": curve.n_train, "n_test": curve.n_test,
+                   "chance_top1": 1 / len(names), "chance_top5": min(5, len(names)) / len(names)}
     t4 = time.perf_counter()
 
-    def averaged(tokens: torch.Tensor) -> int:
-        return sum(e - s for s, e in (_averaged_range(0, int(t), first_token) for t in tokens))
-
-    n_story_avg, n_neutral_avg = averaged(story_tokens), averaged(neutral_tokens)
+    n_story_avg, n_neutral_avg = int(story_avg.sum()), int(neutral_avg.sum())
     residual_norm = (story_norm * n_story_avg + neutral_norm * n_neutral_avg) / (n_story_avg + n_neutral_avg)
     projections = torch.einsum("mld,lkd->mlk", neutral, ev.denoised)  # (m, L, K)
 
-    config = _text_config(model.config)
-    n_model_layers = int(config.num_hidden_layers)
-    two_thirds = round(2 / 3 * (n_model_layers - 1))
     meta = {
         "recipe": {"first_token": first_token, "fmt": fmt, "chat_request": CHAT_REQUEST if fmt == "chat" else None,
                    "variance": variance, "pca_rows": "per-text mean activations of the neutral texts, centred",
                    "short_text_rule": "texts of at most first_token tokens: mean over their last ceil(n/2) tokens",
-                   "neutral_stats": "per-text mean activations", "test_fraction": test_fraction, "seed": seed,
-                   "batch_size": batch_size},
+                   "excluded": ("given character spans of each story and the exclude_after tokens after each"
+                                if story_exclude_spans is not None else None),
+                   "exclude_after": exclude_after, "excluded_tokens": int(
+                       sum(int(t) for t in story_tokens) - n_story_avg) if story_exclude_spans is not None else 0,
+                   "neutral_stats": "per-text mean activations", "test_fraction": test_fraction,
+                   "validation_fraction": validation_fraction, "seed": seed, "batch_size": batch_size},
         "corpus": {
             "n_stories": len(story_texts), "n_neutral": len(neutral_texts),
             "n_excluded": int((member < 0).sum()), "per_emotion": dict(zip(names, counts)),
+            "n_premises": n_groups or None,
             "short_stories": int((story_tokens <= first_token).sum()),
             "short_neutral": int((neutral_tokens <= first_token).sum()),
             "story_tokens_mean": float(story_tokens.double().mean()),
@@ -579,12 +651,8 @@ def extract_bank(model, tokenizer, story_texts: Sequence[str], story_labels: Seq
             "averaged_tokens": n_story_avg + n_neutral_avg,
         },
         "pcs_removed": dict(zip(map(str, layer_ids), ev.n_pcs_removed.tolist())),
-        "quality": None if quality is None else {
-            "layers": layer_ids, "top1": quality.top1.tolist(), "top5": quality.top5.tolist(),
-            "n_train": quality.n_train, "n_test": quality.n_test},
-        "default_layer": {
-            "two_thirds": min(layer_ids, key=lambda x: (abs(x - two_thirds), x)),
-            "best_accuracy": None if quality is None else layer_ids[int(torch.argmax(quality.top1))]},
+        "quality": quality,
+        "default_layer": {"chosen": chosen, "two_thirds": two_thirds, "rule": rule},
         "model": {"model_type": getattr(config, "model_type", None), "num_hidden_layers": n_model_layers,
                   "hidden_size": int(config.hidden_size), "dtype": str(model.get_input_embeddings().weight.dtype)},
         "timings": {"story_forward_s": t1 - t0, "neutral_forward_s": t2 - t1, "vectors_s": t3 - t2,
@@ -599,171 +667,46 @@ def extract_bank(model, tokenizer, story_texts: Sequence[str], story_labels: Seq
     )
 
 
-def extract_bank_from_corpus(model, tokenizer, corpus, **kwargs) -> VectorBank:
+#: What :func:`extract_bank_from_corpus` leaves out of a story's mean, by name.
+EXCLUDE = ("none", "opening", "opening+word")
+
+
+def story_exclusions(stories, exclude: str = "opening+word") -> Optional[List[List[Tuple[int, int]]]]:
+    """The character spans of each story that a reading leaves out (``exclude_spans`` of
+    :func:`story_activations`): ``"none"`` — nothing (``None``); ``"opening"`` — the opening written for the model
+    (``story.opening``, the first characters of ``story.text``); ``"opening+word"`` — that and every form of the
+    story's emotion word in its text (:func:`emokern.emotion_words.emotion_word_spans`)."""
+    from emokern.emotion_words import emotion_word_spans
+
+    if exclude not in EXCLUDE:
+        raise ValueError(f"exclude: expected one of {EXCLUDE}; got {exclude!r}")
+    if exclude == "none":
+        return None
+    spans = []
+    for s in stories:
+        opening = getattr(s, "opening", "") or ""
+        out = [(0, len(opening))] if opening else []
+        if exclude == "opening+word":
+            out += [x for x in emotion_word_spans(s.text, s.emotion) if x[0] >= len(opening)]
+        spans.append(out)
+    return spans
+
+
+def extract_bank_from_corpus(model, tokenizer, corpus, *, exclude: str = "opening+word", **kwargs) -> VectorBank:
     """:func:`extract_bank` on a :class:`emokern.corpus.StoryCorpus` (or anything with the same attributes).
 
-    Reads only ``corpus.stories`` (records with ``.text`` and ``.emotion``; ``.topic`` is counted) and
-    ``corpus.neutral`` (records with ``.text``). ``kwargs`` go to :func:`extract_bank`; the number of distinct
-    story topics is added to ``metadata["corpus_topics"]``.
+    Reads only ``corpus.stories`` (records with ``.text``, ``.emotion``, ``.topic`` and optionally ``.opening``)
+    and ``corpus.neutral`` (records with ``.text``). ``exclude`` chooses what is left out of each story's mean
+    (:func:`story_exclusions`; pass ``exclude_after`` for the tokens after each span). ``kwargs`` go to
+    :func:`extract_bank`; the number of distinct story topics is added to ``metadata["corpus_topics"]`` and
+    ``exclude`` to ``metadata["recipe"]["exclude"]``.
     """
     stories, neutral = list(corpus.stories), list(corpus.neutral)
     meta = {"corpus_topics": len({getattr(s, "topic", None) for s in stories})}
     meta.update(kwargs.pop("metadata", None) or {})
     kwargs.setdefault("story_groups", [getattr(s, "topic", None) for s in stories])
-    return extract_bank(model, tokenizer, [s.text for s in stories], [s.emotion for s in stories],
-                        [r.text for r in neutral], metadata=meta, **kwargs)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# llama.cpp control vectors
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class ControlVectorFile:
-    """A llama.cpp control-vector GGUF as read by :func:`read_gguf_control_vector`."""
-
-    directions: Dict[int, torch.Tensor]  # llama.cpp block index (>= 1) -> (n_embd,) float32
-    metadata: Dict[str, object]  # every key/value pair of the file, GGUF header fields excluded
-
-
-def _mixed_direction(bank: VectorBank,
-                     weights: Union[str, Mapping[str, float]]) -> Tuple[Dict[str, float], torch.Tensor]:
-    """The checked weights and Σ_k w_k · v̂[:, k] as (L, d) float64, v̂ the bank's vectors at unit length."""
-    if isinstance(weights, str):
-        weights = {weights: 1.0}
-    if not isinstance(weights, Mapping) or not weights:
-        raise ValueError(f"weights: expected an emotion name or a non-empty {{name: weight}} mapping; got {weights!r}")
-    checked = {}
-    for name, w in weights.items():
-        bank.index(name)  # raises KeyError naming the closest matches
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
-            raise ValueError(f"weights[{name!r}]: expected a finite number; got {w!r}")
-        checked[name] = float(w)
-    # Unit length, as emokern.patch uses the vectors, so that the strengths mean the same in both.
-    unit = bank.vectors.double() / bank.vectors.double().norm(dim=-1, keepdim=True).clamp(min=1e-12)
-    mix = sum(w * unit[:, bank.index(name)] for name, w in checked.items())
-    return checked, mix
-
-
-def export_gguf_control_vector(bank: VectorBank, path: Union[str, os.PathLike],
-                               weights: Union[str, Mapping[str, float]], *, layers: Optional[Sequence[int]] = None,
-                               scale_by_residual_norm: bool = True, model_hint: Optional[str] = None) -> Path:
-    """Write a weighted mix of the bank's emotions as a llama.cpp control vector (``llama-cli --control-vector``).
-
-    The file follows what llama.cpp's loader (``common_control_vector_load_one`` in ``common/common.cpp``) and
-    applier (``llama_adapter_cvec::apply`` in ``src/llama-adapter.cpp``) expect:
-
-    * metadata ``general.architecture = "controlvector"``, ``controlvector.model_hint`` (string: the llama.cpp
-      architecture, e.g. ``"llama"``; informational, llama.cpp does not check it) and ``controlvector.layer_count``
-      (int32: the number of direction tensors), as llama.cpp's own ``cvector-generator`` writes them;
-    * one F32, 1-D tensor of n_embd values per steered layer, named ``direction.<il>``. llama.cpp adds
-      ``strength × direction.<il>`` to the output of block ``il`` (0-based; the ``l_out`` tensor, after the FFN
-      residual add) on every token. That is emokern's layer ``il`` (the output of Hugging Face decoder layer
-      ``il``), so the bank's layer indices are written unchanged. Index 0 is rejected by llama.cpp: block 0 cannot
-      be steered.
-
-    Values: ``direction.<il> = c_il · Σ_k weights[k] · v_k,il`` with the bank's vectors ``v`` at unit length (as
-    :func:`emokern.patch.patch` uses them), where ``c_il`` is ``bank.residual_norm`` at that layer
-    (``scale_by_residual_norm=True``) or 1. With the default, llama.cpp
-    strength ``s`` (``--control-vector`` is 1.0, ``--control-vector-scaled FILE s``) steers like
-    ``emokern.patch`` with strengths ``{k: s · weights[k]}`` at those layers:
-    ``h += s · w_k · mean‖h_il‖ · v_k``, the paper's unit. Note that llama.cpp steers every token of the context
-    (the paper's whole-transcript steering needs strengths about 10× smaller than position-restricted steering),
-    and that the residual norms were measured on the Hugging Face model the bank was made from.
-
-    Args:
-        bank: the source bank.
-        path: the .gguf file to write (replaced atomically).
-        weights: an emotion name (weight 1) or ``{name: weight}``; unknown names raise ``KeyError`` with close
-            matches.
-        layers: the bank layers to write; default: all of them except 0. For the paper's single mid-late layer, pass
-            ``[bank.metadata["default_layer"]["two_thirds"]]`` (or narrow with llama.cpp's
-            ``--control-vector-layer-range``).
-        scale_by_residual_norm: scale each layer's direction by its mean residual norm (see above).
-        model_hint: ``controlvector.model_hint``; default: llama.cpp's name for the bank's recorded
-            ``metadata["model"]["model_type"]``, that type itself if llama.cpp's name is unknown here, else
-            ``"unknown"``.
-
-    Returns:
-        The path written. emokern's own keys (``controlvector.emokern.*``: the weights as JSON, the scale, the
-        bank's model id and fingerprint) are added for :func:`read_gguf_control_vector`; llama.cpp ignores them.
-    """
-    import gguf
-    import numpy as np
-
-    checked, mix = _mixed_direction(bank, weights)
-    if layers is None:
-        layers = [layer for layer in bank.layers if layer >= 1]
-        if not layers:
-            raise ValueError(f"bank: llama.cpp cannot steer block 0, and the bank has no other layer ({bank.layers})")
-    else:
-        layers = sorted(set(int(x) for x in layers))
-        if not layers:
-            raise ValueError("layers: expected at least one layer; got an empty selection")
-        for layer in layers:
-            if layer < 1:
-                raise ValueError(f"layers: llama.cpp control vectors cannot steer block {layer} (direction indices "
-                                 f"start at 1); got {layers}")
-            bank.layer_slot(layer)  # raises naming the bank's layers
-    if model_hint is None:
-        model_type = (bank.metadata.get("model") or {}).get("model_type")
-        model_hint = _GGUF_ARCH.get(model_type, model_type) or "unknown"
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".gguf.tmp")
-    os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(tmp, "controlvector")
-        writer.add_string("controlvector.model_hint", model_hint)
-        writer.add_int32("controlvector.layer_count", len(layers))
-        writer.add_string("controlvector.emokern.weights", json.dumps(checked))
-        writer.add_string("controlvector.emokern.scale", "residual_norm" if scale_by_residual_norm else "unit")
-        writer.add_string("controlvector.emokern.model_id", bank.model_id)
-        writer.add_string("controlvector.emokern.fingerprint", bank.fingerprint)
-        for layer in layers:
-            slot = bank.layer_slot(layer)
-            scale = float(bank.residual_norm[slot]) if scale_by_residual_norm else 1.0
-            writer.add_tensor(f"direction.{layer}", (mix[slot] * scale).numpy().astype(np.float32))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def read_gguf_control_vector(path: Union[str, os.PathLike]) -> ControlVectorFile:
-    """Read a llama.cpp control-vector GGUF (emokern's or another tool's), checking what llama.cpp checks.
-
-    Raises ``ValueError`` when ``general.architecture`` is not ``"controlvector"``, or a tensor is not named
-    ``direction.<N>`` with N >= 1, is not F32, is not 1-D, or differs in length from the others.
-    """
-    import gguf
-    import numpy as np
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"path: control-vector file {path} does not exist")
-    reader = gguf.GGUFReader(str(path))
-    metadata = {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
-    if metadata.get("general.architecture") != "controlvector":
-        raise ValueError(f"{path}: expected general.architecture 'controlvector'; got "
-                         f"{metadata.get('general.architecture')!r}")
-    directions: Dict[int, torch.Tensor] = {}
-    for tensor in reader.tensors:
-        prefix, _, index = tensor.name.partition(".")
-        if prefix != "direction" or not index.isdigit() or int(index) < 1:
-            raise ValueError(f"{path}: expected tensors named direction.<N> with N >= 1; got {tensor.name!r}")
-        if tensor.tensor_type != gguf.GGMLQuantizationType.F32 or len(tensor.shape) != 1:
-            raise ValueError(f"{path}: tensor {tensor.name} must be 1-D F32; got type "
-                             f"{gguf.GGMLQuantizationType(tensor.tensor_type).name}, shape {list(tensor.shape)}")
-        directions[int(index)] = torch.from_numpy(np.array(tensor.data, dtype=np.float32))
-    sizes = {v.numel() for v in directions.values()}
-    if len(sizes) > 1:
-        raise ValueError(f"{path}: direction tensors must all have the same length; got {sorted(sizes)}")
-    return ControlVectorFile(directions=dict(sorted(directions.items())), metadata=metadata)
+    bank = extract_bank(model, tokenizer, [s.text for s in stories], [s.emotion for s in stories],
+                        [r.text for r in neutral], metadata=meta,
+                        story_exclude_spans=story_exclusions(stories, exclude), **kwargs)
+    bank.metadata["recipe"]["exclude"] = exclude
+    return bank

@@ -670,7 +670,7 @@ class PatchHandle:
         if W < T:
             proj[:, T - 1] = float("nan")
         ids = token_ids.cpu()
-        tokens = ([self.tokenizer.convert_ids_to_tokens(r) for r in ids.tolist()] if self.tokenizer is not None
+        tokens = ([Trace.decode_tokens(self.tokenizer, r) for r in ids.tolist()] if self.tokenizer is not None
                   else [[str(t) for t in r] for r in ids.tolist()])
         mean = std = None
         if self.bank.neutral_mean is not None and self.bank.neutral_std is not None:

@@ -31,28 +31,40 @@ def _bank_stem(out_dir: Path, model_name: str) -> Path:
     return out_dir / "bank" / safe
 
 
-def extract(model_name: str, out_dir, *, preset: str = "quick", dtype: torch.dtype = torch.bfloat16,
+def extract(model_name: str, out_dir, *, preset: str = "standard", dtype: torch.dtype = torch.bfloat16,
             model=None, tokenizer=None, emotions: Optional[Sequence[str]] = None,
-            stories_per_emotion: Optional[int] = None, first_token: int = 50, fmt: str = "chat",
-            batch_size: int = 8, progress: bool = True, overwrite: bool = False) -> Path:
-    """Generate (or finish) the story corpus in ``out_dir/corpus`` and build the bank in ``out_dir/bank``.
+            stories_per_emotion: Optional[int] = None, first_token: Optional[int] = None,
+            exclude: Optional[str] = None, exclude_after: Optional[int] = None, fmt: str = "chat",
+            batch_size: int = 8, progress: bool = True, regenerate: bool = False, overwrite: bool = False) -> Path:
+    """Get the story corpus into ``out_dir/corpus`` and build the bank in ``out_dir/bank``.
+
+    The corpus comes from, in this order: ``out_dir/corpus`` itself when it holds the complete corpus of this
+    preset (a finished earlier run); the corpus shipped in the package for this model and preset
+    (:func:`emokern.packaged.packaged_corpus`, unpacked there) unless ``regenerate`` or ``emotions`` /
+    ``stories_per_emotion`` ask for another one; else :func:`emokern.corpus.generate_corpus` (resumable: a run
+    killed at any point continues from its finished shards).
 
     Args:
         model_name: an embedded model name (see ``emokern models``), a local checkpoint directory or a hub id.
-        out_dir: output folder (created). A run killed at any point continues from its finished shards.
-        preset: corpus preset (``quick``, ``mini``, ``paper``); ``emotions`` / ``stories_per_emotion`` override it.
+        out_dir: output folder (created).
+        preset: corpus preset (``standard``, ``quick``, ``mini``, ``paper``); ``emotions`` /
+            ``stories_per_emotion`` override it (and then the corpus is generated here).
         dtype: model dtype for generation and activations (bf16 runs fastest on CPUs with AMX).
-        first_token: activations are averaged over story tokens from this position on.
+        first_token, exclude, exclude_after: how stories are read (see :func:`emokern.extract.story_activations`
+            and :func:`emokern.extract.story_exclusions`); ``None``: the corpus style's defaults
+            (:class:`emokern.prompts.StoryStyle`).
         fmt: ``chat`` (story as the Assistant's reply) or ``raw`` text.
+        regenerate: generate the corpus here even when one is shipped (replacing ``out_dir/corpus``).
         overwrite: start the corpus afresh even if ``out_dir/corpus`` holds another configuration.
 
     Returns:
         The bank's JSON path.
     """
     from emokern.bank import VectorBank, bank_paths
-    from emokern.corpus import generate_corpus
+    from emokern.corpus import PRESETS, StoryCorpus, _read_manifest, _resolve_style, generate_corpus
     from emokern.extract import extract_bank_from_corpus
     from emokern.models import load_model
+    from emokern.packaged import packaged_corpus, unpack_corpus
 
     out_dir = Path(out_dir)
     try:
@@ -61,29 +73,52 @@ def extract(model_name: str, out_dir, *, preset: str = "quick", dtype: torch.dty
         raise ValueError(f"extract: output directory {str(out_dir)!r} cannot be created: {exc.strerror}") from None
     if not os.access(out_dir, os.W_OK):
         raise ValueError(f"extract: output directory {str(out_dir)!r} is not writable")
+    if preset not in PRESETS:
+        raise ValueError(f"preset: expected one of {', '.join(PRESETS)}; got {preset!r}")
     if model is None:
         t0 = time.perf_counter()
         model, tokenizer = load_model(model_name, dtype=dtype)
         _say(f"loaded {model_name} in {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
-    corpus = generate_corpus(model, tokenizer, out_dir / "corpus", preset=preset, emotions=emotions,
-                             stories_per_emotion=stories_per_emotion, progress=progress, overwrite=overwrite)
-    _say(f"corpus: {len(corpus.stories)} stories, {len(corpus.neutral)} neutral dialogues "
-         f"({time.perf_counter() - t0:.0f} s) in {out_dir / 'corpus'}")
+    corpus_dir = out_dir / "corpus"
+    existing = _read_manifest(corpus_dir)
+    custom = emotions is not None or stories_per_emotion is not None
+    shipped = None if (regenerate or custom) else packaged_corpus(Path(str(model_name)).name, preset)
+    if (existing is not None and not regenerate and not overwrite and existing["config"]["preset"] == preset
+            and not custom and StoryCorpus.load(corpus_dir, allow_partial=True).complete):
+        corpus = StoryCorpus.load(corpus_dir)
+        source = "reused"
+    elif shipped is not None and existing is None:
+        corpus = unpack_corpus(shipped, corpus_dir)
+        source = f"shipped ({shipped.name}; regenerate with --regenerate)"
+    else:
+        corpus = generate_corpus(model, tokenizer, corpus_dir, preset=preset, emotions=emotions,
+                                 stories_per_emotion=stories_per_emotion, progress=progress,
+                                 overwrite=overwrite or regenerate)
+        source = "generated"
+    _say(f"corpus ({source}): {len(corpus.stories)} stories, {len(corpus.neutral)} neutral dialogues "
+         f"({time.perf_counter() - t0:.0f} s) in {corpus_dir}")
+    style = _resolve_style(corpus.manifest["config"].get("style", "implicit"))
+    reading = {"first_token": style.first_token if first_token is None else first_token,
+               "exclude": style.exclude if exclude is None else exclude,
+               "exclude_after": style.exclude_after if exclude_after is None else exclude_after, "fmt": fmt}
     stem = _bank_stem(out_dir, model_name)
     _, meta_path = bank_paths(stem)
-    corpus_id = _corpus_identity(out_dir / "corpus")
+    corpus_id = _corpus_identity(corpus_dir, reading)
     if meta_path.is_file() and not overwrite:
         try:
-            existing = VectorBank.load(stem, model=model)
-            if existing.metadata.get("corpus_identity") == corpus_id:
+            existing_bank = VectorBank.load(stem, model=model)
+            if existing_bank.metadata.get("corpus_identity") == corpus_id:
                 _say(f"bank up to date: {meta_path}")
                 return meta_path
         except (ValueError, KeyError):
             pass  # a stale or damaged bank is rebuilt below
     t0 = time.perf_counter()
-    bank = extract_bank_from_corpus(model, tokenizer, corpus, first_token=first_token, fmt=fmt,
-                                    batch_size=batch_size, progress=progress)
+    bank = extract_bank_from_corpus(model, tokenizer, corpus, batch_size=batch_size, progress=progress,
+                                    metadata={"corpus_source": source.split(" ")[0],
+                                              "corpus_manifest": {k: corpus.manifest.get(k) for k in
+                                                                  ("config", "versions", "created")}},
+                                    **reading)
     bank.metadata["corpus_identity"] = corpus_id
     bank.model_id = str(model_name)  # the name users load it by, not the cache path transformers records
     bank.save(stem)
@@ -92,11 +127,12 @@ def extract(model_name: str, out_dir, *, preset: str = "quick", dtype: torch.dty
     return meta_path
 
 
-def _corpus_identity(corpus_dir: Path) -> str:
-    """A digest of the corpus manifest and shard names: a changed corpus means the bank must be rebuilt."""
+def _corpus_identity(corpus_dir: Path, reading: dict) -> str:
+    """A digest of the corpus manifest, its shard names and sizes, and how the stories are read: a changed corpus
+    or reading means the bank must be rebuilt."""
     import hashlib
 
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(json.dumps(reading, sort_keys=True).encode())
     manifest = corpus_dir / "manifest.json"
     if manifest.is_file():
         digest.update(manifest.read_bytes())
@@ -130,10 +166,10 @@ pre{{white-space:pre-wrap;font-size:14px}} .prompt{{background:#eef;padding:0.5e
     return path
 
 
-def demo(out_dir="emokern_out", *, model_name: str = "smollm2-135m-instruct", preset: str = "quick",
+def demo(out_dir="emokern_out", *, model_name: str = "smollm2-135m-instruct", preset: str = "standard",
          prompt: str = DEMO_PROMPT, steer: Sequence[str] = DEMO_STEER, strength: float = 0.25,
          max_new_tokens: int = 60, goemotions_limit: int = 600, emobank_limit: int = 300,
-         dtype: torch.dtype = torch.bfloat16, progress: bool = True) -> Dict[str, Path]:
+         dtype: torch.dtype = torch.bfloat16, progress: bool = True, regenerate: bool = False) -> Dict[str, Path]:
     """The README's main job: extraction → bank → validation report → a monitored generation as a per-token
     heatmap page → the same prompt steered toward each emotion in ``steer`` beside the unsteered text.
 
@@ -147,7 +183,8 @@ def demo(out_dir="emokern_out", *, model_name: str = "smollm2-135m-instruct", pr
     out_dir = Path(out_dir)
     started = time.perf_counter()
     model, tokenizer = load_model(model_name, dtype=dtype)
-    bank_json = extract(model_name, out_dir, preset=preset, model=model, tokenizer=tokenizer, progress=progress)
+    bank_json = extract(model_name, out_dir, preset=preset, model=model, tokenizer=tokenizer, progress=progress,
+                        regenerate=regenerate)
     bank = VectorBank.load(bank_json, model=model)
     outputs: Dict[str, Path] = {"bank": bank_json, "corpus": out_dir / "corpus"}
 
@@ -159,7 +196,7 @@ def demo(out_dir="emokern_out", *, model_name: str = "smollm2-135m-instruct", pr
     outputs["report"] = out_dir / "report" / "report.html"
     _say(f"report ({time.perf_counter() - t0:.0f} s) -> {outputs['report']}")
 
-    layer = _default_layer(bank)
+    layer, _ = bank.default_layer()
     featured = [e for e in ("happy", "calm", "desperate", "afraid", "sad", "angry", "loving", "nervous", "proud",
                             "surprised", "guilty", "inspired") if e in bank.names]
     text = _chat_prompt(tokenizer, prompt)
@@ -190,15 +227,6 @@ def demo(out_dir="emokern_out", *, model_name: str = "smollm2-135m-instruct", pr
     return outputs
 
 
-def _default_layer(bank) -> int:
-    chosen = bank.metadata.get("default_layer")
-    if isinstance(chosen, dict):
-        chosen = chosen.get("two_thirds")
-    if isinstance(chosen, int) and chosen in bank.layers:
-        return chosen
-    return bank.layers[round(2 * (len(bank.layers) - 1) / 3)]
-
-
 def _key_numbers(report: dict) -> dict:
     """The numbers the README quotes, picked out of the report's JSON (missing entries are left out)."""
     def get(*path):
@@ -210,10 +238,13 @@ def _key_numbers(report: dict) -> dict:
         return node
 
     picks = {
-        "layer": get("layer"),
+        "layer": get("layer", "index"),
         "held_out_top1": get("classification", "quality_curve", "top1_at_layer"),
         "held_out_top5": get("classification", "quality_curve", "top5_at_layer"),
         "chance_top1": get("classification", "chance_top1"),
+        "chance_top5": get("classification", "chance_top5"),
+        "probe_top1": get("classification", "quality_curve", "probe_top1_at_layer"),
+        "held_out_valence_auroc": get("classification", "quality_curve", "valence_auroc_at_layer"),
         "pc1_variance": get("geometry", "variance_explained", "pc1"),
         "pc2_variance": get("geometry", "variance_explained", "pc2"),
         "pc1_valence_r": get("geometry", "pc1_valence", "r"),

@@ -178,16 +178,7 @@ def _resolve_layer(bank: VectorBank, model, layer: Optional[int]) -> Tuple[int, 
     """The model layer to report on and where it came from (see :func:`validation_report`)."""
     n_layers = int(_text_config(model).num_hidden_layers)
     if layer is None:
-        default = bank.metadata.get("default_layer")
-        if isinstance(default, dict) and default.get("two_thirds") is not None:
-            layer, source = int(default["two_thirds"]), "bank.metadata['default_layer']['two_thirds']"
-        elif isinstance(default, int):
-            layer, source = default, "bank.metadata['default_layer']"
-        else:
-            # The paper's mid-late layer, by the rule extract_bank records: nearest round(2/3 * (N - 1)).
-            target = round(2 / 3 * (n_layers - 1))
-            layer = min(bank.layers, key=lambda x: (abs(x - target), x))
-            source = f"the bank layer nearest 2/3 depth (round(2/3 * ({n_layers} - 1)) = {target})"
+        layer, source = bank.default_layer()
     elif isinstance(layer, bool) or not isinstance(layer, int):
         raise TypeError(f"layer: expected an int (a decoder-layer index) or None; got {layer!r}")
     else:
@@ -245,15 +236,27 @@ def _classification(bank: VectorBank, layer: int, stories: Optional[Tuple[List[s
     quality = bank.metadata.get("quality")
     if quality:
         at = quality["layers"].index(layer) if layer in quality["layers"] else None
-        out["quality_curve"] = {
-            "layers": list(quality["layers"]), "top1": list(quality["top1"]), "top5": list(quality["top5"]),
-            "n_train": quality.get("n_train"), "n_test": quality.get("n_test"),
-            "top1_at_layer": None if at is None else quality["top1"][at],
-            "top5_at_layer": None if at is None else quality["top5"][at],
-        }
+
+        def pick(key):
+            values = quality.get(key)
+            return None if at is None or values is None else values[at]
+
         default = bank.metadata.get("default_layer") or {}
-        best = default.get("best_accuracy") if isinstance(default, dict) else None
-        out["plot"] = _plot_quality_curve(out["quality_curve"], layer, best, K, out_dir / "quality_curve.png")
+        out["quality_curve"] = {
+            "split": quality.get("split", "stories"),
+            "layers": list(quality["layers"]), "top1": list(quality["top1"]), "top5": list(quality["top5"]),
+            "validation_top1": quality.get("validation_top1"), "validation_top5": quality.get("validation_top5"),
+            "valence_auroc": quality.get("valence_auroc"),
+            "probe_top1": quality.get("probe_top1"),
+            "n_train": quality.get("n_train"), "n_validation": quality.get("n_validation"),
+            "n_test": quality.get("n_test"), "premises": quality.get("premises"),
+            "top1_at_layer": pick("top1"), "top5_at_layer": pick("top5"),
+            "valence_auroc_at_layer": pick("valence_auroc"),
+            "probe_top1_at_layer": (quality.get("probe_top1") or {}).get(str(layer)),
+            "chosen_layer": default.get("chosen") if isinstance(default, dict) else None,
+            "layer_rule": default.get("rule") if isinstance(default, dict) else None,
+        }
+        out["plot"] = _plot_quality_curve(out["quality_curve"], layer, K, out_dir / "quality_curve.png")
 
     if stories is not None:
         texts, labels = stories
@@ -280,23 +283,34 @@ def _classification(bank: VectorBank, layer: int, stories: Optional[Tuple[List[s
     return out
 
 
-def _plot_quality_curve(curve: Dict, layer: int, best: Optional[int], K: int, path: Path) -> str:
-    fig = _figure(6.4, 3.6)
+def _plot_quality_curve(curve: Dict, layer: int, K: int, path: Path) -> str:
+    fig = _figure(7.2, 3.8)
     ax = fig.add_subplot()
-    ax.plot(curve["layers"], curve["top1"], marker="o", ms=3, label="top-1")
-    ax.plot(curve["layers"], curve["top5"], marker="o", ms=3, label=f"top-{min(5, K)}")
+    held = "test premises" if curve["split"] == "premises" else "held-out stories"
+    ax.plot(curve["layers"], curve["top1"], marker="o", ms=3, color="C0", label=f"top-1 ({held})")
+    ax.plot(curve["layers"], curve["top5"], marker="o", ms=3, color="C1", label=f"top-{min(5, K)} ({held})")
+    if curve.get("validation_top1"):
+        ax.plot(curve["layers"], curve["validation_top1"], ls="--", lw=1, color="C0", alpha=0.6,
+                label="top-1 (validation premises)")
+        ax.plot(curve["layers"], curve["validation_top5"], ls="--", lw=1, color="C1", alpha=0.6,
+                label=f"top-{min(5, K)} (validation premises)")
+    if curve.get("valence_auroc"):
+        ax.plot(curve["layers"], curve["valence_auroc"], marker=".", ms=3, color="C3", lw=1,
+                label="valence AUROC (test premises)")
+    for name, value in (curve.get("probe_top1") or {}).items():
+        ax.plot([int(name)], [value], marker="*", ms=10, color="C2", ls="none",
+                label="probe top-1 (ceiling)" if name == next(iter(curve["probe_top1"])) else None)
     ax.axhline(1 / K, color="grey", ls=":", lw=1, label=f"chance top-1 (1/{K})")
+    ax.axhline(min(5, K) / K, color="grey", ls="-.", lw=0.8, label=f"chance top-{min(5, K)}")
     ax.axvline(layer, color="crimson", ls="--", lw=1, label=f"report layer {layer}")
-    if best is not None and best != layer:
-        ax.axvline(best, color="green", ls=":", lw=1, label=f"best top-1 layer {best}")
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer")
-    ax.set_ylabel("held-out accuracy")
+    ax.set_ylabel("accuracy / AUROC")
     ax.set_ylim(0, 1.02)
     ax.set_title(f"Held-out story classification over {K} emotions")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6.5, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _save(fig, path)
 
 
@@ -754,12 +768,32 @@ def _html(report: Dict, out_dir: Path) -> str:
                  f"(K = {b['n_emotions']}).</p>")
     q = c["quality_curve"]
     if q:
-        parts.append(f"<p>From the bank's metadata (held out at extraction; {q['n_train']} training, "
-                     f"{q['n_test']} test stories): at layer {report['layer']['index']}, top-1 = "
-                     f"{_fmt(q['top1_at_layer'])}, top-5 = {_fmt(q['top5_at_layer'])}.</p>")
+        L = report["layer"]["index"]
+        if q["split"] == "premises":
+            parts.append(f"<p>Measured at extraction with <b>whole premises held out</b>: vectors from "
+                         f"{q['n_train']} training stories chose the layer on {q['n_validation']} validation "
+                         f"stories; vectors from both were then tested on {q['n_test']} stories of premises that took "
+                         f"no part ({_e(q.get('layer_rule') or '')}).</p>")
+            parts.append(_table(["at layer " + str(L), "test", "chance"], [
+                [f"{b['n_emotions']}-way top-1 (mean-difference vectors)", _fmt(q["top1_at_layer"]),
+                 _fmt(c["chance_top1"])],
+                [f"{b['n_emotions']}-way top-5", _fmt(q["top5_at_layer"]), _fmt(c["chance_top5"])],
+                ["top-1 of a logistic-regression probe (the linear-readout ceiling)",
+                 _fmt(q["probe_top1_at_layer"]), _fmt(c["chance_top1"])],
+                ["valence AUROC: positive vs negative emotions' stories", _fmt(q["valence_auroc_at_layer"]),
+                 "0.5"]]))
+        else:
+            parts.append(f"<p>From the bank's metadata (held out at extraction; {q['n_train']} training, "
+                         f"{q['n_test']} test stories): at layer {L}, top-1 = "
+                         f"{_fmt(q['top1_at_layer'])}, top-5 = {_fmt(q['top5_at_layer'])}.</p>")
         parts.append(_img(out_dir, c.get("plot"), "Held-out accuracy by layer"))
-        parts.append("<details><summary>accuracy per layer</summary>" +
-                     _table(["layer", "top-1", "top-5"], list(zip(q["layers"], q["top1"], q["top5"]))) + "</details>")
+        columns = [("top-1", q["top1"]), ("top-5", q["top5"]), ("validation top-1", q.get("validation_top1")),
+                   ("validation top-5", q.get("validation_top5")), ("valence AUROC", q.get("valence_auroc"))]
+        columns = [(name, values) for name, values in columns if values]
+        parts.append("<details><summary>per layer</summary>" +
+                     _table(["layer"] + [n for n, _ in columns],
+                            [[layer] + [v[i] for _, v in columns] for i, layer in enumerate(q["layers"])]) +
+                     "</details>")
     else:
         parts.append("<p class='note'>The bank's metadata holds no quality curve.</p>")
     if c["corpus"]:

@@ -9,6 +9,17 @@ Positions are cache positions, as in the trace: index ``t`` of ``trace.tokens[se
 Padding is never drawn.  Positions that were never fed through the model (NaN, e.g. the last generated token) are
 shown without a value.
 
+Two defaults make pictures of real models readable:
+
+* **Z-scores when possible.**  ``zscore=None`` (the default) means z-scores against the neutral-text statistics
+  when the trace has them (:attr:`Trace.has_neutral_stats`), raw projections otherwise; the axis label / page
+  legend says which ("z-score vs neutral text" or "projection").  ``True`` / ``False`` force one.
+* **Attention sinks off the scale.**  ``sinks=True`` (the default) finds the sink positions of the shown sequence at
+  the shown site with :meth:`Trace.sink_positions` (the first token(s), ~100x larger than the rest).  They stay in
+  the data but are left out of the scales and out of moving averages (``Trace.values(..., mask_sinks=True)``):
+  the heatmap draws them grey with a small marker and their true (unsmoothed) value in the tooltip, the PNG plot
+  masks them (gaps in the lines over a grey band) and says so in a note.  ``sinks=False`` treats them like any token.
+
 matplotlib is imported inside :func:`plot_trace` only, so the HTML page (and ``import emokern.viz``) does not need it.
 """
 
@@ -26,7 +37,7 @@ import torch
 if TYPE_CHECKING:  # pragma: no cover
     from emokern.trace import Trace
 
-__all__ = ["plot_trace", "trace_heatmap_html", "scale_values", "value_color"]
+__all__ = ["plot_trace", "trace_heatmap_html", "scale_values", "value_color", "ZSCORE_LABEL", "PROJECTION_LABEL"]
 
 # Token labels on the x axis only while they can still be read; beyond this the axis shows positions.
 MAX_TOKEN_LABELS = 60
@@ -35,6 +46,12 @@ MAX_TOKEN_LABELS = 60
 _POS_RGB = (214, 39, 40)
 _NEG_RGB = (31, 96, 180)
 _DARK_TEXT_ABOVE = 0.55
+# Background of attention-sink tokens in the heatmap: a neutral grey outside the diverging scale.
+_SINK_RGB = (200, 200, 200)
+
+# What the values are, for axis labels and page legends.
+ZSCORE_LABEL = "z-score vs neutral text"
+PROJECTION_LABEL = "projection"
 
 
 # ----------------------------------------------------------------------------------------------- shared helpers
@@ -54,10 +71,24 @@ def _site_name(trace: "Trace", site: Union[int, str, None]) -> str:
     return trace.sites[idx]
 
 
-def _smoothed_trace(trace: "Trace", window: int) -> "Trace":
-    """The trace with every series replaced by its trailing moving average, padding masked first.
+def _use_zscore(trace: "Trace", zscore: Optional[bool]) -> bool:
+    """``zscore=None`` -> z-scores exactly when the trace has neutral statistics; otherwise ``bool(zscore)``."""
+    return trace.has_neutral_stats if zscore is None else bool(zscore)
 
-    Masking padding before smoothing makes the result match :meth:`Trace.values` (which masks, then smooths), so
+
+def _sink_mask(trace: "Trace", site: Union[int, str, None], sequence: int, sinks: bool) -> torch.Tensor:
+    """(T,) bool: :meth:`Trace.sink_positions` of the shown sequence and site, or all False when ``sinks=False``."""
+    if sinks:
+        return trace.sink_positions(site, sequence)
+    return torch.zeros(trace.projections.shape[1], dtype=torch.bool)
+
+
+def _smoothed_trace(trace: "Trace", window: int, sequence: Optional[int] = None,
+                    sink: Optional[torch.Tensor] = None) -> "Trace":
+    """The trace with every series replaced by its trailing moving average, padding (and ``sink`` positions of
+    ``sequence``, all sites) masked first.
+
+    Masking before smoothing makes the result match :meth:`Trace.values` (which masks, then smooths), so
     the tooltip's top emotions are computed from the same series as the colours.  Z-scoring is affine per
     (site, emotion), so it commutes with the moving average.
     """
@@ -67,6 +98,8 @@ def _smoothed_trace(trace: "Trace", window: int) -> "Trace":
 
     proj = trace.projections.clone()
     proj[trace.is_pad] = float("nan")
+    if sink is not None and sequence is not None:
+        proj[sequence, sink] = float("nan")
     masked = Trace(proj, trace.token_ids, trace.tokens, trace.is_prompt, trace.is_pad, trace.sites, trace.names,
                    trace.neutral_mean, trace.neutral_std)
     return masked.smooth(window)
@@ -151,23 +184,36 @@ def robust_ylim(series: Sequence[torch.Tensor]) -> Optional[Tuple[float, float]]
 
 
 def plot_trace(trace: "Trace", emotions: Union[str, Sequence[str]], path: Union[str, os.PathLike], *,
-               site: Union[int, str, None] = None, sequence: int = 0, zscore: bool = False, window: int = 1,
-               marks: Optional[Sequence[Tuple[int, str]]] = None, title: Optional[str] = None) -> Path:
+               site: Union[int, str, None] = None, sequence: int = 0, zscore: Optional[bool] = None, window: int = 1,
+               marks: Optional[Sequence[Tuple[int, str]]] = None, title: Optional[str] = None,
+               sinks: bool = True) -> Path:
     """Write a PNG line plot of chosen emotions over the tokens of one sequence; returns ``Path(path)``.
 
     Args:
         trace: the recorded trace.
         emotions: one emotion name or a list of them; one line each, values from
-            ``trace.values(e, site=site, sequence=sequence, zscore=zscore, window=window)``.
+            ``trace.values(e, site=site, sequence=sequence, zscore=z, window=window, mask_sinks=sinks)`` where ``z``
+            is ``zscore`` resolved as below.
         path: output file (PNG whatever the suffix); parent directories are created.
         site: site name or index (default: the trace's default site, see ``Trace._site``).
         sequence: which sequence of the batch.
-        zscore: plot z-scores against the neutral-text statistics (raises ``ValueError`` from
-            :meth:`Trace.zscores` when the trace has none).
+        zscore: ``None`` (default): z-scores against the neutral-text statistics when the trace has them
+            (:attr:`Trace.has_neutral_stats`), raw projections otherwise.  ``True``: z-scores (raises
+            ``ValueError`` from :meth:`Trace.zscores` when the trace has no statistics).  ``False``: projections.
+            The y label says which: ``"z-score vs neutral text"`` or ``"projection"``.
         window: trailing moving average over this many tokens (1 = raw values).
         marks: ``(token_index, label)`` pairs drawn as labelled vertical dashed lines, e.g. where a test failed;
             ``token_index`` is a cache position (an index into ``trace.tokens[sequence]``).
         title: figure title (default: site, sequence and the smoothing / z-score settings).
+        sinks: ``True`` (default): the attention sinks of this sequence at this site
+            (:meth:`Trace.sink_positions`) are **masked**: every line has a gap there, they are left out of the
+            moving average and of the y-range, a grey band marks each one and a note in the lower right corner
+            says ``"k attention-sink position(s) masked (grey, off scale): t=..."``.  ``False``: plotted like any
+            token (the old behaviour; one sink then sets the whole y-range unless :func:`robust_ylim` steps in).
+
+    The y-range is matplotlib's automatic range over the plotted (non-sink) values, unless :func:`robust_ylim`
+    still finds a few extreme values among them; then it is that narrower range, with a note counting the values
+    off the axis.
 
     The x axis is the cache position; padding positions are left out.  With at most 60 non-padding tokens the
     ticks are the token strings (leading spaces ``·``, newlines ``↵``), otherwise integer positions.  The generated
@@ -198,7 +244,10 @@ def plot_trace(trace: "Trace", emotions: Union[str, Sequence[str]], path: Union[
     for idx, label in marks:
         if not 0 <= int(idx) < T:
             raise ValueError(f"mark {label!r} at token_index {idx} is outside the sequence (0 <= index < {T})")
-    series = [trace.values(e, site=site, sequence=sequence, zscore=zscore, window=window)[xs] for e in emotions]
+    use_z = _use_zscore(trace, zscore)
+    sink = _sink_mask(trace, site, sequence, sinks)
+    series = [trace.values(e, site=site, sequence=sequence, zscore=use_z, window=window, mask_sinks=sinks)[xs]
+              for e in emotions]
 
     n = xs.numel()
     label_tokens = n <= MAX_TOKEN_LABELS
@@ -217,6 +266,12 @@ def plot_trace(trace: "Trace", emotions: Union[str, Sequence[str]], path: Union[
         ax.text(g0, 1.0, " generated →", transform=ax.get_xaxis_transform(), ha="left", va="bottom",
                 fontsize=8, color="0.3", parse_math=False)
     ax.axhline(0.0, color="0.6", lw=0.8, zorder=1)
+    sink_ts = torch.nonzero(sink).flatten().tolist()
+    for t in sink_ts:
+        ax.axvspan(t - 0.5, t + 0.5, color="0.82", zorder=0.5, lw=0)
+        if len(sink_ts) <= 12:
+            ax.text(t, 0.02, "sink", transform=ax.get_xaxis_transform(), rotation=90, ha="center", va="bottom",
+                    fontsize=6.5, color="0.35", parse_math=False, zorder=2)
 
     cmap = colormaps["tab10" if len(emotions) <= 10 else "tab20"]
     for i, (name, v) in enumerate(zip(emotions, series)):
@@ -231,12 +286,19 @@ def plot_trace(trace: "Trace", emotions: Union[str, Sequence[str]], path: Union[
                 bbox=dict(boxstyle="round,pad=0.2", fc="white", ec="black", lw=0.6, alpha=0.85))
 
     ax.set_xlim(x_lo, x_hi)
+    notes = []
+    if sink_ts:
+        shown = ", ".join(map(str, sink_ts[:8])) + (", …" if len(sink_ts) > 8 else "")
+        notes.append(f"{len(sink_ts)} attention-sink position(s) masked (grey, off scale): t={shown}")
     limits = robust_ylim(series)
     if limits is not None:
         ax.set_ylim(*limits)
         outside = sum(int(((v < limits[0]) | (v > limits[1])).sum()) for v in series)
-        ax.text(1.0, 0.0, f"{outside} outlying value(s) off the axis ", transform=ax.transAxes, ha="right",
-                va="bottom", fontsize=7, color="0.4", parse_math=False)
+        notes.append(f"{outside} outlying value(s) off the axis")
+    if notes:
+        ax.text(1.0, 0.0, " · ".join(notes) + " ", transform=ax.transAxes, ha="right", va="bottom", fontsize=7,
+                color="0.4", parse_math=False, zorder=6,
+                bbox=dict(boxstyle="square,pad=0.15", fc="white", ec="none", alpha=0.8))
     if label_tokens:
         toks = trace.tokens[sequence]
         ax.set_xticks(x_np, labels=[_visible_plain(toks[int(t)], 14) for t in x_np], rotation=90, fontsize=7.5,
@@ -244,10 +306,10 @@ def plot_trace(trace: "Trace", emotions: Union[str, Sequence[str]], path: Union[
     else:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("token")
-    ax.set_ylabel("z-score" if zscore else "projection")
+    ax.set_ylabel(ZSCORE_LABEL if use_z else PROJECTION_LABEL)
     if title is None:
         parts = [site_name, f"sequence {sequence}"]
-        if zscore:
+        if use_z:
             parts.append("z-scored against neutral text")
         if window > 1:
             parts.append(f"moving average over {window} tokens")
@@ -281,6 +343,10 @@ h1 { font-size: 1.2em; margin: 0 0 .3em 0; }
 .tok { position: relative; padding: 1px 0; border-radius: 2px; cursor: default; }
 .tok:hover { outline: 1.5px solid #000; }
 .tok.nan { outline: 1px dashed #aaa; }
+.tok.sink { background: rgb(SINK); }
+.tok.sink::before { content: "\\25B4"; font-size: 9px; color: #555; vertical-align: super; line-height: 0; }
+.legend .sinkkey { display: inline-block; width: 1.4em; height: 12px; border: 1px solid #bbb; background: rgb(SINK);
+  text-align: center; font-size: 9px; line-height: 12px; color: #555; }
 .tok .ws { opacity: .45; }
 .tok .tip { display: none; position: absolute; left: 0; top: 1.7em; z-index: 10; min-width: 14em;
   background: #fff; color: #222; border: 1px solid #888; border-radius: 4px; padding: .4em .6em;
@@ -313,6 +379,10 @@ _JS = """
       el.querySelectorAll("tr[data-name]").forEach(function (tr) {
         tr.className = tr.dataset.name === name ? "sel" : "";
       });
+      if (el.classList.contains("sink")) {  // grey whatever the emotion; only the tooltip value changes
+        if (v !== null) { el.dataset.v = v; if (vv) vv.textContent = v.toFixed(3); }
+        return;
+      }
       if (v === null) { el.style.background = ""; el.style.color = ""; if (vv) vv.textContent = "n/a"; return; }
       var s = Math.max(-1, Math.min(1, v / series.scale));
       el.style.background = color(s);
@@ -336,15 +406,28 @@ def _fmt(v: float) -> str:
 
 
 def trace_heatmap_html(trace: "Trace", emotion: str, path: Union[str, os.PathLike], *,
-                       site: Union[int, str, None] = None, sequence: int = 0, zscore: bool = False,
+                       site: Union[int, str, None] = None, sequence: int = 0, zscore: Optional[bool] = None,
                        window: int = 1, top_k: int = 5, title: Optional[str] = None,
-                       emotions: Optional[Sequence[str]] = None) -> Path:
+                       emotions: Optional[Sequence[str]] = None, sinks: bool = True) -> Path:
     """Write one self-contained HTML page with the tokens of one sequence coloured by ``emotion``; returns the path.
 
-    Colour: the series ``v = trace.values(emotion, site=site, sequence=sequence, zscore=zscore, window=window)`` is
-    scaled to [-1, 1] by the 99th percentile of ``|v|`` over the sequence's non-padding, non-NaN positions (see
-    :func:`scale_values`; values beyond it clip to ±1), then blended from white (0) to red (+1) or blue (-1)
-    (:func:`value_color`).  NaN positions (never fed through the model) are left uncoloured with a dashed outline.
+    Values: ``zscore=None`` (default) shows z-scores against the neutral-text statistics when the trace has them
+    (:attr:`Trace.has_neutral_stats`) and raw projections otherwise; ``True`` forces z-scores (``ValueError`` without
+    statistics), ``False`` projections.  The header and legend say which (``"z-score vs neutral text"`` or
+    ``"projection"``); tooltips say ``z-score`` / ``projection``.  Call the resolved choice ``z``.
+
+    Attention sinks (``sinks=True``, the default): the positions :meth:`Trace.sink_positions` flags for this
+    sequence at this site are drawn in a neutral grey with a small ``▴`` marker (class ``tok sink``, attribute
+    ``data-sink="1"``), whatever the emotion; their tooltip gives their true value (unsmoothed, even with
+    ``window > 1``) and says they are off the scale; they are left out of the colour scale and of the neighbours'
+    moving averages.  The legend counts them.  ``sinks=False`` colours them like any token.
+
+    Colour: the series ``v = trace.values(emotion, site=site, sequence=sequence, zscore=z, window=window,
+    mask_sinks=sinks)`` (NaN at sinks) is scaled to [-1, 1] by the 99th percentile of ``|v|`` over the sequence's
+    non-padding, non-sink, non-NaN positions (see :func:`scale_values`; values beyond it clip to ±1), then blended
+    from white (0) to red (+1) or blue (-1) (:func:`value_color`).  So the non-sink token with the largest ``|v|``
+    is fully coloured however large the sinks are.  NaN positions (never fed through the model) are left
+    uncoloured with a dashed outline.
 
     Layout: a header (title, emotion, site, sequence, value kind, smoothing, the scale and a colour legend), then
     the prompt tokens and the generated tokens in separate labelled blocks divided by a dashed rule.  Padding is
@@ -352,12 +435,14 @@ def trace_heatmap_html(trace: "Trace", emotion: str, path: Union[str, os.PathLik
     break, tabs as ``→``.
 
     Hovering a token shows a CSS-only tooltip: position, token, the value of the coloured emotion, and the top
-    ``top_k`` emotions at that position (``trace.top_emotions`` over the same series: same site, ``zscore`` and
-    moving-average ``window``); ``top_k=0`` leaves the list out.
+    ``top_k`` emotions at that position (``trace.top_emotions`` over the same series: same site, ``z`` and
+    moving-average ``window`` with sinks masked first; at a sink itself, its unsmoothed values); ``top_k=0``
+    leaves the list out.
 
     ``emotions``: optional further emotion names; when it adds any besides ``emotion``, the header gets a dropdown
     that recolours the page among them (values embedded as JSON, a few lines of inline JS, each emotion scaled by
-    its own 99th percentile).  Without JS the page still shows ``emotion``.  No external resource is referenced.
+    its own 99th percentile over non-sink positions; sinks stay grey).  Without JS the page still shows
+    ``emotion``.  No external resource is referenced.
     """
     sequence = _check_sequence(trace, sequence)
     site_name = _site_name(trace, site)
@@ -367,31 +452,53 @@ def trace_heatmap_html(trace: "Trace", emotion: str, path: Union[str, os.PathLik
     choices = list(dict.fromkeys(choices))
 
     # Values first: they raise the trace's own errors (unknown emotion, no calibration for zscore, bad window).
-    series = {e: trace.values(e, site=site, sequence=sequence, zscore=zscore, window=window) for e in choices}
+    use_z = _use_zscore(trace, zscore)
+    series = {e: trace.values(e, site=site, sequence=sequence, zscore=use_z, window=window, mask_sinks=sinks)
+              for e in choices}
+    sink = _sink_mask(trace, site, sequence, sinks)
+    sink_list = sink.tolist()
+    # The true values at the sinks (unsmoothed: a sink's own moving average is not meaningful) for the tooltips.
+    raw = {e: trace.values(e, site=site, sequence=sequence, zscore=use_z) for e in choices} if any(sink_list) else {}
     scaled, scale = scale_values(series[emotion])
-    top = (_smoothed_trace(trace, window).top_emotions(top_k, site=site, sequence=sequence, zscore=zscore)
-           if top_k > 0 else None)
+    top = None
+    if top_k > 0:
+        top = _smoothed_trace(trace, window, sequence, sink).top_emotions(top_k, site=site, sequence=sequence,
+                                                                         zscore=use_z)
+        if any(sink_list):
+            top_raw = trace.top_emotions(top_k, site=site, sequence=sequence, zscore=use_z)
+            top = [top_raw[t] if sink_list[t] else top[t] for t in range(len(top))]
 
     T = trace.projections.shape[1]
     toks = trace.tokens[sequence]
     is_pad = trace.is_pad[sequence].tolist()
     is_prompt = trace.is_prompt[sequence].tolist()
-    values = series[emotion].tolist()
-    kind = "z-score" if zscore else "projection"
+    values = [float(raw[emotion][t]) if sink_list[t] else v for t, v in enumerate(series[emotion].tolist())]
+    kind = "z-score" if use_z else "projection"
+    kind_long = ZSCORE_LABEL if use_z else PROJECTION_LABEL
+    if any(sink_list):
+        sink_norm = trace.projections[sequence, :, trace._site(site)].double().norm(dim=-1)
+        valid = ~trace.is_pad[sequence] & torch.isfinite(sink_norm)
+        sink_median = float(sink_norm[valid].median())
 
     def token_span(t: int) -> str:
         v = values[t]
         s = float(scaled[t])
         rgb = value_color(s)
         style, cls = "", "tok"
-        if rgb is None:
+        if sink_list[t]:
+            cls += " sink"
+        elif rgb is None:
             cls += " nan"
         else:
             style = f' style="background:rgb({rgb[0]},{rgb[1]},{rgb[2]})'
             style += ';color:#fff"' if abs(s) > _DARK_TEXT_ABOVE else '"'
         tip = [f'<span class="tip"><span>#{t}</span> <span class="tt">{_visible_html(toks[t], breaks=False)}</span>',
                f'<br><span class="vn">{html.escape(emotion)}</span> ({kind}): <span class="vv">{_fmt(v)}</span>']
-        if math.isnan(v):
+        if sink_list[t]:
+            ratio = float(sink_norm[t]) / sink_median
+            tip.append(f"<br><i>attention sink: projection norm {ratio:.0f}× the sequence median; grey, off the "
+                       f"colour scale{' (unsmoothed value)' if window > 1 else ''}</i>")
+        elif math.isnan(v):
             tip.append("<br><i>not processed (no value at this position)</i>")
         if top is not None and top[t]:
             sel = ' class="sel"'
@@ -401,7 +508,10 @@ def trace_heatmap_html(trace: "Trace", emotion: str, path: Union[str, os.PathLik
                 for name, val in top[t])
             tip.append(f"<table><caption style=\"text-align:left\">top {len(top[t])}</caption>{rows}</table>")
         tip.append("</span>")
-        data_v = "" if math.isnan(v) else f' data-v="{v:.6g}" data-s="{s:.4f}"'
+        if sink_list[t]:
+            data_v = ' data-sink="1"' + ("" if math.isnan(v) else f' data-v="{v:.6g}"')
+        else:
+            data_v = "" if math.isnan(v) else f' data-v="{v:.6g}" data-s="{s:.4f}"'
         return (f'<span class="{cls}" data-t="{t}"{data_v}{style}>{_visible_html(toks[t], breaks=True)}'
                 f'{"".join(tip)}</span>')
 
@@ -426,12 +536,15 @@ def trace_heatmap_html(trace: "Trace", emotion: str, path: Union[str, os.PathLik
         body.append("<p><i>this sequence is all padding</i></p>")
 
     n_pad = sum(is_pad)
+    n_sink = sum(sink_list)
+    sink_key = (f'<span class="sinkkey">▴</span><span>{n_sink} attention-sink position(s), grey and off the '
+                f'scale (true value in the tooltip)</span>' if n_sink else "")
     if title is None:
         title = f"{emotion} · {site_name} · sequence {sequence}"
     scale_text = f"{scale:.3g}"
     neg_css = ",".join(map(str, _NEG_RGB))
     pos_css = ",".join(map(str, _POS_RGB))
-    css = _CSS.replace("NEG", neg_css).replace("POS", pos_css)
+    css = _CSS.replace("NEG", neg_css).replace("POS", pos_css).replace("SINK", ",".join(map(str, _SINK_RGB)))
     picker, script = "", ""
     if len(choices) > 1:
         opts = "".join(f'<option value="{html.escape(e)}"{" selected" if e == emotion else ""}>{html.escape(e)}'
@@ -440,8 +553,9 @@ def trace_heatmap_html(trace: "Trace", emotion: str, path: Union[str, os.PathLik
         payload = {"pos": list(_POS_RGB), "neg": list(_NEG_RGB), "dark": _DARK_TEXT_ABOVE, "series": {}}
         for e, v in series.items():
             sc = scale_values(v)[1]
+            shown_v = [float(raw[e][t]) if sink_list[t] else x for t, x in enumerate(v.tolist())]
             payload["series"][e] = {"scale": sc, "scale_text": f"{sc:.3g}",
-                                    "values": [None if math.isnan(x) else round(x, 6) for x in v.tolist()]}
+                                    "values": [None if math.isnan(x) else round(x, 6) for x in shown_v]}
         script = (f'<script type="application/json" id="emokern-data">{_json_for_script(payload)}</script>\n'
                   f"<script>{_JS}</script>")
     smoothing = f"moving average over {window} tokens" if window > 1 else "raw (no smoothing)"
@@ -455,11 +569,13 @@ def trace_heatmap_html(trace: "Trace", emotion: str, path: Union[str, os.PathLik
 <body>
 <h1>{html.escape(title)}</h1>
 <div class="meta">emotion <code id="emokern-emotion">{html.escape(emotion)}</code>{picker}
- · site <code>{html.escape(site_name)}</code> · sequence {sequence} · {kind} · {smoothing}
+ · site <code>{html.escape(site_name)}</code> · sequence {sequence} · {kind_long} · {smoothing}
  · {sum(1 for b in blocks for _ in b[1])} tokens shown{f", {n_pad} padding omitted" if n_pad else ""}</div>
 <div class="legend"><span>−<span class="emokern-scale">{scale_text}</span></span><span class="bar"></span>
-<span>+<span class="emokern-scale">{scale_text}</span></span><span>({kind}; white at 0, colour saturates at the 99th
- percentile of |value| over the sequence; hover a token for details)</span></div>
+<span>+<span class="emokern-scale">{scale_text}</span></span><span>({kind_long}; white at 0, colour saturates at
+ the 99th percentile of |value| over the sequence{"'s non-sink positions" if n_sink else ""}; hover a token for
+ details)</span>
+{sink_key}</div>
 {"".join(body)}
 {script}
 </body>

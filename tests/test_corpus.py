@@ -35,6 +35,7 @@ from emokern.corpus import (
     relabel_dialogue,
 )
 from emokern.emotions import load_emotions
+from emokern.prompts import NAMES, NEUTRAL_TASKS, STYLES
 
 transformers = pytest.importorskip("transformers")
 
@@ -44,8 +45,10 @@ WORDS = ["[UNK]", "[PAD]", "</s>", "system", "user", "assistant", ":", "calm", "
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
             "{% if add_generation_prompt %}assistant : {% endif %}")
 EMOTIONS = ["calm", "happy", "afraid", "desperate"]
-# the mini preset with a word floor that random 24-token outputs can pass
-TINY = dataclasses.replace(PRESETS["mini"], name="tiny", min_words=4, max_new_tokens=24, batch_size=3)
+# the mini preset with a word floor that random 24-token outputs can pass, in the paper's style (the emotion word
+# filter applies)
+TINY = dataclasses.replace(PRESETS["mini"], name="tiny", min_words=4, max_new_tokens=24, batch_size=3,
+                           style="implicit")
 
 
 def tiny_tokenizer(chat_template: str | None = TEMPLATE):
@@ -113,12 +116,15 @@ def test_topics_file():
 
 
 def test_presets():
-    assert set(PRESETS) == {"quick", "mini", "paper"}
-    assert PRESETS["quick"].emotions is None and PRESETS["paper"].emotions is None  # all 171
+    assert set(PRESETS) == {"standard", "quick", "mini", "paper"}
+    assert all(PRESETS[p].emotions is None for p in ("standard", "quick", "paper"))  # all 171
     assert PRESETS["mini"].emotions == ("desperate", "calm", "happy", "afraid")
     assert PRESETS["paper"].stories_per_emotion * len(load_emotions()) == 205_200
+    assert PRESETS["paper"].style == "implicit" and PRESETS["standard"].style == "opening"
     for p in PRESETS.values():
-        assert p.description and p.prompt_format == "chat" and p.temperature == 0.8 and p.top_p == 0.95
+        assert p.description and p.prompt_format == "chat" and p.top_p == 0.95 and p.style in STYLES
+    # 171 emotions: a batch size dividing 171 lets the standard corpus grow from the quick one
+    assert 171 % PRESETS["standard"].batch_size == 0 and PRESETS["quick"].batch_size == PRESETS["standard"].batch_size
 
 
 def test_plan_is_deterministic_and_balanced():
@@ -139,7 +145,7 @@ def test_plan_is_deterministic_and_balanced():
         assert [j.person for j in mine] in (["first", "third", "first"], ["third", "first", "third"])
         assert all(j.key == f"{e}|{j.topic_index}|0" and j.topic == topics[j.topic_index] for j in mine)
         assert all(e in j.user and j.topic in j.user for j in mine)
-    assert [j.task for j in dialogues] == list(C._TASKS[:5])
+    assert [j.task for j in dialogues] == list(NEUTRAL_TASKS[:5])
     assert [j.key.split("|")[0] for j in dialogues] == ["neutral"] * 5
     # another seed: another premise order and other chunk seeds, same keys' shape
     b = plan_chunks(EMOTIONS, topics, 3, 5, 4, seed=1)
@@ -305,7 +311,7 @@ def test_filtering_end_to_end_with_scripted_outputs(model, tokenizer, tmp_path, 
     assert corpus.stories[0].text.startswith("I counted") and corpus.stories[0].text.endswith("road without a word.")
     [d] = corpus.neutral
     assert d.text.startswith("Human: What is the boiling point") and "\nAssistant: 100 degrees" in d.text
-    assert d.task == C._TASKS[0]
+    assert d.task == NEUTRAL_TASKS[0]
     stats = corpus.stats()
     assert stats["emotions"]["calm"] == {"kept": 0, "dropped": {"emotion_word": 1}}
     assert stats["emotions"]["happy"] == {"kept": 0, "dropped": {"too_short": 1}}
@@ -423,7 +429,10 @@ def test_load_errors(model, tokenizer, tmp_path):
     ({"emotions": "calm"}, r"emotions: expected a non-empty list"),
     ({"emotions": ["calm", "despearte"]}, r"got 'despearte' \(closest: desperate"),
     ({"emotions": ["calm", "calm"]}, r"expected each name once; got duplicates \['calm'\]"),
-    ({"stories_per_emotion": 0}, r"stories_per_emotion: expected an int >= 1; got 0"),
+    ({"stories_per_emotion": -1}, r"stories_per_emotion: expected an int >= 0; got -1"),
+    ({"stories_per_emotion": 0, "neutral": 0}, r"expected at least one story or neutral dialogue; got 0 and 0"),
+    ({"style": "poem"}, r"style: expected one of implicit, plain, fewshot, diary, dialogue, opening"),
+    ({"temperature": -0.5}, r"temperature: expected a number >= 0; got -0.5"),
     ({"neutral": -1}, r"neutral: expected an int >= 0; got -1"),
     ({"batch_size": True}, r"batch_size: expected an int >= 1; got True"),
     ({"max_new_tokens": 2.5}, r"max_new_tokens: expected an int >= 1; got 2.5"),
@@ -543,3 +552,105 @@ def test_mini_preset_on_smollm2(tmp_path):
         assert find_emotion_word(s.text, s.emotion) is None
     stats = corpus.stats()
     assert stats["tokens"]["generated"] > 100 and stats["timings"]["tokens_per_second"] > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# styles, openings, growing a corpus, packing
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_every_style_renders_for_every_narration():
+    for style in STYLES.values():
+        jobs = [j for c in plan_chunks(EMOTIONS, load_topics(), 2, 0, 8, 0, style) for j in c.jobs]
+        for j in jobs:
+            assert j.emotion in j.user and j.topic in j.user and "{" not in j.user
+            if style.opening_first:
+                assert j.opening.endswith(f"felt {j.emotion}.")
+                assert j.opening.startswith("I ") if j.person == "first" else j.opening.split()[0] in NAMES
+            else:
+                assert j.opening == ""
+    # the opening's name depends only on the job key
+    a = [j.opening for c in plan_chunks(EMOTIONS, load_topics(), 2, 0, 8, 0, "opening") for j in c.jobs]
+    b = [j.opening for c in plan_chunks(EMOTIONS, load_topics(), 2, 0, 3, 0, "opening") for j in c.jobs]
+    assert a == b and len({o.split()[0] for o in a if not o.startswith("I ")}) > 1
+
+
+def test_opening_style_keeps_the_opening_and_the_emotion_word(model, tokenizer, tmp_path, monkeypatch):
+    def scripted(model, tokenizer, prompts, **kwargs):
+        out = []
+        for p in prompts:
+            if p.endswith("Person:"):
+                out.append(" Name a prime.\nAI: Seven." + " w1" * 10)
+            elif p.endswith("felt calm."):
+                out.append(" The sea was calm and so was she" + " w2" * 6)
+            elif p.endswith("felt happy."):
+                out.append("\n\nTitle: A day\n" + " w3" * 10)  # clean-up would keep the opening: fine
+            else:
+                out.append(" w4" * 10)
+        return out, [9] * len(prompts)
+
+    monkeypatch.setattr(C, "_generate_chunk", scripted)
+    prompts = []
+    real_render = C._render
+    monkeypatch.setattr(C, "_render", lambda tok, job, fmt: prompts.append(real_render(tok, job, fmt)) or prompts[-1])
+    corpus = run(model, tokenizer, tmp_path / "c", stories_per_emotion=1, neutral=1, style="opening")
+    assert all(p.endswith(("felt calm.", "felt happy.", "felt afraid.", "felt desperate.", "Person:"))
+               for p in prompts)
+    by_emotion = {s.emotion: s for s in corpus.stories}
+    assert set(by_emotion) == set(EMOTIONS)  # naming the emotion is allowed in this style
+    calm = by_emotion["calm"]
+    assert calm.text.startswith(calm.opening) and calm.opening.endswith("felt calm.")
+    assert calm.text == calm.opening + " The sea was calm and so was she" + " w2" * 6
+    assert corpus.manifest["config"]["style"] == "opening"
+    assert [r["opening"] for r in corpus.records if r["kind"] == "neutral"] == ["Person:"]
+
+
+def test_growing_a_corpus_keeps_its_shards(model, tokenizer, tmp_path, monkeypatch):
+    small = run(model, tokenizer, tmp_path / "c", stories_per_emotion=2, neutral=1, batch_size=4)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "c" / "shards").iterdir()}
+    grown = run(model, tokenizer, tmp_path / "c", stories_per_emotion=3, neutral=2, batch_size=4)
+    assert grown.manifest["config"]["stories_per_emotion"] == 3 and grown.complete
+    for name, data in before.items():
+        if name.startswith("stories"):
+            assert (tmp_path / "c" / "shards" / name).read_bytes() == data  # kept, not regenerated
+    fresh = run(model, tokenizer, tmp_path / "fresh", stories_per_emotion=3, neutral=2, batch_size=4)
+    assert comparable(grown) == comparable(fresh)
+    assert len(small.stories) <= len(grown.stories)
+    # a batch size that does not divide the emotions: the old last, partial chunk is generated again in full
+    run(model, tokenizer, tmp_path / "odd", stories_per_emotion=1, neutral=0, batch_size=3)
+    first = (tmp_path / "odd" / "shards" / "stories-00000.jsonl").read_bytes()
+    regenerated = []
+    real = C._generate_chunk
+    monkeypatch.setattr(C, "_generate_chunk", lambda m, t, prompts, **k: regenerated.append(len(prompts)) or real(
+        m, t, prompts, **k))
+    odd = run(model, tokenizer, tmp_path / "odd", stories_per_emotion=2, neutral=0, batch_size=3)
+    assert regenerated == [3, 2]  # chunk 1 (was 1 job, now 3) and the new chunk 2
+    assert (tmp_path / "odd" / "shards" / "stories-00000.jsonl").read_bytes() == first
+    assert comparable(odd) == comparable(run(model, tokenizer, tmp_path / "odd2", stories_per_emotion=2, neutral=0,
+                                             batch_size=3))
+    # fewer stories is another configuration, not a growth
+    with pytest.raises(CorpusConfigError, match="stories_per_emotion: stored 3, requested 2"):
+        run(model, tokenizer, tmp_path / "c", stories_per_emotion=2, neutral=2, batch_size=4)
+
+
+def test_pack_and_unpack_round_trip(model, tokenizer, tmp_path):
+    from emokern.packaged import pack_corpus, packaged_corpus, unpack_corpus
+
+    corpus = run(model, tokenizer, tmp_path / "c", style="opening")
+    packed = pack_corpus(tmp_path / "c", tmp_path / "x.jsonl.gz")
+    assert pack_corpus(tmp_path / "c", tmp_path / "y.jsonl.gz").read_bytes() == packed.read_bytes()  # no time stamp
+    back = unpack_corpus(packed, tmp_path / "u")
+    assert back.manifest == corpus.manifest and back.stories == corpus.stories and back.neutral == corpus.neutral
+    assert [{k: v for k, v in r.items() if k != "raw"} for r in corpus.records] == back.records
+    assert back.stats()["totals"] == corpus.stats()["totals"]
+    assert sorted(p.name for p in (tmp_path / "u" / "shards").iterdir()) == sorted(
+        p.name for p in (tmp_path / "c" / "shards").iterdir())
+    with pytest.raises(FileExistsError, match="already holds a corpus"):
+        unpack_corpus(packed, tmp_path / "u")
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip")
+    with pytest.raises(ValueError, match="expected a packed corpus"):
+        unpack_corpus(tmp_path / "bad.jsonl.gz", tmp_path / "v")
+    with pytest.raises(RuntimeError, match="incomplete"):
+        (tmp_path / "c" / "shards" / "stories-00000.jsonl").unlink()
+        pack_corpus(tmp_path / "c", tmp_path / "z.jsonl.gz")
+    assert packaged_corpus("no-such-model", "standard") is None

@@ -226,7 +226,10 @@ def test_extract_bank_round_trips_with_metadata(tmp_path):
     meta = bank.metadata
     assert meta["corpus"]["per_emotion"] == {"afraid": 4, "calm": 4, "happy": 4}
     assert meta["corpus"]["short_stories"] == 0 and meta["recipe"]["first_token"] == 2
-    assert meta["default_layer"]["two_thirds"] == 1 and meta["default_layer"]["best_accuracy"] in bank.layers
+    # no premises given: stories are held out, and the default layer is the 2/3-depth one
+    assert meta["default_layer"] == {"chosen": None, "two_thirds": 1, "rule": None}
+    assert bank.default_layer() == (1, "bank.metadata['default_layer']['two_thirds']")
+    assert meta["quality"]["split"] == "stories"
     assert len(meta["quality"]["top1"]) == 3 and meta["quality"]["n_test"] == 3
     assert meta["model"]["model_type"] == "llama" and meta["source"] == "test"
     assert set(meta["timings"]) >= {"story_forward_s", "neutral_forward_s", "total_s"}
@@ -342,3 +345,101 @@ def test_errors_name_the_argument():
         emotion_vectors(acts, labels, names, neutral_acts, variance=1.0)
     with pytest.raises(ValueError, match="look close: \\['emo1'"):
         emotion_vectors(acts, labels, ["emo0", "emo_1"], neutral_acts)
+
+
+def story_token_states(model, tok, text, fmt):
+    """(L, n_story_tokens, d) hidden states of the story's own tokens (final norm made the identity)."""
+    parent_path, _, name = final_norm_path(model).rpartition(".")
+    parent = _get(model, parent_path)
+    norm = getattr(parent, name)
+    setattr(parent, name, torch.nn.Identity())
+    try:
+        full = text if fmt == "raw" else tok.apply_chat_template(
+            [{"role": "user", "content": CHAT_REQUEST}, {"role": "assistant", "content": text}], tokenize=False)
+        ids = tok(full, add_special_tokens=fmt == "raw").input_ids
+        story = tok(text, add_special_tokens=False).input_ids
+        s0 = max(i for i in range(len(ids)) if ids[i:i + len(story)] == story)
+        with torch.no_grad():
+            hs = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+        return torch.stack([h[0, s0:s0 + len(story)] for h in hs[1:]])
+    finally:
+        setattr(parent, name, norm)
+
+
+@pytest.mark.parametrize("fmt", ["chat", "raw"])
+def test_excluded_spans_and_the_tokens_after_them_leave_the_mean(fmt):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    words = texts_of([12], seed=4)[0].split()
+    text = " ".join(words)
+    starts = [sum(len(w) + 1 for w in words[:i]) for i in range(len(words))]
+    span = lambda i: (starts[i], starts[i] + len(words[i]))  # noqa: E731  the character span of word i
+    # exclude words 0-1 (one span over both) and word 6, plus 2 tokens after each span
+    spans = [[(starts[0], starts[1] + len(words[1])), span(6)]]
+    got, _ = story_activations(model, tok, [text], first_token=0, fmt=fmt, progress=False, exclude_spans=spans,
+                               exclude_after=2)
+    states = story_token_states(model, tok, text, fmt)
+    kept = [i for i in range(12) if i not in {0, 1, 2, 3, 6, 7, 8}]
+    torch.testing.assert_close(got[0], states[:, kept].mean(1), atol=1e-5, rtol=1e-5)
+    # with first_token: the exclusions apply inside the averaged range
+    got, _ = story_activations(model, tok, [text], first_token=5, fmt=fmt, progress=False, exclude_spans=spans,
+                               exclude_after=2)
+    torch.testing.assert_close(got[0], states[:, [5, 9, 10, 11]].mean(1), atol=1e-5, rtol=1e-5)
+    # everything from first_token on excluded: the other story tokens are averaged instead
+    got, _ = story_activations(model, tok, [text], first_token=9, fmt=fmt, progress=False,
+                               exclude_spans=[[(starts[9], len(text))]])
+    torch.testing.assert_close(got[0], states[:, :9].mean(1), atol=1e-5, rtol=1e-5)
+    # an empty list excludes nothing
+    plain, _ = story_activations(model, tok, [text], first_token=0, fmt=fmt, progress=False)
+    none, _ = story_activations(model, tok, [text], first_token=0, fmt=fmt, progress=False, exclude_spans=[[]])
+    torch.testing.assert_close(plain, none)
+
+
+def test_exclusion_errors():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    text = texts_of([4])[0]
+    with pytest.raises(ValueError, match="leaves no token of texts\\[0\\] to average"):
+        story_activations(model, tok, [text], progress=False, exclude_spans=[[(0, len(text))]])
+    with pytest.raises(ValueError, match="exclude_spans: expected one list of \\(start, end\\) character spans per "
+                                         "text \\(1\\); got 2"):
+        story_activations(model, tok, [text], progress=False, exclude_spans=[[], []])
+    with pytest.raises(ValueError, match="exclude_spans\\[0\\]: expected \\(start, end\\) ints with 0 <= start < end"):
+        story_activations(model, tok, [text], progress=False, exclude_spans=[[(3, 2)]])
+    with pytest.raises(ValueError, match="exclude_spans\\[0\\]: expected .* got \\(0, 999\\)"):
+        story_activations(model, tok, [text], progress=False, exclude_spans=[[(0, 999)]])
+    with pytest.raises(ValueError, match="exclude_after: expected an int >= 0; got -1"):
+        story_activations(model, tok, [text], progress=False, exclude_after=-1)
+
+
+def test_story_exclusions_from_openings_and_emotion_words():
+    from types import SimpleNamespace as S
+
+    from emokern.extract import story_exclusions
+
+    stories = [S(text="I felt calm. The calm sea, calmly.", emotion="calm", opening="I felt calm."),
+               S(text="Nothing here.", emotion="sad", opening="")]
+    assert story_exclusions(stories, "none") is None
+    assert story_exclusions(stories, "opening") == [[(0, 12)], []]
+    assert story_exclusions(stories, "opening+word") == [[(0, 12), (17, 21), (27, 33)], []]
+    with pytest.raises(ValueError, match="exclude: expected one of"):
+        story_exclusions(stories, "words")
+
+
+def test_extract_bank_with_premises_chooses_its_layer_on_validation(tmp_path):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    stories, labels, neutral = _corpus(per=6)
+    groups = [f"premise {i % 6}" for i in range(len(stories))]
+    bank = extract_bank(model, tok, stories, labels, neutral, first_token=2, progress=False, story_groups=groups)
+    q, default = bank.metadata["quality"], bank.metadata["default_layer"]
+    assert q["split"] == "premises" and set(q["premises"]) == {"train", "validation", "test"}
+    held = set(q["premises"]["test"])
+    assert held.isdisjoint(q["premises"]["validation"]) and held.isdisjoint(q["premises"]["train"])
+    assert len(q["top1"]) == len(q["validation_top1"]) == len(q["valence_auroc"]) == 3
+    assert default["chosen"] in bank.layers and "validation" in default["rule"]
+    assert bank.default_layer() == (default["chosen"], "bank.metadata['default_layer']['chosen']")
+    assert str(default["chosen"]) in q["probe_top1"] and str(default["two_thirds"]) in q["probe_top1"]
+    # with exclusions, the recipe records them
+    spans = [[(0, len(s.split()[0]))] for s in stories]
+    excluded = extract_bank(model, tok, stories, labels, neutral, first_token=0, progress=False, story_groups=groups,
+                            story_exclude_spans=spans, exclude_after=1, probe=False)
+    assert excluded.metadata["recipe"]["excluded_tokens"] == 2 * len(stories)
+    assert excluded.metadata["quality"]["probe_top1"] == {}

@@ -81,3 +81,44 @@ def test_job_errors_are_clear(tmp_path, smollm2):
         extract("smollm2-135m-instruct", tmp_path / "x", preset="huge", model=model, tokenizer=tok)
     with pytest.raises(ValueError, match="emotions"):
         extract("smollm2-135m-instruct", tmp_path / "y", emotions=[], model=model, tokenizer=tok)
+
+
+def test_extract_uses_the_shipped_corpus_and_regenerates_on_request(tmp_path, monkeypatch, capsys):
+    from emokern import corpus as C
+    from emokern import packaged
+    from emokern.corpus import generate_corpus
+    from emokern.pipeline import extract
+    from tests.test_corpus import tiny_llama, tiny_tokenizer
+
+    model, tok = tiny_llama(), tiny_tokenizer()
+
+    def scripted(model, tokenizer, prompts, **kwargs):  # dialogues the tiny random model would never write
+        words = [f"w{i}" for i in range(40)]
+        return [f" w1 w2\nAI: w3 w4 {' '.join(words[i % 7:i % 7 + 9])}" if p.endswith("Person:") else
+                " " + " ".join(words[(3 * i) % 11:(3 * i) % 11 + 12]) for i, p in enumerate(prompts)], [12] * len(prompts)
+
+    monkeypatch.setattr(C, "_generate_chunk", scripted)
+    made = generate_corpus(model, tok, tmp_path / "made", preset="mini", max_new_tokens=16, min_words=2,
+                           progress=False)
+    shipped = packaged.pack_corpus(tmp_path / "made", tmp_path / "tiny-mini.jsonl.gz")
+    monkeypatch.setattr(packaged, "packaged_corpus", lambda name, preset: shipped if preset == "mini" else None)
+    real = C.generate_corpus
+    calls = []
+    monkeypatch.setattr(C, "generate_corpus", lambda *a, **k: calls.append(k) or real(*a, **k))
+
+    meta = extract("tiny", tmp_path / "out", preset="mini", model=model, tokenizer=tok, progress=False)
+    assert calls == [] and "corpus (shipped (tiny-mini.jsonl.gz" in capsys.readouterr().out
+    bank = emokern.VectorBank.load(meta, model=model)
+    assert bank.metadata["corpus_source"] == "shipped"
+    assert bank.metadata["corpus_manifest"]["config"] == made.manifest["config"]
+    assert bank.metadata["recipe"]["exclude"] == "opening+word" and bank.metadata["recipe"]["first_token"] == 0
+    # the second run reuses the unpacked corpus and the bank
+    assert extract("tiny", tmp_path / "out", preset="mini", model=model, tokenizer=tok, progress=False) == meta
+    assert calls == [] and "bank up to date" in capsys.readouterr().out
+    # another reading of the same corpus rebuilds the bank
+    extract("tiny", tmp_path / "out", preset="mini", model=model, tokenizer=tok, progress=False, first_token=3)
+    assert emokern.VectorBank.load(meta, model=model).metadata["recipe"]["first_token"] == 3
+    # --regenerate generates here, replacing the unpacked corpus
+    extract("tiny", tmp_path / "out", preset="mini", model=model, tokenizer=tok, progress=False, regenerate=True)
+    assert len(calls) == 1 and calls[0]["overwrite"] is True
+    assert "corpus (generated)" in capsys.readouterr().out

@@ -202,7 +202,7 @@ def test_html_prompt_and_generated_are_separated(tmp_path):
 
 def test_html_tooltip_lists_top_emotions(tmp_path):
     trace = make_trace()
-    page = trace.heatmap_html("fear", tmp_path / "h.html", site=0, sequence=1, top_k=3).read_text()
+    page = trace.heatmap_html("fear", tmp_path / "h.html", site=0, sequence=1, top_k=3, zscore=False).read_text()
     spans = parse(page)
     top = trace.top_emotions(3, site=0, sequence=1)
     vals = trace.values("fear", site=0, sequence=1)
@@ -223,7 +223,7 @@ def test_html_tooltip_lists_top_emotions(tmp_path):
 
 def test_html_colours_follow_the_99th_percentile_scale(tmp_path):
     trace = make_trace()
-    page = trace.heatmap_html("joy", tmp_path / "h.html", site="layer6.residual").read_text()
+    page = trace.heatmap_html("joy", tmp_path / "h.html", site="layer6.residual", zscore=False).read_text()
     spans = parse(page)
     colours = {t: rgb(s["attrs"]) for t, s in spans.items()}
     # The maximum is the most saturated token, at full strength; nothing else reaches it.
@@ -261,8 +261,8 @@ def test_html_zscore_needs_calibration(tmp_path):
 
 def test_html_window_smoothing_changes_colours(tmp_path):
     trace = make_trace()
-    raw = parse(trace.heatmap_html("joy", tmp_path / "a.html", sequence=1).read_text())
-    smooth = parse(trace.heatmap_html("joy", tmp_path / "b.html", sequence=1, window=3).read_text())
+    raw = parse(trace.heatmap_html("joy", tmp_path / "a.html", sequence=1, zscore=False).read_text())
+    smooth = parse(trace.heatmap_html("joy", tmp_path / "b.html", sequence=1, window=3, zscore=False).read_text())
     assert sorted(raw) == sorted(smooth)
     changed = [t for t in raw if rgb(raw[t]["attrs"]) != rgb(smooth[t]["attrs"])]
     assert len(changed) >= 5
@@ -279,7 +279,8 @@ def test_html_window_smoothing_changes_colours(tmp_path):
 
 def test_html_emotion_switcher_embeds_values(tmp_path):
     trace = make_trace()
-    page = trace.heatmap_html("joy", tmp_path / "h.html", emotions=["fear", "joy", "calm"], sequence=1).read_text()
+    page = trace.heatmap_html("joy", tmp_path / "h.html", emotions=["fear", "joy", "calm"], sequence=1,
+                              zscore=False).read_text()
     assert '<select id="emokern-select">' in page
     assert re.findall(r'<option value="([^"]+)"', page) == ["joy", "fear", "calm"]
     m = re.search(r'<script type="application/json" id="emokern-data">(.*?)</script>', page, re.S)
@@ -324,3 +325,218 @@ def test_robust_ylim_ignores_a_few_extreme_values_only():
     lo, hi = robust_ylim([spiky, calm])
     assert -2.0 < lo < -0.9 and 0.9 < hi < 2.0
     assert robust_ylim([torch.tensor([1.0, float("nan")])]) is None
+
+
+# ------------------------------------------------------------------------------------------------ attention sinks
+
+SINKS = (0, 1)  # planted in sequence 0; in sequence 1 at the first two real (non-padding) positions
+
+
+def make_sink_trace(calibrated: bool = True) -> Trace:
+    """``make_trace`` with its first two real positions 300x larger at every site and emotion (attention sinks)."""
+    trace = make_trace(calibrated)
+    trace.projections[0, list(SINKS)] *= 300.0
+    trace.projections[1, [N_PAD, N_PAD + 1]] *= 300.0
+    return trace
+
+
+def capture_figures(monkeypatch):
+    """Record every matplotlib Figure that plot_trace saves, so the test can read its axes."""
+    from matplotlib.figure import Figure
+
+    saved = []
+    original = Figure.savefig
+
+    def savefig(self, *args, **kwargs):
+        saved.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return saved
+
+
+def test_sinks_detected_on_a_planted_trace():
+    trace = make_sink_trace()
+    for site in (0, 1, "layer6.residual"):
+        got = trace.sink_positions(site, 0)
+        assert got.dtype == torch.bool and got.shape == (T,)
+        assert torch.nonzero(got).flatten().tolist() == list(SINKS), site
+        # Padding (100.0 garbage, larger than every real value) is never a sink; the planted ones after it are.
+        assert torch.nonzero(trace.sink_positions(site, 1)).flatten().tolist() == [N_PAD, N_PAD + 1]
+    # Trace.values(mask_sinks=True) blanks exactly those positions, before smoothing.
+    v = trace.values("joy", site=1, mask_sinks=True)
+    assert torch.isnan(v[list(SINKS)]).all() and not torch.isnan(v[2:T - 1]).any()
+    sv = trace.values("joy", site=1, window=3, mask_sinks=True)
+    assert float(sv[3]) == pytest.approx(float(trace.values("joy", site=1)[2:4].mean()))  # sink 1 left out
+
+
+def test_no_sinks_without_outliers():
+    trace = make_trace()
+    for b in range(B):
+        for site in range(S):
+            assert not trace.sink_positions(site, b).any(), (b, site)
+    g = torch.Generator().manual_seed(1)
+    for K_ in (1, 2, 14, 171):  # ordinary Gaussian-ish traces of realistic length: nothing flagged
+        proj = torch.randn(1, 400, 1, K_, generator=g) + 0.3
+        plain = Trace(proj, torch.zeros(1, 400, dtype=torch.long), [["x"] * 400], torch.ones(1, 400, dtype=torch.bool),
+                      torch.zeros(1, 400, dtype=torch.bool), ["s"], [f"e{k}" for k in range(K_)])
+        assert not plain.sink_positions().any(), K_
+
+
+def test_sink_rule_is_exact():
+    # Norm over K=2 emotions: (3, 4) has norm 5; the median of the valid positions' norms is 1.
+    proj = torch.tensor([[50.0, 0.0], [6.0, 8.0], [3.0, 4.0]] + [[0.6, 0.8]] * 7 + [[float("nan")] * 2])
+    proj = proj[None, :, None, :]
+    n = proj.shape[1]
+    trace = Trace(proj, torch.zeros(1, n, dtype=torch.long), [["x"] * n], torch.ones(1, n, dtype=torch.bool),
+                  torch.zeros(1, n, dtype=torch.bool), ["s"], ["a", "b"])
+    assert torch.nonzero(trace.sink_positions()).flatten().tolist() == [0]  # 50 > 10 * 1, but 10 is not > 10
+    assert torch.nonzero(trace.sink_positions(factor=5)).flatten().tolist() == [0, 1]  # 5 is not > 5
+    assert torch.nonzero(trace.sink_positions(factor=4.9)).flatten().tolist() == [0, 1, 2]
+    trace.is_pad[0, 0] = True  # padding is never a sink (and leaves the median)
+    assert torch.nonzero(trace.sink_positions(factor=5)).flatten().tolist() == [1]
+    zero = Trace(torch.zeros(1, 6, 1, 2), torch.zeros(1, 6, dtype=torch.long), [["x"] * 6],
+                 torch.ones(1, 6, dtype=torch.bool), torch.zeros(1, 6, dtype=torch.bool), ["s"], ["a", "b"])
+    zero.projections[0, 0] = 5.0
+    assert not zero.sink_positions().any()  # median 0: nothing is flagged
+    with pytest.raises(ValueError, match="factor"):
+        trace.sink_positions(factor=0)
+
+
+def test_html_colour_scale_ignores_sinks(tmp_path):
+    trace = make_sink_trace()
+    page = trace.heatmap_html("joy", tmp_path / "h.html", site=1, emotions=["fear"]).read_text()
+    spans = parse(page)
+    colours = {t: rgb(s["attrs"]) for t, s in spans.items()}
+    # The largest non-sink value (a middle token) is fully coloured although the sinks are ~100x larger.
+    assert colours[PEAK_T] == value_color(1.0)
+    z = trace.values("joy", site=1, zscore=True)
+    assert max(abs(float(z[t])) for t in SINKS) > 50 * abs(float(z[PEAK_T])) / 6
+    nonsink = z.clone()
+    nonsink[list(SINKS)] = float("nan")
+    assert scale_values(trace.values("joy", site=1, zscore=True, mask_sinks=True))[1] == pytest.approx(
+        torch.quantile(nonsink[~nonsink.isnan()].abs().double(), 0.99).item())
+    # The sinks: grey (class, no inline colour), marked, their true value in the tooltip.
+    for t in SINKS:
+        attrs = spans[t]["attrs"]
+        assert "sink" in attrs["class"].split() and colours[t] is None and attrs["data-sink"] == "1"
+        assert float(attrs["data-v"]) == pytest.approx(float(z[t]), rel=1e-5)
+        assert f"joy (z-score): {float(z[t]):.3f}" in spans[t]["tip"] and "attention sink" in spans[t]["tip"]
+    assert ".tok.sink::before" in page and "2 attention-sink position(s)" in page
+    assert all("sink" not in spans[t]["attrs"]["class"] for t in spans if t not in SINKS)
+    # The emotion switcher scales every emotion without the sinks, and keeps their true values.
+    payload = json.loads(re.search(r'<script type="application/json" id="emokern-data">(.*?)</script>', page,
+                                   re.S).group(1))
+    fear = trace.values("fear", site=1, zscore=True, mask_sinks=True)
+    assert payload["series"]["fear"]["scale"] == pytest.approx(scale_values(fear)[1])
+    assert payload["series"]["fear"]["scale"] < 10
+    assert payload["series"]["fear"]["values"][0] == pytest.approx(float(trace.values("fear", site=1, zscore=True)[0]),
+                                                                   rel=1e-5)
+    # sinks=False: the old behaviour, where a sink sets the scale and the peak is pale.
+    old = parse(trace.heatmap_html("joy", tmp_path / "old.html", site=1, sinks=False).read_text())
+    assert strength(rgb(old[PEAK_T]["attrs"])) < strength(value_color(1.0)) / 4
+    assert not any("sink" in s["attrs"]["class"] for s in old.values())
+
+
+def test_html_sinks_stay_out_of_moving_averages(tmp_path):
+    trace = make_sink_trace(calibrated=False)
+    spans = parse(trace.heatmap_html("joy", tmp_path / "w.html", site=1, window=3, top_k=2).read_text())
+    v = trace.values("joy", site=1)
+    # Position 2's window is (0, 1, 2); both others are sinks, so it shows its own value.
+    assert float(spans[2]["attrs"]["data-v"]) == pytest.approx(float(v[2]), rel=1e-5)
+    assert float(spans[0]["attrs"]["data-v"]) == pytest.approx(float(v[0]), rel=1e-5)  # sink: unsmoothed
+    assert "unsmoothed" in spans[0]["tip"]
+    top0 = trace.top_emotions(2, site=1)[0]
+    assert all(f"{n}{x:.3f}" in spans[0]["tip"] for n, x in top0)
+
+
+def test_plot_ylim_excludes_sinks(tmp_path, monkeypatch):
+    saved = capture_figures(monkeypatch)
+    trace = make_sink_trace()
+    trace.plot("joy", tmp_path / "p.png", site=1)
+    ax = saved[-1].axes[0]
+    lo, hi = ax.get_ylim()
+    z = trace.values("joy", site=1, zscore=True)
+    rest = z[2:T - 1]
+    assert lo <= float(rest.min()) and float(rest.max()) <= hi  # every ordinary value is on the plot
+    assert all(not lo <= float(z[t]) <= hi for t in SINKS)  # the sinks are not
+    assert hi - lo < 3 * float(rest.max() - rest.min())
+    texts = " ".join(t.get_text() for t in ax.texts)
+    assert "2 attention-sink position(s) masked" in texts and "t=0, 1" in texts
+    assert ax.get_ylabel() == "z-score vs neutral text"
+    # The plotted line has gaps at the sinks.
+    ydata = ax.lines[-1].get_ydata()
+    assert all(math.isnan(float(ydata[t])) for t in SINKS)
+    # sinks=False: the y-range has to reach a sink.
+    trace.plot("joy", tmp_path / "old.png", site=1, sinks=False)
+    lo, hi = saved[-1].axes[0].get_ylim()
+    assert any(lo <= float(z[t]) <= hi for t in SINKS)
+
+
+# ------------------------------------------------------------------------------------------- z-scores by default
+
+
+def test_zscore_none_uses_zscores_iff_statistics_exist(tmp_path, monkeypatch):
+    saved = capture_figures(monkeypatch)
+    for calibrated in (True, False):
+        trace = make_trace(calibrated)
+        expect = trace.values("anger", site=1, zscore=calibrated)
+        kind, label = ("z-score", "z-score vs neutral text") if calibrated else ("projection", "projection")
+        assert trace.has_neutral_stats is calibrated
+        spans = parse(page := trace.heatmap_html("anger", tmp_path / f"{calibrated}.html", site=1).read_text())
+        assert f"anger ({kind}): {float(expect[2]):.3f}" in spans[2]["tip"]
+        assert float(spans[2]["attrs"]["data-v"]) == pytest.approx(float(expect[2]), rel=1e-5)
+        assert label in page
+        assert ("z-score vs neutral text" in page) is calibrated
+        trace.plot("anger", tmp_path / f"{calibrated}.png", site=1)
+        ax = saved[-1].axes[0]
+        assert ax.get_ylabel() == label
+        assert list(ax.lines[-1].get_ydata()[: T - 1]) == pytest.approx(expect[: T - 1].tolist())
+    # Explicit choices still win.
+    calibrated = make_trace()
+    page = calibrated.heatmap_html("anger", tmp_path / "raw.html", site=1, zscore=False).read_text()
+    assert "z-score" not in page and "anger (projection)" in parse(page)[2]["tip"]
+    calibrated.plot("anger", tmp_path / "raw.png", zscore=False)
+    assert saved[-1].axes[0].get_ylabel() == "projection"
+
+
+# ------------------------------------------------------------------------------------------------ decoded tokens
+
+
+def test_decode_tokens_byte_level_split_characters():
+    from tests.tiny_chat import tiny_chat_tokenizer
+
+    tok = tiny_chat_tokenizer()  # byte-level: one token per byte, so é is 2 tokens and 日 is 3
+    text = "<|user|>You said: Café 日本\n  ok<eos>"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert any(len(p) == 1 and p in "ĠĊ" for p in tok.convert_ids_to_tokens(ids))  # raw pieces carry BPE markers
+    out = Trace.decode_tokens(tok, ids)
+    assert len(out) == len(ids)
+    assert "".join(out) == text
+    assert not any("\ufffd" in t or "Ġ" in t or "Ċ" in t for t in out)
+    assert out[0] == "<|user|>" and out[-1] == "<eos>" and out[1:4] == ["Y", "o", "u"] and " " in out
+    i = out.index("é")
+    assert out[i - 1] == ""  # the first byte of the split character gets "", the completing one the character
+    j = out.index("日")
+    assert out[j - 2: j] == ["", ""] and out[j + 3] == "本" and "\n" in out
+    # Bytes that never complete a character (cut at the end) still decode as tokenizer.decode does.
+    assert "".join(Trace.decode_tokens(tok, ids[: j])) == tok.decode(ids[: j])
+
+
+def test_patched_trace_tokens_are_decoded_text():
+    import emokern
+    from tests.tiny_chat import tiny_chat_bank, tiny_chat_model
+
+    model, tok = tiny_chat_model()
+    bank = tiny_chat_bank(model)
+    prompt = "<|user|>Ça va? 日本 ✨\nYes<eos><|assistant|>"
+    with emokern.patch(model, bank, tokenizer=tok, layers=[1]) as handle:
+        out = handle.generate([prompt, "<|user|>hi<eos><|assistant|>"], max_new_tokens=2, do_sample=False)
+    trace = out.trace
+    W = out.prompt_width
+    assert "".join(trace.tokens[0][:W]) == prompt
+    assert not any("\ufffd" in t or "Ġ" in t or "Ċ" in t for t in trace.tokens[0][:W])
+    assert "ç" not in tok.convert_ids_to_tokens(trace.token_ids[0, :W].tolist())  # the raw pieces were not text
+    assert "日" in trace.tokens[0] and "\n" in trace.tokens[0]
+    real = trace.tokens[1][:W][int(trace.is_pad[1].sum()):]
+    assert "".join(real) == "<|user|>hi<eos><|assistant|>"

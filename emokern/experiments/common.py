@@ -268,16 +268,15 @@ def sweep_conditions(emotions: Sequence[str], strengths: Sequence[float], bank=N
 def resolve_layers(spec: Union[None, str, int, Sequence[int]], bank, num_layers: int) -> List[int]:
     """Layers to steer or read, from ``spec``:
 
-    * ``"two_thirds"`` (default): the bank's default layer, about two thirds of the depth (the demo's layer);
+    * ``"two_thirds"`` (default): the bank's default layer (:meth:`VectorBank.default_layer`: chosen on held-out
+      validation premises, else about two thirds of the depth; the demo's layer);
     * ``"middle"``: the bank layers between 40% and 60% of the depth (at least one: the one nearest 50%);
     * an int or a list of ints, or a comma-separated string of them.
 
     Every layer must be in the bank (ValueError lists the bank's layers otherwise).
     """
-    from emokern.pipeline import _default_layer
-
     if spec is None or spec == "two_thirds":
-        return [_default_layer(bank)]
+        return [bank.default_layer()[0]]
     if spec == "middle":
         last = max(num_layers - 1, 1)
         chosen = [l for l in bank.layers if 0.4 <= l / last <= 0.6]
