@@ -10,8 +10,10 @@ valence and arousal:
 * the logistic-regression probe's top-1 at three layers: the ceiling of any linear readout;
 * valence AUROC of held-out positive vs negative stories on the training stories' positive-minus-negative
   direction (chance 0.5);
-* **transfer**: the same vectors reading the ``implicit`` corpus, whose stories never name their emotion (the
-  paper's rule) — whether a recipe's vectors see emotion that is not spelled out.
+* **transfer**: the same vectors reading stories written another way, premise by premise as above: the ``implicit``
+  corpus, whose stories never name their emotion (the paper's rule), and the ``plain`` corpus, whose stories were
+  asked for plainly and have no opening — whether a recipe's vectors see emotion that is not spelled out or set up
+  for them (top-1 and valence AUROC).
 
 Every generated corpus is written by :func:`emokern.corpus.generate_corpus` into ``--work`` (resumable: rerun after
 an interruption and finished shards are kept), with one shared set of 48 neutral dialogues for denoising. The model
@@ -44,6 +46,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 EMOTIONS = ("happy", "sad", "afraid", "angry", "calm", "desperate", "proud", "ashamed", "bored", "excited", "loving",
             "disgusted")
 BATCH = 96  # divides 12 x stories, so that a corpus with more stories per emotion grows a smaller one
+TRANSFER = ("implicit", "plain")  # the corpora every reading's vectors are also scored on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +89,7 @@ CORPORA = {c.name: c for c in [
     Corpus("opening-t1.0", "opening", temperature=1.0),
     Corpus("opening-60tok", "opening", max_new_tokens=60),
     Corpus("opening-200tok", "opening", max_new_tokens=200),
+    Corpus("standard", "opening", max_new_tokens=64, temperature=0.6),  # the standard preset's recipe
 ]}
 
 X = dict(exclude="opening+word", exclude_after=3)  # the opening recipe's reading: opening and emotion words out
@@ -109,6 +113,8 @@ READINGS = [
     Reading("opening t1.0", "opening-t1.0", group="sampling", **X),
     Reading("opening 60 tokens", "opening-60tok", group="sampling", **X),
     Reading("opening 200 tokens", "opening-200tok", group="sampling", **X),
+    Reading("opening t0.6 64 tokens (standard)", "standard", group="sampling", **X),
+    Reading("standard, all tokens", "standard", group="sampling"),
     Reading("opening 4 stories", "opening-32", premises=4, group="size", **X),
     Reading("opening 8 stories", "opening-32", premises=8, group="size", **X),
     Reading("opening 16 stories", "opening-32", premises=16, group="size", **X),
@@ -121,6 +127,7 @@ GEMMA_READINGS = [
     Reading("plain ft0", "plain", fmt="raw", group="style"),
     Reading("opening ft0 -opening-word", "opening", fmt="raw", group="style", **X),
     Reading("opening ft0 all tokens", "opening", fmt="raw", group="reading"),
+    Reading("opening t0.6 64 tokens (standard)", "standard", fmt="raw", group="sampling", **X),
 ]
 
 
@@ -185,7 +192,7 @@ def main() -> None:
 
     started = time.perf_counter()
     corpora, gen_seconds = {}, {}
-    for name in dict.fromkeys(r.corpus for r in readings + [Reading("transfer", "implicit")]):
+    for name in dict.fromkeys([r.corpus for r in readings] + list(TRANSFER)):
         t0 = time.perf_counter()
         corpora[name] = generate(model, tok, CORPORA[name], work, prompt_format, progress)
         gen_seconds[name] = round(time.perf_counter() - t0, 1)
@@ -209,7 +216,7 @@ def main() -> None:
         return cache[key]
 
     rows = []
-    implicit = corpora["implicit"].stories
+    targets = {name: corpora[name].stories for name in TRANSFER if name in corpora}
     for r in readings:
         t0 = time.perf_counter()
         corpus = corpora[r.corpus]
@@ -223,11 +230,14 @@ def main() -> None:
                     exclude_after=r.exclude_after)
         neutral_acts = read([d.text for d in neutral], ("neutral", r.first_token, r.fmt), first_token=r.first_token,
                             fmt=r.fmt)
-        target = read([s.text for s in implicit], ("implicit", None, 0, "none", 0, r.fmt), first_token=0, fmt=r.fmt)
+        transfer = {}
+        for name, target in targets.items():
+            if name != r.corpus:  # the other recipe's stories, read whole from the first token
+                target_acts = read([s.text for s in target], (name, None, 0, "none", 0, r.fmt), first_token=0,
+                                   fmt=r.fmt)
+                transfer[name] = (target_acts, [s.emotion for s in target], [s.topic for s in target])
         cv = cross_validate(acts, [s.emotion for s in stories], list(EMOTIONS), neutral_acts,
-                            [s.topic for s in stories], layers=layers, probe_layers=probe_layers,
-                            transfer=None if r.corpus == "implicit" else {
-                                "implicit": (target, [s.emotion for s in implicit], [s.topic for s in implicit])})
+                            [s.topic for s in stories], layers=layers, probe_layers=probe_layers, transfer=transfer)
         best = max(range(len(layers)), key=lambda i: cv.top1[i])
         late = [i for i in layers if i >= len(layers) // 3]
         row = {"reading": dataclasses.asdict(r), "corpus": dataclasses.asdict(CORPORA[r.corpus]),
@@ -240,14 +250,16 @@ def main() -> None:
                    "valence_auroc_best": max(cv.valence_auroc),
                    "valence_auroc_mean_late": sum(cv.valence_auroc[i] for i in late) / len(late),
                    "probe_top1_max": max(cv.probe_top1.values()) if cv.probe_top1 else None,
-                   "transfer_top1_best": max(cv.transfer["implicit"]["top1"]) if "implicit" in cv.transfer else None,
-                   "transfer_auroc_best": (max(cv.transfer["implicit"]["valence_auroc"])
-                                           if "implicit" in cv.transfer else None)},
+                   **{f"transfer_{name}_top1_best": max(cv.transfer[name]["top1"]) if name in cv.transfer else None
+                      for name in TRANSFER},
+                   **{f"transfer_{name}_auroc_best": max(cv.transfer[name]["valence_auroc"])
+                      if name in cv.transfer else None for name in TRANSFER}},
                "seconds": round(time.perf_counter() - t0, 1)}
         rows.append(row)
         s = row["summary"]
-        tr = "" if s["transfer_top1_best"] is None else \
-            f"  transfer {100 * s['transfer_top1_best']:4.1f}% / {s['transfer_auroc_best']:.2f}"
+        tr = "".join(f"  -> {name} {100 * s[f'transfer_{name}_top1_best']:4.1f}% / "
+                     f"{s[f'transfer_{name}_auroc_best']:.2f}" for name in TRANSFER
+                     if s[f"transfer_{name}_top1_best"] is not None)
         print(f"{r.name:32s} n={len(stories):4d}  top-1 {100 * s['top1_best']:4.1f}% (L{layers[best]:2d}, late mean "
               f"{100 * s['top1_mean_late']:4.1f}%)  top-5 {100 * s['top5_best']:4.1f}%  probe "
               f"{100 * (s['probe_top1_max'] or 0):4.1f}%  valence AUROC {s['valence_auroc_best']:.2f}{tr}", flush=True)
@@ -284,7 +296,7 @@ def plot(result: dict, path: Path) -> None:
 
     rows = result["readings"]
     names = [r["reading"]["name"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(17, 0.32 * len(rows) + 2.2), sharey=True)
+    fig, axes = plt.subplots(1, 4, figsize=(21, 0.32 * len(rows) + 2.6), sharey=True)
     y = list(range(len(rows)))[::-1]
     chance = result["chance"]
 
@@ -293,25 +305,40 @@ def plot(result: dict, path: Path) -> None:
                 label=label)
 
     s = [r["summary"] for r in rows]
+
+    def legend(ax):
+        ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=7, frameon=False)
+
     ax = axes[0]
     bars(ax, [100 * x["top1_best"] for x in s], "mean-difference top-1 (best layer)", "#1f77b4", 0.2)
     bars(ax, [100 * (x["probe_top1_max"] or 0) for x in s], "probe top-1 (ceiling)", "#aec7e8", -0.2)
     ax.axvline(100 * chance["top1"], color="k", ls="--", lw=1, label="chance")
     ax.set_xlabel("12-way top-1, held-out premises (%)")
     ax.set_yticks(y, names)
-    ax.legend(loc="lower right", fontsize=8)
+    legend(ax)
     ax = axes[1]
     bars(ax, [x["valence_auroc_best"] for x in s], "best layer", "#d62728", 0.2)
     bars(ax, [x["valence_auroc_mean_late"] for x in s], "mean over layers >= L/3", "#ff9896", -0.2)
     ax.axvline(0.5, color="k", ls="--", lw=1)
     ax.set_xlim(0.4, 1.0)
     ax.set_xlabel("valence AUROC, held-out premises")
-    ax.legend(loc="lower right", fontsize=8)
+    legend(ax)
+    colours = {"implicit": "#2ca02c", "plain": "#9467bd"}
     ax = axes[2]
-    bars(ax, [100 * (x["transfer_top1_best"] or 0) for x in s], "top-1 on stories that never name it", "#2ca02c", 0)
+    for i, name in enumerate(TRANSFER):
+        bars(ax, [100 * (x.get(f"transfer_{name}_top1_best") or 0) for x in s], f"on '{name}' stories",
+             colours[name], 0.2 - 0.4 * i)
     ax.axvline(100 * chance["top1"], color="k", ls="--", lw=1)
-    ax.set_xlabel("transfer to the implicit corpus: top-1 (%)")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.set_xlabel("transfer: top-1 on another recipe's stories (%)")
+    legend(ax)
+    ax = axes[3]
+    for i, name in enumerate(TRANSFER):
+        bars(ax, [x.get(f"transfer_{name}_auroc_best") or 0 for x in s], f"on '{name}' stories", colours[name],
+             0.2 - 0.4 * i)
+    ax.axvline(0.5, color="k", ls="--", lw=1)
+    ax.set_xlim(0.4, 1.0)
+    ax.set_xlabel("transfer: valence AUROC on another recipe's stories")
+    legend(ax)
     fig.suptitle(f"Corpus recipes on {result['model']}: 12 emotions, premise-grouped 4-fold cross-validation "
                  f"({result['machine']})", fontsize=11)
     fig.tight_layout()

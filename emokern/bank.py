@@ -140,6 +140,22 @@ class VectorBank:
             return recorded, "bank.metadata['default_layer']"
         return self.layers[round(2 * (len(self.layers) - 1) / 3)], "two thirds of the bank's layers"
 
+    def two_thirds_layer(self) -> int:
+        """The bank layer at about two thirds of the model's depth, the paper's mid-late layer, where emokern steers
+        by default (the readout layer of :meth:`default_layer` can be the last one, where steering only nudges the
+        logits): ``metadata["default_layer"]["two_thirds"]`` when recorded and in :attr:`layers`, else the layer
+        nearest round(2/3·(N−1)) for ``metadata["model"]["num_hidden_layers"]`` = N, else the bank layer at two
+        thirds of its layer list."""
+        recorded = self.metadata.get("default_layer")
+        if isinstance(recorded, dict) and isinstance(recorded.get("two_thirds"), int) \
+                and recorded["two_thirds"] in self.layers:
+            return recorded["two_thirds"]
+        depth = (self.metadata.get("model") or {}).get("num_hidden_layers")
+        if isinstance(depth, int) and depth > 0:
+            target = round(2 / 3 * (depth - 1))
+            return min(self.layers, key=lambda x: (abs(x - target), x))
+        return self.layers[round(2 * (len(self.layers) - 1) / 3)]
+
     def vector(self, name: str, layer: int) -> torch.Tensor:
         """The (d,) vector of emotion ``name`` at model layer ``layer``."""
         return self.vectors[self.layer_slot(layer), self.index(name)]

@@ -26,7 +26,9 @@ The steps:
 
 from __future__ import annotations
 
+import copy
 import datetime
+import inspect
 import difflib
 import logging
 import time
@@ -162,6 +164,21 @@ def _averaged_positions(span: Tuple[int, int], first_token: int, excluded: Seque
     return kept or [t for t in range(*span) if t not in drop]
 
 
+#: The shortest shared template worth caching (a raw text's lone BOS token is not).
+MIN_CACHED_PREFIX = 8
+
+
+def _shared_prefix(ids: List[List[int]], positions: List[List[int]]) -> int:
+    """The number of leading tokens that every sequence shares and none averages (0 when below
+    :data:`MIN_CACHED_PREFIX`): the chat template before the texts, computed once and reused."""
+    limit = min(min(p[0] for p in positions), min(len(x) for x in ids) - 1)
+    first = ids[0]
+    n = 0
+    while n < limit and all(x[n] == first[n] for x in ids):
+        n += 1
+    return n if n >= MIN_CACHED_PREFIX else 0
+
+
 def _check_exclusion(texts: List[str], exclude_spans, exclude_after) -> None:
     if isinstance(exclude_after, bool) or not isinstance(exclude_after, int) or exclude_after < 0:
         raise ValueError(f"exclude_after: expected an int >= 0; got {exclude_after!r}")
@@ -212,8 +229,17 @@ def _activations(model, tokenizer, texts, *, layers, first_token, fmt, batch_siz
     n_averaged = 0
     state = {}
 
+    # Every text of a chat-format call starts with the same template tokens (the system and user turns): run them
+    # once and reuse their keys and values for every batch, so that only the texts' own tokens go through the model.
+    prefix = _shared_prefix(ids, positions)
+    cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
     def make_hook(j: int):
         def hook(module, args, output):
+            if state.get("prefix"):  # the shared prefix: nothing to average, only its cache to fill
+                if j == L - 1:
+                    raise _StopForward
+                return None
             h = output[0] if isinstance(output, tuple) else output
             # Gather only the averaged positions, so padding never enters a sum (even if it holds NaN), then sum
             # each text's rows with a one-hot matmul (much faster than index_add_ on the CPU).
@@ -235,20 +261,50 @@ def _activations(model, tokenizer, texts, *, layers, first_token, fmt, batch_siz
 
             bar = tqdm(total=n, desc=f"activations ({argument})", unit="text")
         with torch.inference_mode():
+            if prefix:
+                # The model makes its cache inside the forward; the first layer is handed it, so take it there.
+                # The forward stops after the last needed layer, as for the texts, and later layers are never
+                # asked for their cache.
+                from transformers.cache_utils import Cache
+
+                def grab(module, args, kwargs):
+                    state["cache"] = next((v for v in [*kwargs.values(), *args] if isinstance(v, Cache)), None)
+
+                grabber = decoder_layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+                state["prefix"] = True
+                try:
+                    base(input_ids=torch.tensor([ids[0][:prefix]], device=device), use_cache=True)
+                except _StopForward:
+                    pass
+                finally:
+                    state["prefix"] = False
+                    grabber.remove()
+                prefix_cache = state.pop("cache", None)
+                if prefix_cache is None:
+                    raise RuntimeError("story_activations: the model did not hand its decoder layers a cache for the "
+                                       "shared prefix; pass texts with fmt='raw' or report this model family")
             for start in range(0, n, batch_size):
                 batch = order[start:start + batch_size]
-                T = max(len(ids[i]) for i in batch)
+                T = max(len(ids[i]) for i in batch) - prefix
                 input_ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
                 mask = torch.zeros(len(batch), T, dtype=torch.long)
                 sel = torch.zeros(len(batch), T, dtype=torch.bool)
                 for r, i in enumerate(batch):
-                    off = T - len(ids[i]) if left else 0
-                    input_ids[r, off:off + len(ids[i])] = torch.tensor(ids[i])
-                    mask[r, off:off + len(ids[i])] = 1
-                    sel[r, [off + t for t in positions[i]]] = True
+                    own = ids[i][prefix:]
+                    # after a cached prefix the rows are right-padded: the prefix must stay next to each text
+                    off = T - len(own) if left and not prefix else 0
+                    input_ids[r, off:off + len(own)] = torch.tensor(own)
+                    mask[r, off:off + len(own)] = 1
+                    sel[r, [off + t - prefix for t in positions[i]]] = True
                 # Explicit positions, so left-padded rows get the same positions as unpadded ones (this matters
                 # for absolute position embeddings such as GPT-2's).
-                position_ids = (mask.cumsum(1) - 1).clamp_min(0)
+                position_ids = (mask.cumsum(1) - 1).clamp_min(0) + prefix
+                kwargs = {}
+                if prefix:
+                    cache = copy.deepcopy(prefix_cache)
+                    cache.batch_repeat_interleave(len(batch))
+                    kwargs[cache_arg] = cache
+                    mask = torch.cat([torch.ones(len(batch), prefix, dtype=torch.long), mask], 1)
                 rows, cols = sel.nonzero(as_tuple=True)
                 onehot = torch.zeros(len(batch), len(rows))
                 onehot[rows, torch.arange(len(rows))] = 1.0
@@ -256,13 +312,14 @@ def _activations(model, tokenizer, texts, *, layers, first_token, fmt, batch_siz
                              sums=torch.empty(L, len(batch), means.shape[2], device=device))
                 try:
                     base(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                         position_ids=position_ids.to(device), use_cache=False)
+                         position_ids=position_ids.to(device), use_cache=bool(prefix), **kwargs)
                 except _StopForward:
                     pass
                 if state["seen"] != L:
                     raise RuntimeError(f"story_activations: expected the forward to reach {L} hooked layers "
                                        f"{layer_ids}; it reached {state['seen']}")
                 counts = sel.sum(1).to(torch.float32)
+                mask = mask[:, prefix:]
                 means[batch] = (state["sums"].cpu() / counts[None, :, None]).transpose(0, 1)
                 n_averaged += int(counts.sum())
                 if bar is not None:

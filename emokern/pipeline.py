@@ -35,7 +35,7 @@ def extract(model_name: str, out_dir, *, preset: str = "standard", dtype: torch.
             model=None, tokenizer=None, emotions: Optional[Sequence[str]] = None,
             stories_per_emotion: Optional[int] = None, first_token: Optional[int] = None,
             exclude: Optional[str] = None, exclude_after: Optional[int] = None, fmt: str = "chat",
-            batch_size: int = 8, progress: bool = True, regenerate: bool = False, overwrite: bool = False) -> Path:
+            batch_size: int = 32, progress: bool = True, regenerate: bool = False, overwrite: bool = False) -> Path:
     """Get the story corpus into ``out_dir/corpus`` and build the bank in ``out_dir/bank``.
 
     The corpus comes from, in this order: ``out_dir/corpus`` itself when it holds the complete corpus of this
@@ -149,7 +149,8 @@ def _chat_prompt(tokenizer, text: str) -> str:
     return f"User: {text}\nAssistant:"
 
 
-def _steering_page(path: Path, prompt: str, columns: List[Dict], layer: int, strength: float) -> Path:
+def _steering_page(path: Path, prompt: str, columns: List[Dict], layer: int, strength: float,
+                   read_layer: int) -> Path:
     cells = "".join(
         f"<div class='col'><h2>{html.escape(c['title'])}</h2><pre>{html.escape(c['text'])}</pre>"
         f"<p><a href='{html.escape(c['heatmap'])}'>per-token heatmap</a></p></div>" for c in columns)
@@ -160,7 +161,8 @@ pre{{white-space:pre-wrap;font-size:14px}} .prompt{{background:#eef;padding:0.5e
 </style></head><body><h1>Steering: the same prompt, unsteered and steered</h1>
 <p class='prompt'><b>Prompt</b>: {html.escape(prompt)}</p>
 <p>Steering adds {strength:+.2f} × the layer's mean residual-stream norm along the emotion's unit vector at layer
-{layer}, on every token (prompt and generated). Greedy decoding, so only the steering differs.</p>
+{layer}, on every token (prompt and generated). Greedy decoding, so only the steering differs. The heatmaps read
+layer {read_layer}, the bank's readout layer (chosen on held-out premises).</p>
 <div class='row'>{cells}</div></body></html>"""
     path.write_text(page)
     return path
@@ -168,7 +170,7 @@ pre{{white-space:pre-wrap;font-size:14px}} .prompt{{background:#eef;padding:0.5e
 
 def demo(out_dir="emokern_out", *, model_name: str = "smollm2-135m-instruct", preset: str = "standard",
          prompt: str = DEMO_PROMPT, steer: Sequence[str] = DEMO_STEER, strength: float = 0.25,
-         max_new_tokens: int = 60, goemotions_limit: int = 600, emobank_limit: int = 300,
+         max_new_tokens: int = 60, goemotions_limit: int = 2000, emobank_limit: int = 1000,
          dtype: torch.dtype = torch.bfloat16, progress: bool = True, regenerate: bool = False) -> Dict[str, Path]:
     """The README's main job: extraction → bank → validation report → a monitored generation as a per-token
     heatmap page → the same prompt steered toward each emotion in ``steer`` beside the unsteered text.
@@ -196,7 +198,8 @@ def demo(out_dir="emokern_out", *, model_name: str = "smollm2-135m-instruct", pr
     outputs["report"] = out_dir / "report" / "report.html"
     _say(f"report ({time.perf_counter() - t0:.0f} s) -> {outputs['report']}")
 
-    layer, _ = bank.default_layer()
+    layer, _ = bank.default_layer()  # where the traces read
+    steer_layer = bank.two_thirds_layer()  # where the steering is added: the paper's mid-late layer
     featured = [e for e in ("happy", "calm", "desperate", "afraid", "sad", "angry", "loving", "nervous", "proud",
                             "surprised", "guilty", "inspired") if e in bank.names]
     text = _chat_prompt(tokenizer, prompt)
@@ -206,7 +209,7 @@ def demo(out_dir="emokern_out", *, model_name: str = "smollm2-135m-instruct", pr
         for title, emotion in runs:
             handle.clear_steering()
             if emotion is not None:
-                handle.steer({emotion: strength}, layers=[layer])
+                handle.steer({emotion: strength}, layers=[steer_layer])
             out = handle.generate([text], max_new_tokens=max_new_tokens, do_sample=False)
             slug = "unsteered" if emotion is None else f"steered_{emotion.replace(' ', '_')}"
             page = out.trace.heatmap_html(steer[0], out_dir / f"trace_{slug}.html", site=f"layer{layer}.residual",
@@ -216,7 +219,7 @@ def demo(out_dir="emokern_out", *, model_name: str = "smollm2-135m-instruct", pr
             outputs[f"trace_{slug}"] = page
             outputs[f"plot_{slug}"] = png
             columns.append({"title": title, "text": out.texts[0], "heatmap": page.name})
-    outputs["steering"] = _steering_page(out_dir / "steering.html", prompt, columns, layer, strength)
+    outputs["steering"] = _steering_page(out_dir / "steering.html", prompt, columns, steer_layer, strength, layer)
     summary = {"outputs": {k: str(v) for k, v in outputs.items()}, "seconds": round(time.perf_counter() - started, 1),
                "report_numbers": _key_numbers(report), "generations": columns}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -81,3 +81,17 @@ def test_unknown_emotion_lists_close_matches():
     bank = VectorBank(torch.randn(1, 3, 4), ["desperate", "calm", "despondent"], [0], torch.ones(1))
     with pytest.raises(KeyError, match="did you mean 'desperate'"):
         bank.index("desprate")
+
+
+def test_default_layer_rules():
+    vectors = torch.randn(4, 2, 8)
+    bank = VectorBank.from_tensors(vectors, ["a", "b"], layers=[3, 6, 9, 12], residual_norm=torch.ones(4))
+    assert bank.default_layer() == (9, "two thirds of the bank's layers")
+    bank.metadata["default_layer"] = {"chosen": 12, "two_thirds": 9, "rule": "validation"}
+    assert bank.default_layer() == (12, "bank.metadata['default_layer']['chosen']")
+    bank.metadata["default_layer"] = {"chosen": None, "two_thirds": 6}
+    assert bank.default_layer() == (6, "bank.metadata['default_layer']['two_thirds']")
+    bank.metadata["default_layer"] = {"chosen": 5, "two_thirds": 7}  # neither is a bank layer: skipped
+    assert bank.default_layer() == (9, "two thirds of the bank's layers")
+    bank.metadata["default_layer"] = 3
+    assert bank.default_layer() == (3, "bank.metadata['default_layer']")

@@ -654,3 +654,21 @@ def test_pack_and_unpack_round_trip(model, tokenizer, tmp_path):
         (tmp_path / "c" / "shards" / "stories-00000.jsonl").unlink()
         pack_corpus(tmp_path / "c", tmp_path / "z.jsonl.gz")
     assert packaged_corpus("no-such-model", "standard") is None
+
+
+def test_corpus_command_generates_and_packs(model, tokenizer, tmp_path, monkeypatch, capsys):
+    from emokern import cli, models
+
+    monkeypatch.setattr(models, "load_model", lambda name, dtype=None: (model, tokenizer))
+    out, packed = tmp_path / "c", tmp_path / "c.jsonl.gz"
+    assert cli.main(["corpus", "--preset", "mini", "--out", str(out), "--style", "plain", "--max-new-tokens", "8",
+                     "--stories-per-emotion", "1", "--neutral", "1", "--temperature", "0.5", "--pack",
+                     str(packed)]) == 0
+    printed = capsys.readouterr().out
+    corpus = StoryCorpus.load(out)
+    config = corpus.manifest["config"]
+    assert (config["style"], config["max_new_tokens"], config["temperature"], config["stories_per_emotion"]) == (
+        "plain", 8, 0.5, 1)
+    assert packed.is_file() and f"packed: {packed}" in printed and '"jobs": 5' in printed
+    assert cli.main(["corpus", "--preset", "mini", "--out", str(out), "--style", "opening"]) == 2
+    assert "emokern corpus: error: out_dir:" in capsys.readouterr().err  # another configuration: refused, named

@@ -244,7 +244,8 @@ def test_sweep_option_errors(tiny):
         R.resolve_sweep(B.Options(monitor_layer=7), bank, 4)
     conditions, layers, monitor_layer = R.resolve_sweep(B.Options(layers="1,2", strengths=[0.1]), bank, 4)
     assert [c.name for c in conditions] == ["unsteered", "desperate+0.1", "calm+0.1"]
-    assert (layers, monitor_layer) == ([1, 2], 1)
+    # the monitor reads the bank's readout layer, not the first steer layer
+    assert (layers, monitor_layer) == ([1, 2], bank.default_layer()[0]) and monitor_layer == 2
 
 
 # ---------------------------------------------------------------------------------------------------------- runs

@@ -443,3 +443,23 @@ def test_extract_bank_with_premises_chooses_its_layer_on_validation(tmp_path):
                             story_exclude_spans=spans, exclude_after=1, probe=False)
     assert excluded.metadata["recipe"]["excluded_tokens"] == 2 * len(stories)
     assert excluded.metadata["quality"]["probe_top1"] == {}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3_text", "qwen3"])
+def test_the_shared_chat_prefix_runs_once_and_changes_nothing(family, monkeypatch):
+    import emokern.extract as X
+
+    model, tok = tiny_model(family), tiny_tokenizer()
+    texts = texts_of([12, 2, 30, 3, 7, 25, 4], seed=5)
+    widths = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, a, out: widths.append(out.shape[1]))
+    cached, _ = story_activations(model, tok, texts, first_token=1, batch_size=3, progress=False)
+    hook.remove()
+    rendered = tok.apply_chat_template([{"role": "user", "content": CHAT_REQUEST},
+                                        {"role": "assistant", "content": "w1"}], tokenize=False)
+    template = len(tok(rendered[:rendered.index("w1")], add_special_tokens=False).input_ids)
+    assert widths[0] == template >= X.MIN_CACHED_PREFIX  # one forward of the template before the texts ...
+    assert len(widths) == 1 + 3 and max(widths[1:]) == 30 + 1  # ... then the texts' own tokens and "</s>"
+    monkeypatch.setattr(X, "MIN_CACHED_PREFIX", 10_000)  # no caching: the whole sequence every time
+    whole, _ = story_activations(model, tok, texts, first_token=1, batch_size=3, progress=False)
+    torch.testing.assert_close(cached, whole, atol=1e-5, rtol=1e-5)

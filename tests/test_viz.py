@@ -223,7 +223,8 @@ def test_html_tooltip_lists_top_emotions(tmp_path):
 
 def test_html_colours_follow_the_99th_percentile_scale(tmp_path):
     trace = make_trace()
-    page = trace.heatmap_html("joy", tmp_path / "h.html", site="layer6.residual", zscore=False).read_text()
+    page = trace.heatmap_html("joy", tmp_path / "h.html", site="layer6.residual", zscore=False,
+                              sinks=False).read_text()
     spans = parse(page)
     colours = {t: rgb(s["attrs"]) for t, s in spans.items()}
     # The maximum is the most saturated token, at full strength; nothing else reaches it.
@@ -261,8 +262,9 @@ def test_html_zscore_needs_calibration(tmp_path):
 
 def test_html_window_smoothing_changes_colours(tmp_path):
     trace = make_trace()
-    raw = parse(trace.heatmap_html("joy", tmp_path / "a.html", sequence=1, zscore=False).read_text())
-    smooth = parse(trace.heatmap_html("joy", tmp_path / "b.html", sequence=1, window=3, zscore=False).read_text())
+    raw = parse(trace.heatmap_html("joy", tmp_path / "a.html", sequence=1, zscore=False, sinks=False).read_text())
+    smooth = parse(trace.heatmap_html("joy", tmp_path / "b.html", sequence=1, window=3, zscore=False,
+                                         sinks=False).read_text())
     assert sorted(raw) == sorted(smooth)
     changed = [t for t in raw if rgb(raw[t]["attrs"]) != rgb(smooth[t]["attrs"])]
     assert len(changed) >= 5
@@ -280,7 +282,7 @@ def test_html_window_smoothing_changes_colours(tmp_path):
 def test_html_emotion_switcher_embeds_values(tmp_path):
     trace = make_trace()
     page = trace.heatmap_html("joy", tmp_path / "h.html", emotions=["fear", "joy", "calm"], sequence=1,
-                              zscore=False).read_text()
+                              zscore=False, sinks=False).read_text()
     assert '<select id="emokern-select">' in page
     assert re.findall(r'<option value="([^"]+)"', page) == ["joy", "fear", "calm"]
     m = re.search(r'<script type="application/json" id="emokern-data">(.*?)</script>', page, re.S)
@@ -370,35 +372,37 @@ def test_sinks_detected_on_a_planted_trace():
     assert float(sv[3]) == pytest.approx(float(trace.values("joy", site=1)[2:4].mean()))  # sink 1 left out
 
 
-def test_no_sinks_without_outliers():
+def test_only_the_first_position_is_a_sink_without_outliers():
     trace = make_trace()
     for b in range(B):
+        first = N_PAD if b == 1 else 0
         for site in range(S):
-            assert not trace.sink_positions(site, b).any(), (b, site)
+            assert torch.nonzero(trace.sink_positions(site, b)).flatten().tolist() == [first], (b, site)
     g = torch.Generator().manual_seed(1)
-    for K_ in (1, 2, 14, 171):  # ordinary Gaussian-ish traces of realistic length: nothing flagged
+    for K_ in (1, 2, 14, 171):  # ordinary Gaussian-ish traces of realistic length: only the first token
         proj = torch.randn(1, 400, 1, K_, generator=g) + 0.3
         plain = Trace(proj, torch.zeros(1, 400, dtype=torch.long), [["x"] * 400], torch.ones(1, 400, dtype=torch.bool),
                       torch.zeros(1, 400, dtype=torch.bool), ["s"], [f"e{k}" for k in range(K_)])
-        assert not plain.sink_positions().any(), K_
+        assert torch.nonzero(plain.sink_positions()).flatten().tolist() == [0], K_
 
 
 def test_sink_rule_is_exact():
     # Norm over K=2 emotions: (3, 4) has norm 5; the median of the valid positions' norms is 1.
-    proj = torch.tensor([[50.0, 0.0], [6.0, 8.0], [3.0, 4.0]] + [[0.6, 0.8]] * 7 + [[float("nan")] * 2])
+    # position 0 is the first token (always a sink), the rule's outliers come after it
+    proj = torch.tensor([[0.6, 0.8], [50.0, 0.0], [6.0, 8.0], [3.0, 4.0]] + [[0.6, 0.8]] * 7 + [[float("nan")] * 2])
     proj = proj[None, :, None, :]
     n = proj.shape[1]
     trace = Trace(proj, torch.zeros(1, n, dtype=torch.long), [["x"] * n], torch.ones(1, n, dtype=torch.bool),
                   torch.zeros(1, n, dtype=torch.bool), ["s"], ["a", "b"])
-    assert torch.nonzero(trace.sink_positions()).flatten().tolist() == [0]  # 50 > 10 * 1, but 10 is not > 10
-    assert torch.nonzero(trace.sink_positions(factor=5)).flatten().tolist() == [0, 1]  # 5 is not > 5
-    assert torch.nonzero(trace.sink_positions(factor=4.9)).flatten().tolist() == [0, 1, 2]
-    trace.is_pad[0, 0] = True  # padding is never a sink (and leaves the median)
-    assert torch.nonzero(trace.sink_positions(factor=5)).flatten().tolist() == [1]
+    assert torch.nonzero(trace.sink_positions()).flatten().tolist() == [0, 1]  # 50 > 10 * 1, but 10 is not > 10
+    assert torch.nonzero(trace.sink_positions(factor=5)).flatten().tolist() == [0, 1, 2]  # 5 is not > 5
+    assert torch.nonzero(trace.sink_positions(factor=4.9)).flatten().tolist() == [0, 1, 2, 3]
+    trace.is_pad[0, 0] = True  # padding is never a sink (and leaves the median): the first real token is
+    assert torch.nonzero(trace.sink_positions(factor=5)).flatten().tolist() == [1, 2]
     zero = Trace(torch.zeros(1, 6, 1, 2), torch.zeros(1, 6, dtype=torch.long), [["x"] * 6],
                  torch.ones(1, 6, dtype=torch.bool), torch.zeros(1, 6, dtype=torch.bool), ["s"], ["a", "b"])
-    zero.projections[0, 0] = 5.0
-    assert not zero.sink_positions().any()  # median 0: nothing is flagged
+    zero.projections[0, 3] = 5.0
+    assert torch.nonzero(zero.sink_positions()).flatten().tolist() == [0]  # median 0: only the first token
     with pytest.raises(ValueError, match="factor"):
         trace.sink_positions(factor=0)
 
@@ -483,20 +487,20 @@ def test_zscore_none_uses_zscores_iff_statistics_exist(tmp_path, monkeypatch):
         expect = trace.values("anger", site=1, zscore=calibrated)
         kind, label = ("z-score", "z-score vs neutral text") if calibrated else ("projection", "projection")
         assert trace.has_neutral_stats is calibrated
-        spans = parse(page := trace.heatmap_html("anger", tmp_path / f"{calibrated}.html", site=1).read_text())
+        spans = parse(page := trace.heatmap_html("anger", tmp_path / f"{calibrated}.html", site=1, sinks=False).read_text())
         assert f"anger ({kind}): {float(expect[2]):.3f}" in spans[2]["tip"]
         assert float(spans[2]["attrs"]["data-v"]) == pytest.approx(float(expect[2]), rel=1e-5)
         assert label in page
         assert ("z-score vs neutral text" in page) is calibrated
-        trace.plot("anger", tmp_path / f"{calibrated}.png", site=1)
+        trace.plot("anger", tmp_path / f"{calibrated}.png", site=1, sinks=False)
         ax = saved[-1].axes[0]
         assert ax.get_ylabel() == label
         assert list(ax.lines[-1].get_ydata()[: T - 1]) == pytest.approx(expect[: T - 1].tolist())
     # Explicit choices still win.
     calibrated = make_trace()
-    page = calibrated.heatmap_html("anger", tmp_path / "raw.html", site=1, zscore=False).read_text()
+    page = calibrated.heatmap_html("anger", tmp_path / "raw.html", site=1, zscore=False, sinks=False).read_text()
     assert "z-score" not in page and "anger (projection)" in parse(page)[2]["tip"]
-    calibrated.plot("anger", tmp_path / "raw.png", zscore=False)
+    calibrated.plot("anger", tmp_path / "raw.png", zscore=False, sinks=False)
     assert saved[-1].axes[0].get_ylabel() == "projection"
 
 

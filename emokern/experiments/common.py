@@ -268,14 +268,18 @@ def sweep_conditions(emotions: Sequence[str], strengths: Sequence[float], bank=N
 def resolve_layers(spec: Union[None, str, int, Sequence[int]], bank, num_layers: int) -> List[int]:
     """Layers to steer or read, from ``spec``:
 
-    * ``"two_thirds"`` (default): the bank's default layer (:meth:`VectorBank.default_layer`: chosen on held-out
-      validation premises, else about two thirds of the depth; the demo's layer);
+    * ``"two_thirds"`` (default): the bank layer at about two thirds of the depth
+      (:meth:`VectorBank.two_thirds_layer`, the paper's mid-late layer; where the demo steers);
+    * ``"default"``: the bank's readout layer (:meth:`VectorBank.default_layer`: chosen on held-out validation
+      premises; where the demo and the experiments monitor);
     * ``"middle"``: the bank layers between 40% and 60% of the depth (at least one: the one nearest 50%);
     * an int or a list of ints, or a comma-separated string of them.
 
     Every layer must be in the bank (ValueError lists the bank's layers otherwise).
     """
     if spec is None or spec == "two_thirds":
+        return [bank.two_thirds_layer()]
+    if spec == "default":
         return [bank.default_layer()[0]]
     if spec == "middle":
         last = max(num_layers - 1, 1)
@@ -285,8 +289,8 @@ def resolve_layers(spec: Union[None, str, int, Sequence[int]], bank, num_layers:
         try:
             spec = [int(x) for x in spec.split(",") if x.strip()]
         except ValueError:
-            raise ValueError(f"layers: expected 'two_thirds', 'middle' or comma-separated layer indices; got {spec!r}") \
-                from None
+            raise ValueError(f"layers: expected 'two_thirds', 'default', 'middle' or comma-separated layer indices; "
+                             f"got {spec!r}") from None
     layers = [spec] if isinstance(spec, int) else list(spec)
     missing = [l for l in layers if l not in bank.layers]
     if not layers or missing:

@@ -119,7 +119,7 @@ class Options:
     emotions: Tuple[str, ...] = ("desperate", "calm")
     strengths: Tuple[float, ...] = (-0.05, 0.05)
     layers: str = "two_thirds"  # steered layers: "two_thirds", "middle" or "19" / "12,13"
-    monitor_layer: Optional[int] = None  # layer read for traces; None = the bank's two-thirds layer
+    monitor_layer: Optional[int] = None  # layer read for traces; None = the bank's readout layer (default_layer)
     trace_emotions: Tuple[str, ...] = ("desperate", "calm")  # recorded per turn and plotted
     max_turns: int = 3
     max_new_tokens: int = 256  # per turn
@@ -1063,7 +1063,7 @@ def run(ctx, options: Options) -> dict:
         bank.index(e)
     num_layers = model.config.num_hidden_layers
     layers = common.resolve_layers(options.layers, bank, num_layers)
-    monitor = common.resolve_layers("two_thirds" if options.monitor_layer is None else [options.monitor_layer],
+    monitor = common.resolve_layers("default" if options.monitor_layer is None else [options.monitor_layer],
                                     bank, num_layers)[0]
     site = f"layer{monitor}.residual"
     specs = [(task, condition, repeat) for repeat in range(options.episodes) for task in tasks

@@ -55,7 +55,7 @@ class SweepOptions:
         layers: the steer layers: ``"two_thirds"``, ``"middle"``, a list of indices or comma-separated ones (see
             :func:`~emokern.experiments.common.resolve_layers`).
         monitor_layer: the layer whose residual stream is read (before that layer's own steering is added);
-            None = the first steer layer.
+            None = the bank's readout layer (:meth:`VectorBank.default_layer`, chosen on held-out premises).
         monitor_emotions: the emotions read there (z-scored by the bank's neutral statistics when it has them).
     """
 
@@ -84,7 +84,7 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", default=None,
                         help="steer layers: two_thirds (default), middle, or comma-separated indices")
     parser.add_argument("--monitor-layer", dest="monitor_layer", type=int, default=None,
-                        help="layer whose residual stream is monitored (default: the first steer layer)")
+                        help="layer whose residual stream is monitored (default: the bank's readout layer)")
     add_list_argument(parser, "--monitor-emotions", dest="monitor_emotions", metavar="EMOTION",
                       help="emotions monitored on the prompt, at the assistant's turn and over each rollout")
 
@@ -114,7 +114,7 @@ def resolve_sweep(options: SweepOptions, bank, num_layers: int) -> Tuple[List[Co
     for e in options.monitor_emotions:
         bank.index(e)
     layers = resolve_layers(options.layers, bank, num_layers)
-    monitor_layer = layers[0] if options.monitor_layer is None else options.monitor_layer
+    monitor_layer = bank.default_layer()[0] if options.monitor_layer is None else options.monitor_layer
     if monitor_layer not in bank.layers:
         raise ValueError(f"monitor_layer: {monitor_layer!r} is not in the bank (its layers: {bank.layers})")
     return conditions, layers, monitor_layer
