@@ -14,14 +14,18 @@ The steps:
    fixed request :data:`CHAT_REQUEST` in the tokenizer's chat template (``fmt="chat"``, the paper's "Story (H/A)"
    framing) or as bare text (``fmt="raw"``). At each decoder layer we read the residual stream (the layer's output,
    the site :func:`emokern.patch` calls ``"residual"`` and llama.cpp calls ``l_out``) and average it over the
-   story's own tokens from the ``first_token``-th on. Only the embedding and the decoder layers up to the last one
-   needed run: the LM head (and the final norm) never does.
+   story's own tokens from the ``first_token``-th on, leaving out any ``exclude_spans`` (for the ``opening`` recipe:
+   the opening written for the model and every form of the emotion word, :func:`story_exclusions`). Only the
+   embedding and the decoder layers up to the last one needed run: the LM head (and the final norm) never does,
+   and the template tokens every text shares are run once, their keys and values reused for every batch.
 2. **Vectors.** Per layer: mean over each emotion's stories, minus the equal-weight mean of the K emotion means.
 3. **Denoising.** Per layer: project out the top principal components of the neutral texts' activations that
    together explain ``variance`` (default 50%) of their variance. The PCA runs over per-text mean activations
    (one row per neutral text, centred), the same statistic the vectors are built from; the paper does not say
    whether it used per-token or per-transcript activations.
 4. **Normalisation.** Every vector is unit length; steering strengths are fractions of ``residual_norm``.
+5. **Held-out measurements** (:mod:`emokern.quality`): whole premises held out; the default layer is chosen on
+   validation premises and the test numbers are reported at it.
 """
 
 from __future__ import annotations

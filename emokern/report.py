@@ -10,9 +10,12 @@
 
 Sections:
 
-1. **Held-out story classification.** The bank's own per-layer held-out curve (``metadata["quality"]``, written by
-   :func:`emokern.extract.extract_bank`), plotted with the chosen layer marked; and, when ``corpus`` is given,
-   top-1/top-5 accuracy on those stories at the chosen layer. Chance is 1/K (top-1) and min(5, K)/K (top-5).
+1. **Held-out story classification.** The bank's own per-layer held-out measurements (``metadata["quality"]``,
+   written by :func:`emokern.extract.extract_bank`; see :mod:`emokern.quality`): with whole premises held out, the
+   test top-1/top-5 of the mean-difference vectors, the logistic-regression probe's top-1 (the ceiling of a linear
+   readout) and the valence AUROC at the report layer, beside their chance levels, and the per-layer test and
+   validation curves with the report layer marked; and, when ``corpus`` is given, top-1/top-5 accuracy on those
+   stories at the report layer. Chance is 1/K (top-1) and min(5, K)/K (top-5), 0.5 for AUROC.
 2. **Geometry.** PCA of the K unit vectors (scikit-learn): variance explained by PC1 and PC2, and Pearson r of PC1
    with human valence and of PC2 with human arousal over the emotions rated in ``data/norms`` (Glasgow Norms). PCA
    signs are arbitrary: PC1 is oriented so that r(PC1, valence) >= 0 and PC2 so that r(PC2, arousal) >= 0, so the
@@ -510,9 +513,15 @@ def logit_lens(vectors: torch.Tensor, model, tokenizer, *, k: int = TOP_TOKENS) 
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _external_fmt(bank: VectorBank) -> str:
-    """How external texts are read: in the format the bank's stories were read in (see the module docstring)."""
-    return (bank.metadata.get("recipe") or {}).get("fmt", "chat")
+def _external_fmt(bank: VectorBank, tokenizer) -> str:
+    """How external texts are read: in the format the bank's stories were read in (see the module docstring).
+
+    A bank that does not record its format is read in the chat frame when the tokenizer has a chat template and
+    as bare text otherwise (a base model's bank, or a hand-made one)."""
+    recorded = (bank.metadata.get("recipe") or {}).get("fmt")
+    if recorded is not None:
+        return recorded
+    return "chat" if getattr(tokenizer, "chat_template", None) else "raw"
 
 
 def _check_limit(argument: str, limit: Optional[int]) -> Optional[int]:
@@ -522,12 +531,12 @@ def _check_limit(argument: str, limit: Optional[int]) -> Optional[int]:
 
 
 def _goemotions(bank: VectorBank, layer: int, featured: List[str], data: List, limit: Optional[int], read,
-                out_dir: Path) -> Dict:
+                out_dir: Path, fmt: str) -> Dict:
     from sklearn.metrics import roc_auc_score
 
     n_total = len(data)
     data = data[:limit]
-    acts = read([x.text for x in data], _external_fmt(bank), 0)
+    acts = read([x.text for x in data], fmt, 0)
     proj = (acts.double() @ bank.vectors[bank.layer_slot(layer)].double().T).numpy()  # (n, K)
 
     labels = {}
@@ -552,7 +561,7 @@ def _goemotions(bank: VectorBank, layer: int, featured: List[str], data: List, l
     out = {
         "split": "test", "n_texts": len(data), "n_available": n_total,
         "selection": "the first n_texts comments in file order" if limit is not None else "all comments",
-        "readout": (f"per-comment mean activation ({_external_fmt(bank)} format, all the comment's tokens) projected "
+        "readout": (f"per-comment mean activation ({fmt} format, all the comment's tokens) projected "
                     f"on the emotion's unit vector"),
         "mapping": GOEMOTIONS_TO_EMOTION,
         "unmapped": list(GOEMOTIONS_UNMAPPED),
@@ -627,8 +636,8 @@ def validation_report(bank: VectorBank, model, tokenizer, out_dir: PathLike, *, 
         out_dir: folder to write into (created if needed; files of the same names are replaced).
         layer: the decoder-layer index to report on (the output of decoder layer ``layer``, as in
             :func:`emokern.extract.story_activations`); it must be one of ``bank.layers``. Default:
-            ``bank.metadata["default_layer"]["two_thirds"]`` (an int ``default_layer`` is used as is), else the bank
-            layer nearest round(2/3·(N−1)) for an N-layer model.
+            :meth:`VectorBank.default_layer` (the layer chosen on validation premises; for older banks the recorded
+            two-thirds layer or an int ``default_layer``; else the bank layer at two thirds of its layer list).
         corpus: optional held-out stories for a direct top-1/top-5 accuracy at ``layer``: an object with
             ``.stories`` (records with ``.text`` and ``.emotion``, e.g. a StoryCorpus) or a ``(texts, labels)``
             pair. Stories whose emotion is not in the bank are left out (and counted). They are read as the bank
@@ -679,6 +688,7 @@ def validation_report(bank: VectorBank, model, tokenizer, out_dir: PathLike, *, 
     config = _text_config(model)
 
     read = _layer_means(model, tokenizer, layer, batch_size, progress)
+    external_fmt = _external_fmt(bank, tokenizer)
     classification = _classification(bank, layer, stories, read, out_dir)
     geometry, valence_direction = _geometry(vectors, bank.names, norms, out_dir)
     lens_rows, lens_method = logit_lens(vectors, model, tokenizer)
@@ -695,8 +705,8 @@ def validation_report(bank: VectorBank, model, tokenizer, out_dir: PathLike, *, 
         "geometry": geometry,
         "logit_lens": {"method": lens_method, "k": TOP_TOKENS,
                        "emotions": dict(zip(bank.names, lens_rows))},
-        "goemotions": _goemotions(bank, layer, featured, goemotions, goemotions_limit, read, out_dir),
-        "emobank": _emobank(valence_direction, emobank, emobank_limit, read, out_dir, _external_fmt(bank)),
+        "goemotions": _goemotions(bank, layer, featured, goemotions, goemotions_limit, read, out_dir, external_fmt),
+        "emobank": _emobank(valence_direction, emobank, emobank_limit, read, out_dir, external_fmt),
     }
     plots = [p for p in (classification.get("plot"), *geometry["plots"].values(), report["goemotions"].get("plot"),
                          report["emobank"].get("plot")) if p]

@@ -424,7 +424,7 @@ def test_load_errors(model, tokenizer, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, error", [
-    ({"preset": "huge"}, r"preset: expected one of quick, mini, paper or a CorpusPreset; got 'huge'"),
+    ({"preset": "huge"}, r"preset: expected one of standard, quick, mini, paper or a CorpusPreset; got 'huge'"),
     ({"emotions": []}, r"emotions: expected a non-empty list of emotion names; got an empty list"),
     ({"emotions": "calm"}, r"emotions: expected a non-empty list"),
     ({"emotions": ["calm", "despearte"]}, r"got 'despearte' \(closest: desperate"),
@@ -548,8 +548,9 @@ def test_mini_preset_on_smollm2(tmp_path):
     for r in corpus.records:
         assert r["new_tokens"] <= 40 and (r["reason"] is not None or len(r["text"].split()) >= 10)
         assert "<|im_start|>" not in r["raw"] and "<|im_end|>" not in r["raw"]
-    for s in corpus.stories:
-        assert find_emotion_word(s.text, s.emotion) is None
+        assert r["reason"] != "emotion_word"  # the opening names the emotion: naming it again is allowed
+    for s in corpus.stories:  # the mini preset is the 'opening' recipe: the model continues "I felt {emotion}."
+        assert s.text.startswith(s.opening) and s.opening.endswith(f"felt {s.emotion}.")
     stats = corpus.stats()
     assert stats["tokens"]["generated"] > 100 and stats["timings"]["tokens_per_second"] > 0
 
@@ -672,3 +673,20 @@ def test_corpus_command_generates_and_packs(model, tokenizer, tmp_path, monkeypa
     assert packed.is_file() and f"packed: {packed}" in printed and '"jobs": 5' in printed
     assert cli.main(["corpus", "--preset", "mini", "--out", str(out), "--style", "opening"]) == 2
     assert "emokern corpus: error: out_dir:" in capsys.readouterr().err  # another configuration: refused, named
+
+
+def test_the_shipped_standard_corpus_is_the_standard_preset(tmp_path):
+    from emokern.packaged import packaged_corpus, unpack_corpus
+
+    path = packaged_corpus("smollm2-135m-instruct", "standard")
+    assert path is not None and path.stat().st_size < 3_000_000  # a few MB at most
+    corpus = unpack_corpus(path, tmp_path / "c")
+    config, preset = corpus.manifest["config"], PRESETS["standard"]
+    assert corpus.complete and config["preset"] == "standard" and config["emotions"] == load_emotions()
+    for key in ("stories_per_emotion", "neutral", "max_new_tokens", "batch_size", "min_words", "temperature",
+                "top_p", "prompt_format", "style"):
+        assert config[key] == getattr(preset, key), key
+    assert config["prompts_sha256"] == C.prompts_sha256(STYLES["opening"])  # today's prompt texts made it
+    assert len(corpus.records) == 171 * 32 + 48 and len(corpus.stories) > 0.95 * 171 * 32
+    assert all(s.text.startswith(s.opening) and s.opening.endswith(f"felt {s.emotion}.") for s in corpus.stories)
+    assert len({s.topic for s in corpus.stories}) == 32 and len(corpus.neutral) >= 40
