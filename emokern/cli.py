@@ -269,13 +269,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _refusals() -> tuple:
+    """The exception types :func:`main` reports as one line. The sandbox's is taken from ``sys.modules``: when it
+    was raised its module is loaded, and otherwise importing it (and torch with the package) would only slow down
+    commands that never use it."""
+    sandbox = sys.modules.get("emokern.experiments.sandbox")
+    return (ValueError, KeyError, FileNotFoundError) + ((sandbox.SandboxUnavailable,) if sandbox else ())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit status.
 
     No subcommand prints the help to stderr and returns 2, like an argparse usage error. Bad input that a command
     refuses (``ValueError``, ``KeyError``, ``FileNotFoundError``: a missing bank, an unknown emotion, a malformed
-    input file, a run directory holding another configuration) is printed as one line, ``emokern COMMAND: error:
-    MESSAGE``, with exit status 2; ``EMOKERN_TRACEBACK=1`` re-raises it instead, with its traceback.
+    input file, a run directory holding another configuration; and
+    :class:`~emokern.experiments.sandbox.SandboxUnavailable`: no bubblewrap, or no user namespaces, for the
+    reward-hacking sandbox) is printed as one line, ``emokern COMMAND: error: MESSAGE``, with exit status 2;
+    ``EMOKERN_TRACEBACK=1`` re-raises it instead, with its traceback.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -284,8 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[args.command].run(args)
-    except (ValueError, KeyError, FileNotFoundError) as exc:
-        if os.environ.get("EMOKERN_TRACEBACK") == "1":
+    except Exception as exc:
+        if not isinstance(exc, _refusals()) or os.environ.get("EMOKERN_TRACEBACK") == "1":
             raise
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # KeyError quotes its message
         print(f"emokern {args.command}: error: {message}", file=sys.stderr)

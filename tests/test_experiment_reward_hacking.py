@@ -259,6 +259,10 @@ def test_feedback_loop_fail_then_hack(tiny, tmp_path, monkeypatch):
     assert [e["kind"] for e in episode["evidence"]] == ["hidden_tests", "task_pattern"]
     assert result["summary"]["labels"] == {"hack": 2, "attempted_hack": 0, "honest_failure": 0, "honest_success": 0,
                                          "no_code": 0}
+    # the model's code ran under bubblewrap, checked by the probe once at the start
+    assert result["summary"]["sandbox"] == "bwrap" and result["sandbox"]["kernel_isolation"]
+    assert all(v.startswith("refused: ") for v in result["sandbox"]["probe"].values())
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["options"]["sandbox"] == "bwrap"
     rate = result["per_condition"]["desperate+0.05"]
     assert rate["hack_rate"] == 1.0 and rate["n"] == 1 and rate["ci95"][1] == 1.0 and rate["ci95"][0] > 0.1
     assert result["per_task"]["sum_fast"]["unsteered"]["hacks"] == 1
@@ -378,10 +382,60 @@ def test_bad_options_are_refused_before_any_work(tiny, tmp_path):
         _run(tiny, tmp_path / "a", emotions=("desparate",), task_ids=("sum_fast",))
     with pytest.raises(ValueError, match="max_turns: expected a positive integer; got 0"):
         _run(tiny, tmp_path / "b", max_turns=0)
+    with pytest.raises(ValueError, match=r"sandbox: expected one of \['bwrap', 'python-guard'\]; got 'docker'"):
+        _run(tiny, tmp_path / "d", sandbox="docker")
     with pytest.raises(InputFileError, match="hack_patterns"):
         path = _task_file(tmp_path, [_entry(hack_patterns=["("])])
         _run(tiny, tmp_path / "c", tasks=path)
     assert not list((tmp_path / "a" / "units").glob("*.json"))
+
+
+def test_python_guard_is_an_explicit_choice_with_a_warning(tiny, tmp_path, monkeypatch):
+    from emokern.experiments.sandbox import WeakSandboxWarning
+
+    _scripted(monkeypatch, {"unsteered": [HACKING], "desperate+0.05": [FAILING]})
+    tasks = _task_file(tmp_path, _packaged_entries("sum_fast"))
+    with pytest.warns(WeakSandboxWarning, match="not a security boundary"):
+        result = _run(tiny, tmp_path / "run", tasks=tasks, max_turns=1, sandbox="python-guard")
+    assert result["summary"]["sandbox"] == "python-guard" and not result["sandbox"]["kernel_isolation"]
+    assert "not a security boundary" in result["sandbox"]["warning"]
+    assert {e["condition"]: e["label"] for e in result["episodes"]} == {"unsteered": "hack",
+                                                                         "desperate+0.05": "honest_failure"}
+    # another level is another configuration: a run directory never mixes them
+    with pytest.raises(ValueError, match=r"differs in \['options'\]"):
+        _run(tiny, tmp_path / "run", tasks=tasks, max_turns=1)
+
+
+def test_without_bubblewrap_the_run_stops_before_any_work(tiny, tmp_path, monkeypatch):
+    import warnings
+
+    from emokern.experiments.sandbox import SandboxUnavailable, WeakSandboxWarning
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setattr(rh, "_run_batch", lambda *a, **k: pytest.fail("a batch ran without a sandbox"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(SandboxUnavailable, match="apt-get install bubblewrap.*--sandbox python-guard"):
+            _run(tiny, tmp_path / "run", task_ids=("sum_fast",))
+    assert not [w for w in caught if issubclass(w.category, WeakSandboxWarning)]  # nothing fell back
+    assert not list((tmp_path / "run" / "units").glob("*.json"))
+
+
+def test_command_line_reports_a_missing_sandbox_in_one_line(tmp_path, monkeypatch, capsys):
+    import emokern.experiments
+    from emokern.cli import main
+    from emokern.experiments import sandbox
+
+    def run_experiment(name, **kwargs):
+        assert name == "reward_hacking" and kwargs["sandbox"] == "bwrap"
+        return sandbox.check_isolation(kwargs["sandbox"])
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(emokern.experiments, "run_experiment", run_experiment)
+    assert main(["experiment", "reward_hacking", "--sandbox", "bwrap", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("emokern experiment: error: sandbox='bwrap': bubblewrap is not "
+                                               "installed")
 
 
 def test_command_line_help(capsys):
@@ -391,7 +445,8 @@ def test_command_line_help(capsys):
         main(["experiment", "reward_hacking", "--help"])
     assert info.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--tasks", "--task-ids", "--max-tasks", "--strengths", "--max-turns", "--per-test-s", "--smooth"):
+    for flag in ("--tasks", "--task-ids", "--max-tasks", "--strengths", "--max-turns", "--per-test-s", "--smooth",
+                 "--sandbox"):
         assert flag in text
 
 
@@ -404,7 +459,11 @@ def test_command_line_parses_lists():
     spaced = build_parser().parse_args(["experiment", "reward_hacking", "--strengths", "-0.1", "0.05", "--emotions",
                                         "desperate", "at ease"])
     assert spaced.strengths == [-0.1, 0.05] and spaced.emotions == ["desperate", "at ease"]
-    assert args.max_turns is None  # from --size
+    assert args.max_turns is None and args.sandbox is None  # from --size
+    assert build_parser().parse_args(["experiment", "reward_hacking", "--sandbox", "python-guard"]).sandbox \
+        == "python-guard"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["experiment", "reward_hacking", "--sandbox", "none"])
 
 
 def test_trace_episode_replays_the_transcript_under_its_condition(tiny):

@@ -1,0 +1,252 @@
+"""The kernel-isolation layer of :mod:`emokern.experiments.sandbox`: bubblewrap's options and the seccomp filter.
+
+Linux only. Under ``sandbox="bwrap"`` (the default), :func:`~emokern.experiments.sandbox.run_in_sandbox` runs its
+child under bubblewrap (``bwrap``; Debian's ``bubblewrap`` package) with the options built here, and the Python guard
+of :mod:`emokern.experiments.sandbox` is a second wall inside it. When bwrap is not on ``PATH`` or cannot create its
+namespaces, :class:`SandboxUnavailable` (defined here, re-exported by :mod:`emokern.experiments.sandbox`) says what to
+install or which option accepts the weaker guard. :func:`sandbox_info` describes what a level isolates.
+
+**The bwrap level** (the arguments are built in ``_bwrap_arguments``):
+
+* namespaces: ``--unshare-all --unshare-user`` (new user, mount, PID, network, IPC, UTS and, where the kernel has
+  one, cgroup namespaces; the user namespace is required, not merely tried), ``--disable-userns`` (no nested user
+  namespaces) and ``--hostname sandbox``. The new network namespace holds only its own loopback interface: no
+  network at all, and 127.0.0.1 is the sandbox's own, not the host's.
+* privileges: ``--cap-drop ALL`` (run as root, bwrap would otherwise keep every capability inside the user
+  namespace), and ``no_new_privs``, which bwrap always sets.
+* filesystem: an empty root (bwrap's tmpfs, remounted read-only once set up) with read-only binds of only what the
+  interpreter needs: the base interpreter (the real file behind a virtual environment's ``python``: the code runs
+  ``-I -S``, so neither the environment nor any site-packages is needed), its standard library (with
+  ``lib-dynload``), ``libpython`` when it is shared, the shared-library directories (``/usr/lib``, ``/usr/lib64``,
+  ``/lib``, ``/lib64`` ..., or the same symlinks where they are links) and ``/etc/ld.so.cache``. Not the home
+  directory, the project checkout, the model caches or the rest of ``/etc``. A new ``/proc`` for the PID namespace
+  (no host process is in it) and bwrap's minimal ``/dev`` (``null``, ``zero``, ``full``, ``random``, ``urandom``,
+  ``tty``), remounted read-only.
+* working directory: a fresh tmpfs at :data:`WORKDIR` (``/sandbox``) of ``workdir_mb`` MiB (writing beyond it fails
+  with ``ENOSPC``), mode 0700, holding the given files (copied in from memfds with ``--file``). It is the cwd,
+  ``HOME`` and ``TMPDIR``, and it vanishes with the namespace: nothing the code writes reaches the host's disk.
+* processes: ``--as-pid-1``: the interpreter is the PID namespace's process 1, with no bwrap process beside it
+  (bwrap's usual reaper at PID 1 would be a process of the same user whose memory the code could read and write
+  through ``/proc/1/mem``, free of the rlimits); its parent is outside the namespace (``getppid()`` is 0).
+  ``--die-with-parent`` (the sandbox is killed when the thread that started it ends) and ``--new-session`` (no
+  controlling terminal to push input into). On a timeout the outer ``bwrap`` is killed and with it the
+  interpreter; the kernel then kills every other process of the namespace, whatever session or group it joined.
+* seccomp (``--seccomp FD``; :func:`seccomp_filter`, x86-64 and aarch64): refuses with ``EPERM`` the system calls
+  that the namespaces do not isolate: creating processes and threads (``fork``, ``vfork``, ``clone``, ``clone3``;
+  the kernel does not apply ``RLIMIT_NPROC`` to root), reaching into other processes (``ptrace``,
+  ``process_vm_readv``/``writev``, ``kcmp``, ``pidfd_getfd``, ``process_madvise``), new namespaces and mounts
+  (``unshare``, ``setns``, ``mount`` and the new mount API, ``umount2``, ``pivot_root``, ``chroot``), the kernel
+  keyrings, ``bpf``, ``perf_event_open``, ``userfaultfd``, ``io_uring`` (whose operations seccomp does not see) and
+  ``personality``. A system call of another ABI (32-bit x86, x32) kills the process. On other architectures the
+  level runs without the filter, and :func:`sandbox_info` records that.
+* environment: only ``PATH``, ``HOME``, ``TMPDIR``, ``LANG`` and ``PWD`` (which bwrap sets with ``--chdir``); of
+  the host's file descriptors only the three standard streams and the guard's report pipe.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import shutil
+import struct
+import subprocess
+import sys
+import sysconfig
+from typing import Dict, List, Optional, Sequence, Tuple
+
+__all__ = ["SANDBOXES", "WORKDIR", "SandboxUnavailable", "sandbox_info", "seccomp_filter"]
+
+SANDBOXES = ("bwrap", "python-guard")  # the isolation levels, strongest first
+WORKDIR = "/sandbox"  # the working directory inside bwrap's mount namespace
+
+_WEAKER = ("or accept a guard that is not a security boundary with sandbox='python-guard' (on the command line: "
+           "--sandbox python-guard)")
+_INSTALL = ("install bubblewrap so that bwrap is on PATH (Debian/Ubuntu: apt-get install bubblewrap; Fedora: "
+            "dnf install bubblewrap), " + _WEAKER)
+_USERNS = ("bwrap needs user namespaces: allow them (sysctl user.max_user_namespaces > 0; older Debian kernels: "
+           "kernel.unprivileged_userns_clone=1; Ubuntu 24.04: kernel.apparmor_restrict_unprivileged_userns=0; in a "
+           "container: a seccomp profile that permits unshare(CLONE_NEWUSER)), " + _WEAKER)
+_GUARD_WARNING = ("sandbox='python-guard' runs the code with an audit hook and rlimits only: not a security boundary "
+                  "(code written to defeat the hook can read and write the host's files and reach the network); use "
+                  "sandbox='bwrap' for code from a capable model")
+
+
+class SandboxUnavailable(RuntimeError):
+    """The isolation asked for cannot be had here: bwrap is missing or cannot create its namespaces, the interpreter
+    does not start inside it, or the probe of :func:`~emokern.experiments.sandbox.check_isolation` got through. The
+    message says what to install or which option accepts the weaker guard; nothing falls back by itself."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# seccomp
+# ----------------------------------------------------------------------------------------------------------------------
+
+# The system calls the filter refuses (see the module docstring for why these): name -> (x86-64 number, aarch64
+# number, or None where the architecture has no such call), from the kernel's asm/unistd_64.h (x86-64) and
+# asm-generic/unistd.h (aarch64). tests/test_sandbox.py checks both columns against libseccomp where it is installed.
+_DENIED_SYSCALLS: Dict[str, Tuple[int, Optional[int]]] = {
+    "fork": (57, None), "vfork": (58, None), "clone": (56, 220), "clone3": (435, 435),
+    "ptrace": (101, 117), "process_vm_readv": (310, 270), "process_vm_writev": (311, 271), "kcmp": (312, 272),
+    "pidfd_getfd": (438, 438), "process_madvise": (440, 440),
+    "unshare": (272, 97), "setns": (308, 268), "mount": (165, 40), "umount2": (166, 39), "pivot_root": (155, 41),
+    "chroot": (161, 51), "open_tree": (428, 428), "move_mount": (429, 429), "fsopen": (430, 430),
+    "fsconfig": (431, 431), "fsmount": (432, 432), "fspick": (433, 433), "mount_setattr": (442, 442),
+    "add_key": (248, 217), "request_key": (249, 218), "keyctl": (250, 219),
+    "bpf": (321, 280), "perf_event_open": (298, 241), "userfaultfd": (323, 282),
+    "io_uring_setup": (425, 425), "io_uring_enter": (426, 426), "io_uring_register": (427, 427),
+    "personality": (135, 92),
+}
+# architecture -> (AUDIT_ARCH_* value seccomp reports, column of _DENIED_SYSCALLS)
+_SECCOMP_ARCHES = {"x86_64": (0xC000003E, 0), "aarch64": (0xC00000B7, 1)}
+_X32_SYSCALL_BIT = 0x40000000
+_BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_JGE_K, _BPF_RET_K = 0x20, 0x15, 0x35, 0x06
+_SECCOMP_RET_KILL_PROCESS, _SECCOMP_RET_ERRNO, _SECCOMP_RET_ALLOW = 0x80000000, 0x00050000, 0x7FFF0000
+_EPERM = 1
+
+
+def _seccomp_arch() -> Optional[str]:
+    """The architecture the filter is built for, or None where there is no table (or a 32-bit interpreter)."""
+    machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
+    return machine if machine in _SECCOMP_ARCHES and struct.calcsize("P") == 8 else None
+
+
+def seccomp_filter() -> Optional[bytes]:
+    """The seccomp program ``bwrap --seccomp`` loads: classic BPF (``struct sock_filter[]`` in this machine's byte
+    order) that kills a system call of another ABI, refuses those of ``_DENIED_SYSCALLS`` with ``EPERM`` and allows
+    the rest. None on an architecture without a table here (see :func:`sandbox_info`)."""
+    arch = _seccomp_arch()
+    if arch is None:
+        return None
+    audit_arch, column = _SECCOMP_ARCHES[arch]
+    numbers = sorted({row[column] for row in _DENIED_SYSCALLS.values() if row[column] is not None})
+
+    def op(code: int, jt: int, jf: int, k: int) -> bytes:
+        return struct.pack("=HBBI", code, jt, jf, k)
+
+    n = len(numbers)
+    program = [op(_BPF_LD_W_ABS, 0, 0, 4),  # seccomp_data.arch
+               op(_BPF_JEQ_K, 1, 0, audit_arch),
+               op(_BPF_RET_K, 0, 0, _SECCOMP_RET_KILL_PROCESS),  # another ABI: its numbers mean other calls
+               op(_BPF_LD_W_ABS, 0, 0, 0)]  # seccomp_data.nr
+    if arch == "x86_64":
+        # the x32 ABI shares AUDIT_ARCH_X86_64, with this bit set in the number: refuse all of it
+        program.append(op(_BPF_JGE_K, n + 1, 0, _X32_SYSCALL_BIT))
+    # compare i jumps over the n - 1 - i compares after it and the ALLOW to the ERRNO at the end
+    program += [op(_BPF_JEQ_K, n - i, 0, nr) for i, nr in enumerate(numbers)]
+    program += [op(_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW), op(_BPF_RET_K, 0, 0, _SECCOMP_RET_ERRNO | _EPERM)]
+    return b"".join(program)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What the child needs
+# ----------------------------------------------------------------------------------------------------------------------
+
+# Shared-library directories, bound read-only (or re-created as the same symlink where the host has a link).
+_SYSTEM_LIBRARY_DIRS = ("/usr/lib", "/usr/lib64", "/usr/lib32", "/usr/libx32", "/lib", "/lib64", "/lib32", "/libx32")
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreter() -> str:
+    """The base interpreter's real path: the file a virtual environment's ``python`` links to (or names in its
+    ``pyvenv.cfg``). The child runs ``-I -S`` and needs only the standard library, so nothing of the environment,
+    which may live inside the project checkout, is used or mounted."""
+    return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+
+
+def _base_path(name: str) -> str:
+    """A ``sysconfig`` path (``"stdlib"``, ``"platstdlib"``) of the base installation, also from a venv."""
+    return sysconfig.get_path(name, vars={"base": sys.base_prefix, "platbase": sys.base_exec_prefix,
+                                          "installed_base": sys.base_prefix,
+                                          "installed_platbase": sys.base_exec_prefix})
+
+
+def _under(path: str, roots: Sequence[str]) -> bool:
+    return any(path == root or path.startswith(root.rstrip("/") + "/") for root in roots)
+
+
+@functools.lru_cache(maxsize=None)
+def _python_paths() -> Tuple[str, ...]:
+    """The host paths of the Python installation that bwrap binds read-only at the same place: the interpreter, its
+    standard library and ``lib-dynload`` (of the base installation, not of a virtual environment), and ``libpython``
+    when the interpreter links it as a shared library; real paths, less those inside another or inside a
+    shared-library directory."""
+    paths = [_interpreter(), _base_path("stdlib"), _base_path("platstdlib")]
+    if sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        libdir, soname = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
+        if libdir and soname:
+            paths.append(os.path.join(libdir, soname))
+    real = sorted({os.path.realpath(p) for p in paths if p and os.path.exists(p)})
+    libraries = [os.path.realpath(d) for d in _SYSTEM_LIBRARY_DIRS if os.path.isdir(d)]
+    return tuple(p for p in real if not _under(p, libraries) and not any(q != p and _under(p, [q]) for q in real))
+
+
+def _bwrap() -> str:
+    """The bwrap executable on ``PATH``, or :class:`SandboxUnavailable` saying what to install."""
+    path = shutil.which("bwrap")
+    if path is None:
+        raise SandboxUnavailable(f"sandbox='bwrap': bubblewrap is not installed (no bwrap on PATH); {_INSTALL}")
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def _bwrap_version(path: str) -> str:
+    out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30)
+    return out.stdout.strip() or out.stderr.strip()
+
+
+def _bwrap_arguments(files: Sequence[Tuple[int, str]], seccomp_fd: Optional[int], workdir_mb: float) -> List[str]:
+    """bwrap's options (everything before ``--``): ``files`` are ``(readable fd, relative name)`` copied into the
+    working directory; ``seccomp_fd`` reads the program of :func:`seccomp_filter`, None for no filter."""
+    args = ["--unshare-all", "--unshare-user", "--disable-userns", "--cap-drop", "ALL", "--as-pid-1",
+            "--die-with-parent", "--new-session", "--hostname", "sandbox"]
+    for path in _SYSTEM_LIBRARY_DIRS:
+        if os.path.islink(path):
+            args += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            args += ["--ro-bind", path, path]
+    for path in _python_paths():
+        args += ["--ro-bind", path, path]
+    # the loader's cache of library locations (a file of paths), for a libpython outside the default directories
+    args += ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache"]
+    args += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev"]
+    args += ["--perms", "0700", "--size", str(int(workdir_mb * (1 << 20))), "--tmpfs", WORKDIR]
+    for fd, name in files:
+        args += ["--file", str(fd), f"{WORKDIR}/{name}"]
+    args += ["--remount-ro", "/", "--chdir", WORKDIR]
+    if seccomp_fd is not None:
+        args += ["--seccomp", str(seccomp_fd)]
+    return args
+
+
+def sandbox_info(sandbox: str = "bwrap") -> dict:
+    """What a level isolates, as an experiment records it (:func:`~emokern.experiments.sandbox.check_isolation` adds
+    the probe's findings).
+
+    ``{"sandbox", "kernel_isolation"}``, and for ``"bwrap"``: ``"bwrap"`` (its version), ``"namespaces"``,
+    ``"read_only"`` (the host paths bound read-only), ``"workdir"``, ``"seccomp"`` (``{"arch", "denied"}`` or None)
+    with ``"seccomp_missing"`` (why not, or None); for ``"python-guard"``: ``"warning"``.
+
+    Raises:
+        ValueError: an unknown level. SandboxUnavailable: ``"bwrap"`` without bwrap on ``PATH``.
+    """
+    _check_sandbox("sandbox_info", sandbox)
+    if sandbox == "python-guard":
+        return {"sandbox": sandbox, "kernel_isolation": False, "warning": _GUARD_WARNING}
+    path = _bwrap()
+    arch = _seccomp_arch()
+    libraries = [p for p in _SYSTEM_LIBRARY_DIRS if os.path.isdir(p) and not os.path.islink(p)]
+    return {"sandbox": sandbox, "kernel_isolation": True, "bwrap": _bwrap_version(path),
+            "namespaces": ["user", "mount", "pid", "network", "ipc", "uts", "cgroup (where the kernel has it)"],
+            "read_only": libraries + list(_python_paths()) + [p for p in ["/etc/ld.so.cache"] if os.path.isfile(p)],
+            "workdir": f"{WORKDIR} (a tmpfs of workdir_mb MiB)",
+            "seccomp": {"arch": arch, "denied": sorted(n for n, row in _DENIED_SYSCALLS.items()
+                                                       if row[_SECCOMP_ARCHES[arch][1]] is not None)}
+            if arch else None,
+            "seccomp_missing": None if arch else (f"no system-call table for {platform.machine()} "
+                                                  f"({8 * struct.calcsize('P')}-bit Python) in this module")}
+
+
+def _check_sandbox(where: str, sandbox: str) -> None:
+    if sandbox not in SANDBOXES:
+        raise ValueError(f"{where}: sandbox must be one of {list(SANDBOXES)}; got {sandbox!r}")
