@@ -46,6 +46,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 EMOTIONS = ("happy", "sad", "afraid", "angry", "calm", "desperate", "proud", "ashamed", "bored", "excited", "loving",
             "disgusted")
 BATCH = 96  # divides 12 x stories, so that a corpus with more stories per emotion grows a smaller one
+MIN_OWN_WORDS = 20  # the min_words every corpus here is generated with
 TRANSFER = ("implicit", "plain")  # the corpora every reading's vectors are also scored on
 
 
@@ -145,21 +146,7 @@ def generate(model, tok, corpus: Corpus, work: Path, prompt_format: str, progres
     return generate_corpus(model, tok, directory, emotions=list(EMOTIONS), topics=topics,
                            stories_per_emotion=corpus.stories, neutral=0, max_new_tokens=corpus.max_new_tokens,
                            batch_size=BATCH, prompt_format=prompt_format, style=corpus.style,
-                           temperature=corpus.temperature, min_words=20, progress=progress)
-
-
-def exclusion(stories, how: str):
-    from emokern.emotion_words import emotion_word_spans
-
-    if how == "none":
-        return None
-    spans = []
-    for s in stories:
-        out = [(0, len(s.opening))] if s.opening else []
-        if how == "opening+word":
-            out += emotion_word_spans(s.text, s.emotion)
-        spans.append(out)
-    return spans
+                           temperature=corpus.temperature, min_words=MIN_OWN_WORDS, progress=progress)
 
 
 def main() -> None:
@@ -173,7 +160,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from emokern.corpus import generate_corpus
-    from emokern.extract import story_activations
+    from emokern.extract import story_activations, story_exclusions
     from emokern.models import load_model
     from emokern.quality import cross_validate
 
@@ -216,17 +203,17 @@ def main() -> None:
         return cache[key]
 
     rows = []
-    targets = {name: corpora[name].stories for name in TRANSFER if name in corpora}
+    targets = {name: usable(corpora[name].stories) for name in TRANSFER if name in corpora}
     for r in readings:
         t0 = time.perf_counter()
         corpus = corpora[r.corpus]
-        stories = corpus.stories
+        stories = usable(corpus.stories)
         if r.premises is not None:
             keep = set(topic_order(corpus)[:r.premises])
             stories = [s for s in stories if s.key.split("|")[1] in keep]
         texts = [s.text for s in stories]
         acts = read(texts, (r.corpus, r.premises, r.first_token, r.exclude, r.exclude_after, r.fmt),
-                    first_token=r.first_token, fmt=r.fmt, exclude_spans=exclusion(stories, r.exclude),
+                    first_token=r.first_token, fmt=r.fmt, exclude_spans=story_exclusions(stories, r.exclude),
                     exclude_after=r.exclude_after)
         neutral_acts = read([d.text for d in neutral], ("neutral", r.first_token, r.fmt), first_token=r.first_token,
                             fmt=r.fmt)
@@ -269,7 +256,8 @@ def main() -> None:
         "probe_layers": probe_layers, "chance": {"top1": 1 / len(EMOTIONS), "top5": 5 / len(EMOTIONS), "auroc": 0.5},
         "machine": device_name("cpu"), "threads": torch.get_num_threads(), "versions": versions(),
         "prompt_format": prompt_format, "generation_seconds": gen_seconds,
-        "corpora": {n: {"kept": len(c.stories), "jobs": len(c.records), **c.stats()["timings"]}
+        "corpora": {n: {"kept": len(c.stories), "usable": len(usable(c.stories)), "jobs": len(c.records),
+                        **c.stats()["timings"]}
                     for n, c in corpora.items()},
         "readings": rows, "seconds": round(time.perf_counter() - started, 1),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -280,6 +268,16 @@ def main() -> None:
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
     plot(result, stem.with_suffix(".png"))
     print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.png')}")
+
+
+def usable(stories) -> list:
+    """The stories :func:`emokern.corpus.generate_corpus` keeps today: at least ``MIN_OWN_WORDS`` words of their
+    own and not repetitive. Corpora generated before those rules may hold a base model's loops ("I felt sad. I was
+    sad. I was sad. ...") with no token left to average once the emotion word and its neighbours are out."""
+    from emokern.corpus import MIN_DISTINCT_TRIGRAMS, distinct_trigrams, own_words
+
+    return [s for s in stories if own_words(s.text, s.opening, s.emotion) >= MIN_OWN_WORDS
+            and distinct_trigrams(s.text) >= MIN_DISTINCT_TRIGRAMS]
 
 
 def _names(story) -> bool:

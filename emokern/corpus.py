@@ -23,11 +23,15 @@ speakers as ``Person:`` and ``AI:`` (labels a chat model does not confuse with i
 stored relabelled ``Human:`` / ``Assistant:``. The paper's occasional system prompt in a dialogue is not imitated.
 
 **Filtering.** Each output is cleaned (:func:`clean_story`, :func:`relabel_dialogue`), then checked in this order:
-a story or dialogue under ``min_words`` words is dropped as ``"too_short"``; a story that no longer starts with its
-opening after clean-up as ``"opening_lost"``; in a style that may not name its emotion (``names_emotion=False``), a
-story that contains its emotion word in any form :func:`emokern.emotion_words.emotion_word_pattern` knows as
-``"emotion_word"`` (the form found is recorded as ``matched`` in every style); a dialogue without both a
-``Human:`` and an ``Assistant:`` line as ``"not_a_dialogue"``. Dropped jobs are kept on disk (with their reason) and
+a dialogue under ``min_words`` words, or a story under ``min_words`` words of its own (:func:`own_words`: the
+opening and every form of the emotion word not counted, the tokens the ``opening`` reading leaves out), is dropped
+as ``"too_short"``; a story whose distinct word trigrams are under half of its trigrams (:func:`distinct_trigrams`:
+a model caught in a loop, "I was sad. I was sad. ...", common in small base models) as ``"repetitive"``; a story
+that no longer starts with its opening after clean-up as ``"opening_lost"``; in a style that may not name its
+emotion (``names_emotion=False``), a story that contains its emotion word in any form
+:func:`emokern.emotion_words.emotion_word_pattern` knows as ``"emotion_word"`` (the form found is recorded as
+``matched`` in every style); a dialogue without both a ``Human:`` and an ``Assistant:`` line as
+``"not_a_dialogue"``. Dropped jobs are kept on disk (with their reason) and
 counted per emotion by :meth:`StoryCorpus.stats`; they are not regenerated.
 
 **Jobs, chunks and resuming.** :func:`plan_chunks` turns the configuration into a fixed list of jobs (story key
@@ -96,6 +100,8 @@ __all__ = [
     "emotion_word_pattern",
     "emotion_word_spans",
     "find_emotion_word",
+    "own_words",
+    "distinct_trigrams",
     "generate_corpus",
     "load_topics",
     "plan_chunks",
@@ -135,7 +141,9 @@ class CorpusPreset:
         neutral: number of neutral dialogues (0 for none).
         max_new_tokens: the most tokens generated for one story or dialogue.
         batch_size: jobs per chunk, i.e. per batched generation call and per shard file.
-        min_words: texts with fewer whitespace-separated words after cleaning are dropped as ``"too_short"``.
+        min_words: a dialogue with fewer whitespace-separated words after cleaning, or a story with fewer words
+            of its own (:func:`own_words`: not counting its opening or any form of its emotion word), is dropped as
+            ``"too_short"``.
         temperature, top_p: sampling settings (``top_k`` is disabled).
         prompt_format: ``"chat"`` (the tokenizer's chat template, system + user turns) or ``"plain"`` (the same
             instructions as plain text, for base models without a chat template).
@@ -507,7 +515,7 @@ class StoryCorpus:
         Returns a dict with:
 
         * ``emotions``: ``{emotion: {"kept": int, "dropped": {reason: int}}}`` for every configured emotion, in
-          configuration order (reasons ``"emotion_word"`` and ``"too_short"``);
+          configuration order (reasons ``"too_short"``, ``"repetitive"``, ``"opening_lost"``, ``"emotion_word"``);
         * ``neutral``: ``{"kept": int, "dropped": {reason: int}}`` (reasons ``"too_short"``, ``"not_a_dialogue"``);
         * ``totals``: ``stories_kept``, ``stories_dropped``, ``neutral_kept``, ``neutral_dropped``, ``jobs`` (records
           read), ``chunks_done`` (shards read), ``chunks_total`` (planned), ``complete``;
@@ -647,6 +655,29 @@ def _generate_chunk(model, tokenizer, prompts: list[str], *, seed: int, max_new_
     return texts, n_new.tolist()
 
 
+def own_words(text: str, opening: str, emotion: str) -> int:
+    """The number of words of a story that are neither its ``opening`` (a prefix of ``text``) nor a form of its
+    ``emotion`` word (:func:`emokern.emotion_words.emotion_word_spans`); a word is a whitespace-separated piece
+    with at least one letter or digit (the punctuation left behind by a removed word is not one)."""
+    if opening and text.startswith(opening):
+        text = text[len(opening):]
+    for a, b in sorted(emotion_word_spans(text, emotion), reverse=True):
+        text = text[:a] + " " + text[b:]
+    return sum(1 for w in text.split() if any(c.isalnum() for c in w))
+
+
+#: A story whose distinct word trigrams are fewer than this fraction of its trigrams is ``"repetitive"``.
+MIN_DISTINCT_TRIGRAMS = 0.5
+
+
+def distinct_trigrams(text: str) -> float:
+    """The fraction of a text's word trigrams (lower-cased, whitespace-separated) that are distinct: about 1 for
+    prose, near 0 for a model caught in a loop ("I was sad. I was sad. ..."); 1.0 for texts under three words."""
+    words = text.lower().split()
+    grams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
 def _records(chunk: Chunk, raws: list[str], new_tokens: list[int], tokenizer, min_words: int, seconds: float,
              names_emotion: bool) -> list[dict]:
     """The shard records of a generated chunk: each job's cleaned text, its fate and where it came from."""
@@ -658,8 +689,11 @@ def _records(chunk: Chunk, raws: list[str], new_tokens: list[int], tokenizer, mi
             matched = find_emotion_word(text, job.emotion)
         else:
             text = relabel_dialogue(raw)
-        if len(text.split()) < min_words:
+        words = own_words(text, job.opening, job.emotion) if job.kind == "story" else len(text.split())
+        if words < min_words:
             reason = "too_short"
+        elif job.kind == "story" and distinct_trigrams(text) < MIN_DISTINCT_TRIGRAMS:
+            reason = "repetitive"  # a loop: with the emotion word and its neighbours left out, little or nothing is left
         elif job.kind == "story" and not text.startswith(job.opening):
             reason = "opening_lost"  # clean-up removed the words written for the model: their span is unknown
         elif matched is not None and not names_emotion:

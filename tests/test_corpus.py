@@ -585,9 +585,13 @@ def test_opening_style_keeps_the_opening_and_the_emotion_word(model, tokenizer, 
             elif p.endswith("felt calm."):
                 out.append(" The sea was calm and so was she" + " w2" * 6)
             elif p.endswith("felt happy."):
-                out.append("\n\nTitle: A day\n" + " w3" * 10)  # clean-up would keep the opening: fine
+                out.append("\n\nTitle: A day\n" + "".join(f" w3{i}" for i in range(10)))  # clean-up keeps the opening
+            elif p.endswith("felt desperate."):
+                # 16 words, 13 of its own: the emotion word does not count, in any form
+                out.append(" Desperate, she counted coins; desperately she asked again, and the desperate clerk only "
+                           "shrugged at her.")
             else:
-                out.append(" w4" * 10)
+                out.append("".join(f" w4{i}" for i in range(10)))  # distinct words: a loop would be "repetitive"
         return out, [9] * len(prompts)
 
     monkeypatch.setattr(C, "_generate_chunk", scripted)
@@ -599,11 +603,21 @@ def test_opening_style_keeps_the_opening_and_the_emotion_word(model, tokenizer, 
                for p in prompts)
     by_emotion = {s.emotion: s for s in corpus.stories}
     assert set(by_emotion) == set(EMOTIONS)  # naming the emotion is allowed in this style
+    assert C.own_words(by_emotion["desperate"].text, by_emotion["desperate"].opening, "desperate") == 13
     calm = by_emotion["calm"]
     assert calm.text.startswith(calm.opening) and calm.opening.endswith("felt calm.")
     assert calm.text == calm.opening + " The sea was calm and so was she" + " w2" * 6
     assert corpus.manifest["config"]["style"] == "opening"
     assert [r["opening"] for r in corpus.records if r["kind"] == "neutral"] == ["Person:"]
+    # a story made of its emotion word has too few words of its own left to average (19 words after the opening,
+    # 9 of its own); a loop has words enough but is repetitive; prose is kept
+    calls = iter([[" Desperate, so desperate," * 5 + " and on and on"], [" I was tired and desperate." * 8],
+                  [" The bus left without her, and the next one would not come until morning."]])
+    monkeypatch.setattr(C, "_generate_chunk", lambda *a, **k: ((o := next(calls)), [9] * len(o)))
+    dropped = run(model, tokenizer, tmp_path / "d", emotions=["desperate"], stories_per_emotion=3, neutral=0,
+                  style="opening", batch_size=1, min_words=10)
+    assert [r["reason"] for r in dropped.records] == ["too_short", "repetitive", None]
+    assert dropped.stats()["emotions"]["desperate"] == {"kept": 1, "dropped": {"too_short": 1, "repetitive": 1}}
 
 
 def test_growing_a_corpus_keeps_its_shards(model, tokenizer, tmp_path, monkeypatch):
