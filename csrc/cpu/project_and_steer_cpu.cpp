@@ -32,6 +32,7 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "checks.h"
@@ -77,6 +78,20 @@ int64_t tile_rows_for(int64_t row_bytes, int64_t multiple) {
 bool cpu_has_avx512() {
 #if EMOKERN_X86_AVX512
   static const bool has = at::get_cpu_capability() == "AVX512";
+  return has;
+#else
+  return false;
+#endif
+}
+
+// AVX2 with FMA and F16C (x86 CPUs without AVX-512: AMD before Zen 4, most client Intel parts). Also from ATen's
+// choice, so ATEN_CPU_CAPABILITY=default still selects the portable code.
+bool cpu_has_avx2() {
+#if EMOKERN_X86_AVX512
+  static const bool has = [] {
+    const std::string cap = at::get_cpu_capability();
+    return cap == "AVX2" || cap == "AVX512";
+  }();
   return has;
 #else
   return false;
@@ -253,12 +268,130 @@ EMOKERN_AVX512 void split_row_avx512(const T* x, int64_t n, int64_t width, int64
 #endif
 
 // ------------------------------------------------------------------------------------------------------------
-// Run-time choice between the two versions of each row kernel.
+// AVX2 row kernels: eight lanes, for CPUs without AVX-512 (on those, the scalar loops above ran the decode path:
+// a float dot product is not auto-vectorised, since that would reorder its sum). Full blocks of 8 are vectorised;
+// the ragged tail goes through the scalar code, which rounds the same way (c10's conversions are round to
+// nearest even, as are the vector ones here).
+#if EMOKERN_X86_AVX512
+#define EMOKERN_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+EMOKERN_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+EMOKERN_AVX2 inline __m256 load8(const BFloat16* p) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+EMOKERN_AVX2 inline __m256 load8(const Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+EMOKERN_AVX2 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+// Round to nearest even, NaN -> quiet NaN: the same bits as c10::BFloat16(float) (and as to_bf16_bits above).
+EMOKERN_AVX2 inline void store8(BFloat16* p, __m256 v) {
+  const __m256i x = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(x, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  // r holds values < 2^16 in 32-bit lanes: pack them to 16 bits (packus works within 128-bit halves, so gather
+  // the two halves' results into the low 128 bits afterwards)
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+EMOKERN_AVX2 inline void store8(Half* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+EMOKERN_AVX2 inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+EMOKERN_AVX2 void steer_row_avx2(const float* p, const float* a, const float* b, const float* lo, const float* hi,
+                                 int64_t K, float* delta) {
+  const int64_t K8 = K / 8 * 8;
+  for (int64_t k = 0; k < K8; k += 8) {
+    const __m256 pv = load8(p + k);
+    __m256 q = _mm256_add_ps(load8(a + k), _mm256_mul_ps(load8(b + k), pv));  // a + b p, as the scalar code
+    // max(lo, q) then min(hi, q): x86 returns the second operand when either is NaN, so a NaN q stays NaN
+    q = _mm256_max_ps(load8(lo + k), q);
+    q = _mm256_min_ps(load8(hi + k), q);
+    store8(delta + k, _mm256_sub_ps(q, pv));
+  }
+  steer_row_scalar(p + K8, a + K8, b + K8, lo + K8, hi + K8, K - K8, delta + K8);
+}
+
+template <typename T>
+EMOKERN_AVX2 void add_row_avx2(T* h, const float* D, int64_t d) {
+  const int64_t d8 = d / 8 * 8;
+  for (int64_t j = 0; j < d8; j += 8) store8(h + j, _mm256_add_ps(load8(h + j), load8(D + j)));
+  add_row_scalar(h + d8, D + d8, d - d8);
+}
+
+template <typename T>
+EMOKERN_AVX2 void widen_row_avx2(const T* x, int64_t d, float* out) {
+  const int64_t d8 = d / 8 * 8;
+  for (int64_t j = 0; j < d8; j += 8) store8(out + j, load8(x + j));
+  widen_row_scalar(x + d8, d - d8, out + d8);
+}
+
+// Four rows per pass, each with two accumulators (alternate blocks of 8), so that each load of y feeds four FMAs
+// and eight independent chains hide the FMA latency even for a single row (decoding: one token).
+template <typename T>
+EMOKERN_AVX2 void dot_rows_avx2(const T* x, int64_t ldx, int64_t rows, const T* y, int64_t d, float* out,
+                                int64_t ldo) {
+  const int64_t d16 = d / 16 * 16, d8 = d / 8 * 8;
+  for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+    const int64_t nr = std::min<int64_t>(4, rows - r0);
+    const T* xr = x + r0 * ldx;
+    __m256 acc0[4], acc1[4];
+    for (int r = 0; r < 4; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < d16; j += 16) {
+      const __m256 y0 = load8(y + j), y1 = load8(y + j + 8);
+      for (int64_t r = 0; r < 4; ++r) {
+        if (r < nr) {
+          acc0[r] = _mm256_fmadd_ps(load8(xr + r * ldx + j), y0, acc0[r]);
+          acc1[r] = _mm256_fmadd_ps(load8(xr + r * ldx + j + 8), y1, acc1[r]);
+        }
+      }
+    }
+    if (d8 > d16) {
+      const __m256 y0 = load8(y + d16);
+      for (int64_t r = 0; r < nr; ++r) acc0[r] = _mm256_fmadd_ps(load8(xr + r * ldx + d16), y0, acc0[r]);
+    }
+    for (int64_t r = 0; r < nr; ++r) {
+      float tail = 0.0f;
+      dot_rows_scalar(xr + r * ldx + d8, ldx, 1, y + d8, d - d8, &tail, 1);
+      out[(r0 + r) * ldo] = hsum8(_mm256_add_ps(acc0[r], acc1[r])) + tail;
+    }
+  }
+}
+
+// cols <= 64: the accumulator (eight blocks of 8 columns) lives in registers across the whole k loop; ragged
+// columns beyond the last full block are summed by the scalar code.
+template <typename T>
+EMOKERN_AVX2 void combine_rows_avx2(const float* coef, const T* V, int64_t ldv, int64_t K, int64_t cols,
+                                    float* acc) {
+  const int64_t nb = cols / 8;
+  __m256 a[8];
+  for (int b = 0; b < 8; ++b) a[b] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const T* v = V + k * ldv;
+    const __m256 c = _mm256_set1_ps(coef[k]);
+    for (int64_t b = 0; b < 8; ++b)
+      if (b < nb) a[b] = _mm256_fmadd_ps(c, load8(v + 8 * b), a[b]);
+  }
+  for (int64_t b = 0; b < nb; ++b) store8(acc + 8 * b, a[b]);
+  if (nb * 8 < cols) combine_rows_scalar(coef, V + nb * 8, ldv, K, cols - nb * 8, acc + nb * 8);
+}
+#endif
+
+// ------------------------------------------------------------------------------------------------------------
+// Run-time choice between the versions of each row kernel.
 
 void steer_row(const float* p, const float* a, const float* b, const float* lo, const float* hi, int64_t K,
                float* delta) {
 #if EMOKERN_X86_AVX512
   if (cpu_has_avx512()) return steer_row_avx512(p, a, b, lo, hi, K, delta);
+  if (cpu_has_avx2()) return steer_row_avx2(p, a, b, lo, hi, K, delta);
 #endif
   steer_row_scalar(p, a, b, lo, hi, K, delta);
 }
@@ -267,6 +400,7 @@ template <typename T>
 void add_row(T* h, const float* D, int64_t d) {
 #if EMOKERN_X86_AVX512
   if (cpu_has_avx512()) return add_row_avx512(h, D, d);
+  if (cpu_has_avx2()) return add_row_avx2(h, D, d);
 #endif
   add_row_scalar(h, D, d);
 }
@@ -275,6 +409,7 @@ template <typename T>
 void widen_row(const T* x, int64_t d, float* out) {
 #if EMOKERN_X86_AVX512
   if (cpu_has_avx512()) return widen_row_avx512(x, d, out);
+  if (cpu_has_avx2()) return widen_row_avx2(x, d, out);
 #endif
   widen_row_scalar(x, d, out);
 }
@@ -283,6 +418,7 @@ template <typename T>
 void dot_rows(const T* x, int64_t ldx, int64_t rows, const T* y, int64_t d, float* out, int64_t ldo) {
 #if EMOKERN_X86_AVX512
   if (cpu_has_avx512()) return dot_rows_avx512(x, ldx, rows, y, d, out, ldo);
+  if (cpu_has_avx2()) return dot_rows_avx2(x, ldx, rows, y, d, out, ldo);
 #endif
   dot_rows_scalar(x, ldx, rows, y, d, out, ldo);
 }
@@ -291,6 +427,7 @@ template <typename T>
 void combine_rows(const float* coef, const T* V, int64_t ldv, int64_t K, int64_t cols, float* acc) {
 #if EMOKERN_X86_AVX512
   if (cpu_has_avx512()) return combine_rows_avx512(coef, V, ldv, K, cols, acc);
+  if (cpu_has_avx2()) return combine_rows_avx2(coef, V, ldv, K, cols, acc);
 #endif
   combine_rows_scalar(coef, V, ldv, K, cols, acc);
 }
