@@ -202,9 +202,11 @@ class PatchHandle:
 
     def __init__(self, model, bank: VectorBank, layers: List[int], sites: Tuple[str, ...], spec: ArchSpec,
                  base: torch.nn.Module, layer_modules, *, tokenizer=None, backend: Optional[str] = None,
-                 monitor: bool = True, batch: int = 8, tokens: int = 512):
+                 monitor: bool = True, batch: int = 8, tokens: int = 512, train: bool = False):
         self.model, self.bank, self.layers, self.sites, self.spec = model, bank, layers, sites, spec
-        self.tokenizer, self.backend, self.monitor = tokenizer, backend, monitor
+        self.tokenizer, self.backend, self.monitor, self.train = tokenizer, backend, monitor, train
+        # train=True: each site's projections of the last forward run with grad enabled, as tensors in the graph
+        self._graph: Dict[int, torch.Tensor] = {}
         self.site_names = [f"layer{layer}.{site}" for layer in layers for site in sites]
         self._site_layers = [layer for layer in layers for _ in sites]
         param = next(model.parameters())
@@ -212,6 +214,11 @@ class PatchHandle:
         V = torch.stack([unit[bank.layer_slot(layer)] for layer in self._site_layers])
         self._norms = [float(bank.residual_norm[bank.layer_slot(layer)]) for layer in self._site_layers]
         self.state = _State(V.to(device=param.device, dtype=param.dtype).contiguous(), batch, tokens)
+        K = self.state.K
+        # the tables of "steer nothing" (every row -1 reads none of them): the differentiable op's projection-only call
+        self._no_steering = (torch.zeros(1, K, device=param.device), torch.ones(1, K, device=param.device),
+                             torch.full((1, K), -math.inf, device=param.device),
+                             torch.full((1, K), math.inf, device=param.device))
         self._configs: Dict[Optional[int], _SequenceConfig] = {}
         self._host: Optional[Dict[str, torch.Tensor]] = None  # host copies of the steering buffers (see _materialize)
         self._used: List[int] = []  # bank indices of the steered vectors, in slot order
@@ -258,6 +265,8 @@ class PatchHandle:
             self.reserve(batch=B)
         st.batch = B
         st.pos = cache_position.reshape(-1).clamp(max=st.T_cap)
+        if self.train and torch.is_grad_enabled():
+            self._graph = {}
         # One projection buffer per forward, shared by every site (each copies it into the trace before the next)
         st.scratch = torch.empty(B * S, st.K, dtype=torch.float32, device=st.device)
         if st.steering:
@@ -279,6 +288,8 @@ class PatchHandle:
                 return None
             h = output[0] if isinstance(output, tuple) else output
             h2 = h.view(-1, h.shape[-1])
+            if self.train and torch.is_grad_enabled():
+                return self._site_in_graph(i, h, output, steer)
             V, Vs, a, b, lo, hi, P_site = st.site_views[i]
             ops = self._fixed_ops or self._ops(h2.shape[0])
             new_output = None
@@ -298,6 +309,45 @@ class PatchHandle:
             return new_output
 
         return hook
+
+    def _site_in_graph(self, i: int, h: torch.Tensor, output, steer: bool):
+        """The training path of a site hook (``train=True``, grad enabled): the projections onto all K vectors and
+        the steering both through the differentiable op, the projections kept for :meth:`projections`. The
+        vectors are cast to h's dtype (under autocast h may be bf16 while the parameters are fp32)."""
+        st = self.state
+        V, Vs, a, b, lo, hi, P_site = st.site_views[i]
+        h2 = h.reshape(-1, h.shape[-1])
+        if self.monitor:  # the projections of the site's input h, as in the inference path
+            unsteered = torch.full((h2.shape[0],), -1, dtype=torch.int32, device=h2.device)
+            _, P = project_and_steer(h2, V.to(h2.dtype), unsteered, *self._no_steering, backend=self.backend)
+            self._graph[i] = P.view(*h.shape[:-1], st.K)
+            with torch.no_grad():
+                P_site[:st.batch].index_copy_(1, st.pos, P.detach().view(st.batch, -1, st.K))
+        if not steer:
+            return None
+        h_new, _ = project_and_steer(h2, Vs.to(h2.dtype), st.row, a, b, lo, hi, backend=self.backend)
+        h_new = h_new.view(h.shape)
+        return (h_new,) + tuple(output[1:]) if isinstance(output, tuple) else h_new
+
+    def projections(self, layer: Optional[int] = None, site: str = "residual") -> torch.Tensor:
+        """The projections (B, S, K) fp32 of ``site`` at decoder layer ``layer`` (default: the first patched layer)
+        in the last forward run with grad enabled, as a tensor in that forward's autograd graph: a loss on it
+        (e.g. :func:`emokern.training.projection_penalty`) backpropagates into the model. Needs ``train=True``
+        and ``monitor=True``."""
+        if not self.train:
+            raise RuntimeError("projections: the patch records projections in the graph only with "
+                               "emokern.patch(..., train=True)")
+        if not self.monitor:
+            raise RuntimeError("projections: the patch was made with monitor=False, which records no projections")
+        layer = self.layers[0] if layer is None else layer
+        name = f"layer{layer}.{site}"
+        if name not in self.site_names:
+            raise ValueError(f"projections: {name!r} is not patched (patched: {self.site_names})")
+        i = self.site_names.index(name)
+        if i not in self._graph:
+            raise RuntimeError("projections: no forward with grad enabled has run through the patched model since "
+                               "the last one began (call the model first, outside torch.no_grad())")
+        return self._graph[i]
 
     def _ops(self, num_tokens: int):
         """``(project(h, V, P), steer(h, V, row, a, b, lo, hi, P))`` for this call: the registered ops themselves
@@ -699,7 +749,7 @@ class PatchHandle:
 
 def patch(model, bank: VectorBank, *, layers=None, sites: Union[str, Sequence[str]] = ("residual",),
           tokenizer=None, arch: Optional[ArchSpec] = None, backend: Optional[str] = None, monitor: bool = True,
-          force: bool = False, batch: int = 8, tokens: int = 512) -> PatchHandle:
+          force: bool = False, batch: int = 8, tokens: int = 512, train: bool = False) -> PatchHandle:
     """Patch a loaded ``transformers`` causal LM in place to monitor and steer with ``bank``; returns the handle.
 
     Args:
@@ -715,6 +765,11 @@ def patch(model, bank: VectorBank, *, layers=None, sites: Union[str, Sequence[st
         monitor: record projections (set False to only steer).
         force: accept a bank whose model fingerprint differs (hidden size must still match).
         batch, tokens: initial buffer capacity (grown on demand in eager mode; reserve before compiling).
+        train: training mode. In a forward with grad enabled, every site's projections onto all K vectors are
+            computed by the differentiable op and kept in the graph (:meth:`PatchHandle.projections`), and
+            steering is differentiable too, so a loss on either reaches the model's parameters
+            (:mod:`emokern.training`). Forwards under ``torch.no_grad()`` (generation, evaluation) take the
+            in-place inference path, exactly as with ``train=False``.
     """
     if getattr(model, "_emokern_patch", None) is not None:
         raise RuntimeError("this model is already patched by emokern: call handle.remove() on the existing patch "
@@ -732,4 +787,4 @@ def patch(model, bank: VectorBank, *, layers=None, sites: Union[str, Sequence[st
     if missing:
         raise ValueError(f"patch: the bank has no vectors for layers {missing} (it covers {bank.layers})")
     return PatchHandle(model, bank, chosen, sites, spec, base, layer_modules, tokenizer=tokenizer, backend=backend,
-                       monitor=monitor, batch=batch, tokens=tokens)
+                       monitor=monitor, batch=batch, tokens=tokens, train=bool(train))
