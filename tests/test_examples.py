@@ -204,3 +204,19 @@ def test_examples_run_as_scripts(tmp_path):
                            str(tmp_path)], check=False, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "llama-cli" in done.stdout and list(tmp_path.glob("*.gguf"))
+
+
+def test_train_emotion_penalty_runs_the_three_fine_tunes(examples, tmp_path):
+    train = examples("train_emotion_penalty")
+    summary = train.main(["--tiny", "--steps", "4", "--batch-size", "4", "--lr", "1e-3", "--max-new-tokens", "6",
+                          "--out", str(tmp_path)])
+    written = json.loads((tmp_path / "result.json").read_text())
+    assert written["results"] == summary["results"]
+    assert set(summary["results"]) == {"before", "plain", "penalty", "preventative"}
+    assert all(len(curve) == 4 for curve in summary["curves"].values())
+    values = [v for r in summary["results"].values() for v in (r["heldout_loss"], r["desperate_z"])]
+    assert all(torch.isfinite(torch.tensor(values)))
+    loss = {m: summary["results"][m]["heldout_loss"] for m in summary["results"]}
+    # each fine-tune moved the weights, and the penalty and the steering each changed what the training did
+    assert len({round(x, 6) for x in loss.values()}) == 4
+    assert (tmp_path / "train_emotion_penalty.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
