@@ -274,10 +274,9 @@ def usable(stories) -> list:
     """The stories :func:`emokern.corpus.generate_corpus` keeps today: at least ``MIN_OWN_WORDS`` words of their
     own and not repetitive. Corpora generated before those rules may hold a base model's loops ("I felt sad. I was
     sad. I was sad. ...") with no token left to average once the emotion word and its neighbours are out."""
-    from emokern.corpus import MIN_DISTINCT_TRIGRAMS, distinct_trigrams, own_words
+    from emokern.corpus import story_reason
 
-    return [s for s in stories if own_words(s.text, s.opening, s.emotion) >= MIN_OWN_WORDS
-            and distinct_trigrams(s.text) >= MIN_DISTINCT_TRIGRAMS]
+    return [s for s in stories if story_reason(s.text, s.opening, s.emotion, MIN_OWN_WORDS, names_emotion=True) is None]
 
 
 def _names(story) -> bool:

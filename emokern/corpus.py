@@ -102,6 +102,7 @@ __all__ = [
     "find_emotion_word",
     "own_words",
     "distinct_trigrams",
+    "story_reason",
     "generate_corpus",
     "load_topics",
     "plan_chunks",
@@ -678,30 +679,33 @@ def distinct_trigrams(text: str) -> float:
     return len(set(grams)) / len(grams) if grams else 1.0
 
 
+def story_reason(text: str, opening: str, emotion: str, min_words: int, names_emotion: bool) -> str | None:
+    """Why a cleaned story is dropped, by the story checks of "Filtering" in their order (``"too_short"``,
+    ``"repetitive"``, ``"opening_lost"``, ``"emotion_word"``), or None when it is kept."""
+    if own_words(text, opening, emotion) < min_words:
+        return "too_short"
+    if distinct_trigrams(text) < MIN_DISTINCT_TRIGRAMS:
+        return "repetitive"  # a loop: with the emotion word and its neighbours left out, little or nothing is left
+    if not text.startswith(opening):
+        return "opening_lost"  # clean-up removed the words written for the model: their span is unknown
+    if not names_emotion and find_emotion_word(text, emotion) is not None:
+        return "emotion_word"
+    return None
+
+
 def _records(chunk: Chunk, raws: list[str], new_tokens: list[int], tokenizer, min_words: int, seconds: float,
              names_emotion: bool) -> list[dict]:
     """The shard records of a generated chunk: each job's cleaned text, its fate and where it came from."""
     out = []
     for job, raw, n_new in zip(chunk.jobs, raws, new_tokens):
-        matched = None
         if job.kind == "story":
             text = clean_story(raw)
             matched = find_emotion_word(text, job.emotion)
+            reason = story_reason(text, job.opening, job.emotion, min_words, names_emotion)
         else:
-            text = relabel_dialogue(raw)
-        words = own_words(text, job.opening, job.emotion) if job.kind == "story" else len(text.split())
-        if words < min_words:
-            reason = "too_short"
-        elif job.kind == "story" and distinct_trigrams(text) < MIN_DISTINCT_TRIGRAMS:
-            reason = "repetitive"  # a loop: with the emotion word and its neighbours left out, little or nothing is left
-        elif job.kind == "story" and not text.startswith(job.opening):
-            reason = "opening_lost"  # clean-up removed the words written for the model: their span is unknown
-        elif matched is not None and not names_emotion:
-            reason = "emotion_word"
-        elif job.kind == "neutral" and not _is_dialogue(text):
-            reason = "not_a_dialogue"
-        else:
-            reason = None
+            text, matched = relabel_dialogue(raw), None
+            reason = ("too_short" if len(text.split()) < min_words else
+                      "not_a_dialogue" if not _is_dialogue(text) else None)
         out.append({
             "key": job.key, "kind": job.kind, "emotion": job.emotion, "topic_index": job.topic_index,
             "topic": job.topic, "person": job.person, "task": job.task, "opening": job.opening, "text": text,

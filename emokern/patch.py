@@ -301,9 +301,7 @@ class PatchHandle:
                     ops[0](h2, V, st.scratch)
                 P_site[:st.batch].index_copy_(1, st.pos, st.scratch.view(st.batch, -1, st.K))
             if steer and torch.is_grad_enabled() and h.requires_grad:
-                h_new, _ = project_and_steer(h2, Vs, st.row, a, b, lo, hi, backend=self.backend)
-                h_new = h_new.view(h.shape)
-                new_output = (h_new,) + tuple(output[1:]) if isinstance(output, tuple) else h_new
+                new_output = self._steer_in_graph(i, h, h2, output)
             elif steer:
                 ops[1](h2, Vs, st.row, a, b, lo, hi, st.steer_scratch)
             return new_output
@@ -315,7 +313,7 @@ class PatchHandle:
         the steering both through the differentiable op, the projections kept for :meth:`projections`. The
         vectors are cast to h's dtype (under autocast h may be bf16 while the parameters are fp32)."""
         st = self.state
-        V, Vs, a, b, lo, hi, P_site = st.site_views[i]
+        V, P_site = st.site_views[i][0], st.site_views[i][6]
         h2 = h.reshape(-1, h.shape[-1])
         if self.monitor:  # the projections of the site's input h, as in the inference path
             unsteered = torch.full((h2.shape[0],), -1, dtype=torch.int32, device=h2.device)
@@ -323,8 +321,13 @@ class PatchHandle:
             self._graph[i] = P.view(*h.shape[:-1], st.K)
             with torch.no_grad():
                 P_site[:st.batch].index_copy_(1, st.pos, P.detach().view(st.batch, -1, st.K))
-        if not steer:
-            return None
+        return self._steer_in_graph(i, h, h2, output) if steer else None
+
+    def _steer_in_graph(self, i: int, h: torch.Tensor, h2: torch.Tensor, output):
+        """Site ``i``'s steering through the differentiable op: the site's new output (same structure as
+        ``output``). The steered vectors are cast to h's dtype (a no-op unless autocast made h bf16)."""
+        st = self.state
+        _, Vs, a, b, lo, hi, _ = st.site_views[i]
         h_new, _ = project_and_steer(h2, Vs.to(h2.dtype), st.row, a, b, lo, hi, backend=self.backend)
         h_new = h_new.view(h.shape)
         return (h_new,) + tuple(output[1:]) if isinstance(output, tuple) else h_new

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import random
@@ -136,7 +137,7 @@ def train(model, tokenizer, bank, batch_all, method: str, *, steps: int, lr: flo
     n = batch_all["ids"].shape[0]
     with emokern.patch(model, bank, layers=layers, tokenizer=tokenizer, train=True, force=True) as handle:
         steering = (preventative_steering(handle, {"desperate": steer_strength}, layers=[steer_layer])
-                    if method == "preventative" else _nothing())
+                    if method == "preventative" else contextlib.nullcontext())
         with steering:
             for step in tqdm(range(steps), desc=f"fine-tune ({method})", unit="step"):
                 idx = torch.randperm(n)[:batch_size]
@@ -152,14 +153,6 @@ def train(model, tokenizer, bank, batch_all, method: str, *, steps: int, lr: flo
                 losses.append(float(out.loss.detach()))
     model.eval()
     return losses
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def main(argv=None) -> dict:
