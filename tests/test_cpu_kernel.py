@@ -134,9 +134,23 @@ def test_project_and_steer_matches_reference(N, d, K, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("N", [9, 96])  # few tokens take the direct path, more the tiled one
-def test_unsteered_rows_are_never_stored_to(N, dtype):
-    """-0.0 and NaN payloads would not survive a load/add/store round trip (-0 + 0 = +0, NaNs get quieted)."""
+@pytest.mark.parametrize("N,d,K", [shape for shape in SHAPES if shape[0] <= 16])
+def test_direct_path_matches_reference(N, d, K, dtype):
+    """Inference tensors have no version counter, so their packing is never cached and a few tokens take the
+    direct path (which reads V in place) instead of the tiled one."""
+    with torch.inference_mode():
+        test_project_and_steer_matches_reference(N, d, K, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("N", [9, 96])
+@pytest.mark.parametrize("direct", [False, True], ids=["tiled", "direct"])
+def test_unsteered_rows_are_never_stored_to(N, dtype, direct):
+    """-0.0 and NaN payloads would not survive a load/add/store round trip (-0 + 0 = +0, NaNs get quieted). With
+    ``direct``, V is an inference tensor (never cached), so the 9-token case takes the direct path."""
+    if direct:
+        with torch.inference_mode():
+            return test_unsteered_rows_are_never_stored_to(N, dtype, False)
     gen = torch.Generator().manual_seed(7)
     d, K, R = 130, 171, 3
     h = torch.randn(N, d, generator=gen).to(dtype)

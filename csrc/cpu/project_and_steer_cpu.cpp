@@ -17,9 +17,10 @@
 //   lo = x - hi; the fp32 delta is hi + lo up to 2^-16 relative, far below the final rounding to 16 bits. Each
 //   GEMM sums the cross products of the terms into the same accumulators, dropping lo*lo (2^-18 relative).
 //
-// Direct path (few tokens): both engines need V re-laid out (transposed, packed), which costs more than the
-// whole op for a handful of tokens (decoding). Few tokens make the products matrix-vector shaped anyway, so this
-// path reads V in place with vector loops.
+// The engines read V re-laid out (transposed, packed); that packing is made once per V and cached
+// (pack_cache.h), so the tiled path also serves decoding. Direct path (few tokens, V not cacheable): packing V
+// on every call costs more than the whole op for a handful of tokens, so this path reads V in place with vector
+// loops.
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
@@ -36,6 +37,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "pack_cache.h"
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64))
 #define EMOKERN_X86_AVX512 1
@@ -61,7 +63,7 @@ constexpr int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // Sizes, tuned on Sapphire Rapids (48 KB L1d, 2 MB L2 per core) at d = 576 and 2048, K = 171. Tiles: tall
 // enough to amortise each pass over the B operands, short enough that a tile's buffers stay in L2. Column
 // blocks of D: small enough to still be in L1/L2 when written back into h.
-constexpr int64_t kDirectMaxTokens = 16;  // at and below, the direct path beat the tiled ones (re-layout of V)
+constexpr int64_t kDirectMaxTokens = 16;  // at and below, the direct path beat the tiled ones that re-lay out V
 constexpr int64_t kAmxColBlock = 128;
 constexpr int64_t kF32ColBlock = 128;
 // d per step of the fp32 projection GEMM. Measured at N = 8192, d = 4096, K = 171 (ablate / monitor): 1.20x / 1.27x
@@ -91,6 +93,19 @@ bool cpu_has_avx2() {
   static const bool has = [] {
     const std::string cap = at::get_cpu_capability();
     return cap == "AVX2" || cap == "AVX512";
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
+// AVX512_BF16 (VDPBF16PS: pairs of bf16 products summed into fp32 lanes): Zen 4, Cooper Lake and later Intel.
+bool cpu_has_avx512_bf16() {
+#if EMOKERN_X86_AVX512
+  static const bool has = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    return cpu_has_avx512() && __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 5) & 1u);
   }();
   return has;
 #else
@@ -601,9 +616,11 @@ struct F32Engine {
   int64_t ldw;        // row stride of the widened tile
   int64_t ldp;        // row stride of P and delta; also the column count of the first GEMM
   int64_t col_block;  // columns of D computed (and written back) at a time
-  float* Vt;         // d x ldp
+  const float* Vt;   // d x ldp
   const float* V32;  // K x d: V itself, or V widened
   int64_t tile_rows;
+
+  at::Tensor Vt_hold, V32_hold;  // keep the packed operands alive for the call
 
   F32Engine(const at::Tensor& h_, const at::Tensor& V, int64_t tile)
       : h(h_.const_data_ptr<T>()), ldh(h_.stride(0)), d(h_.size(1)), K(V.size(0)), tile_rows(tile) {
@@ -613,22 +630,25 @@ struct F32Engine {
     ldp = round_up(K, 16);
     col_block = std::min<int64_t>(kF32ColBlock, ldw);
     const T* v = V.const_data_ptr<T>();
-    float* ops = static_cast<float*>(thread_buffer(kOperands, (d * ldp + (kWiden ? K * d : 0)) * 4));
-    Vt = ops;
+    const int64_t d_ = d, K_ = K, ldp_ = ldp;
     if constexpr (kWiden) {
-      float* v32 = ops + d * ldp;
-      at::parallel_for(0, K, 16, [&](int64_t k0, int64_t k1) {
-        for (int64_t k = k0; k < k1; ++k) widen_row(v + k * d, d, v32 + k * d);
+      V32_hold = cpu::packed_operand(V, cpu::PackKind::kWidenedF32, K * d * 4, [&](void* buf) {
+        float* v32 = static_cast<float*>(buf);
+        at::parallel_for(0, K_, 16, [&](int64_t k0, int64_t k1) {
+          for (int64_t k = k0; k < k1; ++k) widen_row(v + k * d_, d_, v32 + k * d_);
+        });
       });
-      V32 = v32;
+      V32 = static_cast<const float*>(V32_hold.const_data_ptr());
     } else {
       V32 = v;
     }
-    const int64_t d_ = d, K_ = K, ldp_ = ldp;
-    float* vt = Vt;
-    at::parallel_for(0, (d + 15) / 16, 4, [&](int64_t b0, int64_t b1) {
-      transpose_widen(v, d_, b0 * 16, std::min(d_, b1 * 16), 0, K_, ldp_, ldp_, vt);
+    Vt_hold = cpu::packed_operand(V, cpu::PackKind::kTransposedF32, d * ldp * 4, [&](void* buf) {
+      float* vt = static_cast<float*>(buf);
+      at::parallel_for(0, (d_ + 15) / 16, 4, [&](int64_t b0, int64_t b1) {
+        transpose_widen(v, d_, b0 * 16, std::min(d_, b1 * 16), 0, K_, ldp_, ldp_, vt);
+      });
     });
+    Vt = static_cast<const float*>(Vt_hold.const_data_ptr());
   }
 
   // Per-thread scratch, in floats: [A (widened tile)] P, delta, D.
@@ -818,6 +838,124 @@ EMOKERN_AVX512 void pack_cols(const T* X, int64_t ldx, int64_t rows, int64_t col
   }
 }
 
+// bf16 engine for CPUs with AVX512_BF16 but no AMX (Zen 4): the projection GEMM multiplies bf16 h by bf16 V with
+// VDPBF16PS, which forms each bf16 x bf16 product exactly and accumulates in fp32 (inputs and outputs that are
+// fp32 denormals are flushed to zero), at twice the multiply-adds per instruction of the fp32 engine and with no
+// widening pass over h. The steering GEMM (fp32 delta times V) stays fp32, as in F32Engine.
+#define EMOKERN_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+// C[0:MR, 0:64] = A[0:MR, 0:2*pairs] . B for one 64-column block: B is four VNNI panels (panel_stride apart) of
+// 16 columns, each a run of 64-byte rows of 16 (even, odd) reduction-index pairs; A is bf16, row stride lda.
+// MR x 4 accumulators + 4 B rows + 1 broadcast fit the 32 vector registers for MR <= 6.
+template <int MR>
+EMOKERN_AVX512_BF16 void dpbf16_block(const BFloat16* A, int64_t lda, const BFloat16* B, int64_t panel_stride,
+                                      int64_t pairs, float* C, int64_t ldc) {
+  __m512 acc[MR][4];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    __m512bh b[4];
+    for (int j = 0; j < 4; ++j) b[j] = (__m512bh)_mm512_loadu_si512(B + j * panel_stride + p * 32);
+    for (int r = 0; r < MR; ++r) {
+      int32_t bits;
+      std::memcpy(&bits, A + r * lda + 2 * p, sizeof(bits));
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(bits);
+      for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], a, b[j]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(C + r * ldc + 16 * j, acc[r][j]);
+}
+
+EMOKERN_AVX512_BF16 void dpbf16_rows(int64_t m, const BFloat16* A, int64_t lda, const BFloat16* B,
+                                     int64_t panel_stride, int64_t pairs, float* C, int64_t ldc) {
+  int64_t r = 0;
+  for (; r + 6 <= m; r += 6) dpbf16_block<6>(A + r * lda, lda, B, panel_stride, pairs, C + r * ldc, ldc);
+  switch (m - r) {
+    case 5: return dpbf16_block<5>(A + r * lda, lda, B, panel_stride, pairs, C + r * ldc, ldc);
+    case 4: return dpbf16_block<4>(A + r * lda, lda, B, panel_stride, pairs, C + r * ldc, ldc);
+    case 3: return dpbf16_block<3>(A + r * lda, lda, B, panel_stride, pairs, C + r * ldc, ldc);
+    case 2: return dpbf16_block<2>(A + r * lda, lda, B, panel_stride, pairs, C + r * ldc, ldc);
+    case 1: return dpbf16_block<1>(A + r * lda, lda, B, panel_stride, pairs, C + r * ldc, ldc);
+    default: return;
+  }
+}
+
+struct Bf16DotEngine {
+  // Only for bf16 h with an even d: the A operand is read from h in pairs, and an odd d would read past a row.
+  static bool usable(const at::Tensor& h) { return cpu_has_avx512_bf16() && h.size(1) % 2 == 0; }
+
+  const BFloat16* h;
+  int64_t ldh, d, K;
+  int64_t Kr;         // reduction length of the packed panels (d rounded up to 16, zero-padded)
+  int64_t ldp;        // row stride of P and delta = columns of the first GEMM, a multiple of 64
+  int64_t col_block;  // columns of D computed (and written back) at a time
+  const BFloat16* B;  // V^T in VNNI panels: element (k, n) at n/16 * Kr*16 + k/2 * 32 + n%16 * 2 + k%2
+  const float* V32;   // K x d: V widened, for the steering GEMM
+  int64_t tile_rows;
+  at::Tensor B_hold, V32_hold;
+
+  Bf16DotEngine(const at::Tensor& h_, const at::Tensor& V, int64_t tile, bool steering)
+      : h(h_.const_data_ptr<BFloat16>()), ldh(h_.stride(0)), d(h_.size(1)), K(V.size(0)), tile_rows(tile) {
+    Kr = round_up(d, 16);
+    ldp = round_up(K, 64);
+    col_block = std::min<int64_t>(kF32ColBlock, round_up(d, 16));
+    const BFloat16* v = V.const_data_ptr<BFloat16>();
+    const int64_t d_ = d, K_ = K, Kr_ = Kr, ldp_ = ldp;
+    B_hold = cpu::packed_operand(V, cpu::PackKind::kVnniBf16, ldp * Kr * 2, [&](void* buf) {
+      BFloat16* b = static_cast<BFloat16*>(buf);
+      // Panels of the 32-column slices pack_cols writes, then zero panels up to the 64-column multiple.
+      const int64_t slices = round_up(K_, 32) / 32;
+      at::parallel_for(0, slices, 1, [&](int64_t s0, int64_t s1) {
+        for (int64_t sl = s0; sl < s1; ++sl)
+          pack_cols(v + sl * 32 * d_, d_, d_, std::min<int64_t>(32, K_ - sl * 32), 0, Kr_, 0, Kr_,
+                    b + sl * 32 * Kr_);
+      });
+      std::fill(b + slices * 32 * Kr_, b + ldp_ * Kr_, BFloat16(0.0f));
+    });
+    B = static_cast<const BFloat16*>(B_hold.const_data_ptr());
+    V32 = nullptr;
+    if (steering) {  // the steering GEMM's operand: only packed when something may be steered
+      V32_hold = cpu::packed_operand(V, cpu::PackKind::kWidenedF32, K * d * 4, [&](void* buf) {
+        float* v32 = static_cast<float*>(buf);
+        at::parallel_for(0, K_, 16, [&](int64_t k0, int64_t k1) {
+          for (int64_t k = k0; k < k1; ++k) widen_row(v + k * d_, d_, v32 + k * d_);
+        });
+      });
+      V32 = static_cast<const float*>(V32_hold.const_data_ptr());
+    }
+  }
+
+  int64_t scratch_bytes() const { return tile_rows * (2 * ldp + col_block) * static_cast<int64_t>(sizeof(float)); }
+
+  struct Scratch {
+    float *P, *delta, *D;
+  };
+  Scratch carve(void* base) const {
+    float* f = static_cast<float*>(base);
+    return Scratch{f, f + tile_rows * ldp, f + 2 * tile_rows * ldp};
+  }
+
+  void project(const Scratch& s, const TileArgs& t) const {
+    // Column blocks outside, rows inside: a 64-column block of B (4 panels, Kr * 128 bytes) stays in L1/L2 while
+    // every row of the tile streams past it.
+    for (int64_t n0 = 0; n0 < ldp; n0 += 64)
+      dpbf16_rows(t.m, h + t.n0 * ldh, ldh, B + n0 * Kr, Kr * 16, d / 2, s.P + n0, ldp);
+  }
+
+  const float* P_row(const Scratch& s, int64_t i) const { return s.P + i * ldp; }
+  float* delta_row(const Scratch& s, int64_t i) const { return s.delta + i * ldp; }
+  void pack_delta_row(const Scratch&, int64_t) const {}
+
+  void update(const Scratch& s, int64_t S, int64_t c0, int64_t cols) const {
+    cpublas::brgemm(S, cols, K, ldp, d, col_block, /*add_C=*/false, s.delta, V32 + c0, s.D);
+  }
+  const float* D_row(const Scratch& s, int64_t i) const { return s.D + i * col_block; }
+
+  void begin_thread() const {}
+  void finish_thread() const {}
+};
+
 template <typename T>
 struct AmxEngine {
   // bf16 terms per value: one for bf16, two (hi, lo) for fp16 and for the fp32 delta. Products kept, as (term of
@@ -988,14 +1126,28 @@ void run_tiled(const Engine& eng, const at::Tensor& h, const Steering& st, const
 template <typename T>
 void dispatch(const at::Tensor& h, const at::Tensor& V, const Steering& st, const at::Tensor& P_out) {
   const int64_t N = h.size(0), d = h.size(1);
-  if (N <= kDirectMaxTokens) return run_direct<T>(h, V, st, P_out);
+  bool amx = false;
+#if EMOKERN_X86_AVX512
+  // could_pack: oneDNN's verdict that AMX-BF16 is there and allowed, which also lets
+  // torch.backends.mkldnn.flags(enabled=False) turn this path off as it does PyTorch's own AMX kernels.
+  if constexpr (!std::is_same_v<T, float>) amx = cpu_has_avx512() && cpublas::could_pack(at::kBFloat16) && amx_permitted();
+#endif
+  // With V's packing cached, the tiled path is the faster one at every N (measured at N = 1: 5 us against 11-21 us
+  // for the direct path, which also wakes the second thread). The AMX engine packs V on every call, and so does
+  // every engine for a V that cannot be cached (an inference tensor, or the cache turned off): for a few tokens
+  // that costs more than the direct path.
+  if (N <= kDirectMaxTokens && (amx || !cpu::pack_cacheable(V))) return run_direct<T>(h, V, st, P_out);
 #if EMOKERN_X86_AVX512
   if constexpr (!std::is_same_v<T, float>) {
-    // could_pack: oneDNN's verdict that AMX-BF16 is there and allowed, which also lets
-    // torch.backends.mkldnn.flags(enabled=False) turn this path off as it does PyTorch's own AMX kernels.
-    if (cpu_has_avx512() && cpublas::could_pack(at::kBFloat16) && amx_permitted()) {
+    if (amx) {
       const int64_t row_bytes = (std::is_same_v<T, BFloat16> ? 1 : 2) * round_up(d, 32) * 2;
       return run_tiled<T>(AmxEngine<T>(h, V, choose_tile_rows(N, tile_rows_for(row_bytes, 32), 32)), h, st, P_out);
+    }
+  }
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    if (Bf16DotEngine::usable(h)) {
+      return run_tiled<T>(Bf16DotEngine(h, V, choose_tile_rows(N, tile_rows_for(d * 2, 6), 1), st.row != nullptr),
+                          h, st, P_out);
     }
   }
 #endif
