@@ -9,8 +9,14 @@ Providers, measured in one run on the same model and inputs:
   (``h @ V.T``, elementwise, ``addmm``), the way repeng / steering-vectors style libraries do it.
 
 CPU (default): the embedded SmolLM2-135M-Instruct when installed, otherwise a random model of the same shape;
-batch 1 and 16, 64 new tokens, eager. GPU (``--device cuda``): a Llama-3-8B-shaped random-weight model in bf16
-with a static cache and ``torch.compile``; batch 1 and 32 decode, and a 4k-token prefill.
+batch 1 and 16, 64 new tokens, eager. ``--compiled`` (CPU): ``generate`` with a static cache and transformers'
+torch.compile of the decoding forward (inductor, fullgraph, static shapes) instead. Compiled, a patch cannot come and
+go between repetitions (each new set of hooks would be a new graph), so the patched providers run on a second copy
+of the model, patched once: ``emokern_monitor`` with no steering set and ``emokern_monitor_steer`` with it (steering
+on and off are two graphs, each compiled once in the warm-up), against ``unpatched`` on the first copy; no
+``python_hooks`` row. GPU (``--device cuda``): a Llama-3-8B-shaped random-weight model in bf16
+with a static cache and ``torch.compile`` (CUDA graphs), compiled as with ``--compiled``; batch 1 and 32 decode, and
+a 4k-token prefill.
 
 Prints a table and writes ``benchmarks/results/bench_generate_<device>_<machine>.json``.
 """
@@ -111,6 +117,7 @@ def sync(device):
 
 
 def generate_once(model, ids, mask, new_tokens, device) -> float:
+    model = active_model.get("model", model)
     """Seconds for one greedy generation of exactly ``new_tokens`` tokens."""
     sync(device)
     t0 = time.perf_counter()
@@ -136,6 +143,7 @@ def time_providers(model, providers, ids, mask, new_tokens, device, reps):
 
 
 generate_extra: dict = {}
+active_model: dict = {}  # --compiled: the copy of the model the provider being timed runs on
 
 
 def main(argv=None):
@@ -147,6 +155,7 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--random-model", action="store_true", help="CPU: use a random SmolLM2-shaped model")
     parser.add_argument("--prefill", type=int, default=4096, help="GPU: prefill length measured separately")
+    parser.add_argument("--compiled", action="store_true", help="CPU: static cache + torch.compile (see above)")
     args = parser.parse_args(argv)
     device = args.device
     torch.manual_seed(0)
@@ -156,8 +165,16 @@ def main(argv=None):
     else:
         model, model_name = llama3_8b_shaped(torch.bfloat16, device)
         batches = [int(b) for b in (args.batches or "1,32").split(",")]
-        generate_extra.update(cache_implementation="static")
-        model.forward = torch.compile(model.forward, mode="reduce-overhead", dynamic=False)
+    compiled = args.compiled or device == "cuda"
+    if compiled:
+        from transformers import CompileConfig
+
+        # CUDA graphs on the GPU; inductor's C++ code on the CPU
+        config = CompileConfig(fullgraph=True, dynamic=False, mode="reduce-overhead" if device == "cuda" else "default")
+        config._compile_all_devices = True  # transformers compiles only on accelerators unless told
+        generate_extra.update(cache_implementation="static", compile_config=config)
+        # one graph per (model copy, steering on/off, batch size): more than dynamo's default limit of 8
+        torch._dynamo.config.recompile_limit = 64
     bank = random_bank(model)
     steer_names = ["e3", "e7"]
     vocab = model.config.vocab_size
@@ -187,7 +204,26 @@ def main(argv=None):
 
         providers = [("unpatched", lambda: None, lambda: None), ("emokern_monitor", patch_monitor, unpatch),
                      ("emokern_monitor_steer", patch_steer, unpatch), ("python_hooks", hooks, unhook)]
+        if compiled:
+            import copy
+
+            patched = copy.deepcopy(model)
+            handle = emokern.patch(patched, bank, batch=B, tokens=args.prompt_tokens + args.new_tokens + 1)
+
+            def use(m, steer=None):
+                def attach():
+                    active_model["model"] = m
+                    if steer is not None:
+                        handle.steer({name: 0.05 for name in steer_names}) if steer else handle.clear_steering()
+                return attach
+
+            providers = [("unpatched", use(model), active_model.clear),
+                         ("emokern_monitor", use(patched, steer=False), active_model.clear),
+                         ("emokern_monitor_steer", use(patched, steer=True), active_model.clear)]
         results = time_providers(model, providers, ids, mask, args.new_tokens, device, args.reps)
+        if compiled:
+            handle.remove()
+            del patched
         for provider, seconds in results.items():
             tps = B * args.new_tokens / seconds
             ratio = results["unpatched"] / seconds
@@ -210,10 +246,11 @@ def main(argv=None):
                          "fraction_of_unpatched": round(prefill["unpatched"] / seconds, 4)})
             print(f"prefill {args.prefill} {provider:<24}{seconds * 1e3:>10.1f} ms")
     machine = machine_slug(device_name(device))
-    out = RESULTS / f"bench_generate_{device}_{machine}.json"
+    out = RESULTS / f"bench_generate_{device}{'_compiled' if args.compiled and device == 'cpu' else ''}_{machine}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "benchmark": "bench_generate", "device": device_name(device), "model": model_name, "K": K,
+        "mode": "compiled (static cache, torch.compile)" if compiled else "eager",
         "steered_vectors": len(steer_names), "versions": versions(), "threads": torch.get_num_threads(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "rows": rows,
     }, indent=1))

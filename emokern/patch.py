@@ -32,6 +32,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
+from emokern import steering
 from emokern.bank import VectorBank
 from emokern.ops._extension import require_extension
 from emokern.ops.api import project, project_and_steer, project_and_steer_, resolve_backend
@@ -40,7 +41,7 @@ from emokern.trace import Trace
 __all__ = ["ArchSpec", "ARCHITECTURES", "SITES", "patch", "PatchHandle", "GenerationResult", "UnsupportedModelError"]
 
 SITES = ("residual", "attn", "mlp")
-MODES = ("add", "ablate", "set", "scale", "clamp")
+MODES = steering.MODES
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,10 @@ class _State:
         self.device = V.device
         self.steering = False  # host flag: any op configured (branching on it is a guard, not a sync)
         self.row: Optional[torch.Tensor] = None  # (B*S_tokens,) int32 for the current forward
-        self.scratch: Optional[torch.Tensor] = None  # (B*S_tokens, K) fp32 projections of the current site
+        # (S, B*S_tokens, K) fp32: every site's projections in the current forward, copied into the trace P by one
+        # index_copy_ when the forward ends (one copy per forward instead of one per site)
+        self.scratch: Optional[torch.Tensor] = None
+        self.scratch_sites: Sequence[torch.Tensor] = ()  # its S site views, made once per forward
         self.steer_scratch: Optional[torch.Tensor] = None  # (B*S_tokens, slots) fp32, discarded
         self.pos: Optional[torch.Tensor] = None  # (S_tokens,) int64 cache positions for the current forward
         self.batch = 0
@@ -190,11 +194,18 @@ class _State:
         self.b = torch.ones(S, batch, slots, device=dev)
         self.lo = torch.full((S, batch, slots), -math.inf, device=dev)
         self.hi = torch.full((S, batch, slots), math.inf, device=dev)
+        # The same settings over all K vectors (vectors not steered: a=0, b=1, no bounds, so their delta is 0): the
+        # tables of the fused call that monitors all K and steers in one pass over h.
+        self.aK = torch.zeros(S, batch, K, device=dev)
+        self.bK = torch.ones(S, batch, K, device=dev)
+        self.loK = torch.full((S, batch, K), -math.inf, device=dev)
+        self.hiK = torch.full((S, batch, K), math.inf, device=dev)
         self.seq_row = torch.full((batch,), -1, dtype=torch.int32, device=dev)
         self.scope = torch.zeros(batch, tokens + 1, dtype=torch.bool, device=dev)
         self.P = torch.full((S, batch, tokens + 1, K), float("nan"), device=dev)
         self.site_views = [(self.V[s], self.Vs[s], self.a[s], self.b[s], self.lo[s], self.hi[s], self.P[s])
                            for s in range(S)]
+        self.site_full_tables = [(self.aK[s], self.bK[s], self.loK[s], self.hiK[s]) for s in range(S)]
 
 
 class PatchHandle:
@@ -229,10 +240,12 @@ class PatchHandle:
         dev = self.state.device
         fixed = resolve_backend(backend, dev, 1) == resolve_backend(backend, dev, 1 << 30)
         self._fixed_ops = self._ops(1) if fixed else None
+        self._in_graph = False  # set per forward: train=True with grad enabled (projections kept in the graph)
         self._hooks = []
         self._removed = False
         self._base_params = list(inspect.signature(base.forward).parameters)
         self._hooks.append(base.register_forward_pre_hook(self._begin_forward, with_kwargs=True))
+        self._hooks.append(base.register_forward_hook(self._end_forward))
         i = 0
         for layer in layers:
             block = layer_modules[layer]
@@ -267,8 +280,10 @@ class PatchHandle:
         st.pos = cache_position.reshape(-1).clamp(max=st.T_cap)
         if self.train and torch.is_grad_enabled():
             self._graph = {}
-        # One projection buffer per forward, shared by every site (each copies it into the trace before the next)
-        st.scratch = torch.empty(B * S, st.K, dtype=torch.float32, device=st.device)
+        self._in_graph = self.train and torch.is_grad_enabled()  # the training path writes the trace itself
+        if self.monitor and not self._in_graph:
+            st.scratch = torch.empty(st.S, B * S, st.K, dtype=torch.float32, device=st.device)
+            st.scratch_sites = st.scratch.unbind(0)
         if st.steering:
             if self._needs_prompt and self._prompt is None:
                 raise RuntimeError(
@@ -280,31 +295,44 @@ class PatchHandle:
             scoped = st.scope[:B].index_select(1, st.pos)
             st.row = torch.where(scoped, st.seq_row[:B, None], -1).reshape(-1).to(torch.int32)
 
+    def _end_forward(self, module, args, output):
+        st = self.state
+        if self.monitor and not self._in_graph:
+            st.P[:, :st.batch].index_copy_(2, st.pos, st.scratch.view(st.S, st.batch, -1, st.K))
+        return None
+
     def _make_site_hook(self, i: int):
+        # The inference path makes one op call per site: monitoring alone projects onto all K vectors; monitoring and
+        # steering together run the fused op over all K with the full tables (unsteered vectors get a zero delta), so
+        # h is read once and the projections recorded are those of the site's input, before steering. Steering
+        # without monitoring works on the few steered vectors only (Vs and the slot tables).
         def hook(module, args, output):
             st = self.state
             steer = st.steering and self._steered_sites[i]
             if not steer and not self.monitor:
                 return None
             h = output[0] if isinstance(output, tuple) else output
-            h2 = h.view(-1, h.shape[-1])
-            if self.train and torch.is_grad_enabled():
+            if self._in_graph:
                 return self._site_in_graph(i, h, output, steer)
-            V, Vs, a, b, lo, hi, P_site = st.site_views[i]
+            h2 = h.view(-1, h.shape[-1])
+            V, Vs, a, b, lo, hi, _ = st.site_views[i]
             ops = self._fixed_ops or self._ops(h2.shape[0])
-            new_output = None
-            if self.monitor:  # first: the projections are those of the site's input h
-                if torch.is_grad_enabled():
+            if torch.is_grad_enabled():  # grad on but no train=True: record without autograd, steer through it
+                if self.monitor:
                     with torch.no_grad():
-                        ops[0](h2.detach(), V, st.scratch)
-                else:
-                    ops[0](h2, V, st.scratch)
-                P_site[:st.batch].index_copy_(1, st.pos, st.scratch.view(st.batch, -1, st.K))
-            if steer and torch.is_grad_enabled() and h.requires_grad:
-                new_output = self._steer_in_graph(i, h, h2, output)
-            elif steer:
+                        ops[0](h2.detach(), V, st.scratch_sites[i])
+                if steer and h.requires_grad:
+                    return self._steer_in_graph(i, h, h2, output)
+                if steer:
+                    ops[1](h2, Vs, st.row, a, b, lo, hi, st.steer_scratch)
+                return None
+            if not self.monitor:
                 ops[1](h2, Vs, st.row, a, b, lo, hi, st.steer_scratch)
-            return new_output
+            elif steer:
+                ops[1](h2, V, st.row, *st.site_full_tables[i], st.scratch_sites[i])
+            else:
+                ops[0](h2, V, st.scratch_sites[i])
+            return None
 
         return hook
 
@@ -406,18 +434,8 @@ class PatchHandle:
         Returns ``self``. Raises ValueError/KeyError for unknown emotions (with close matches), bad modes, NaN or
         infinite strengths, and unknown layers.
         """
-        if mode not in MODES:
-            raise ValueError(f"steer: 'mode' must be one of {MODES}; got {mode!r}")
-        if isinstance(emotions, str):
-            items = [(emotions, strength)]
-        elif isinstance(emotions, Mapping):
-            if strength is not None:
-                raise ValueError("steer: give strengths either in the {emotion: strength} mapping or as 'strength', not both")
-            items = list(emotions.items())
-        else:
-            items = [(e, strength) for e in emotions]
-        if not items:
-            raise ValueError("steer: 'emotions' is empty")
+        steering.check_mode(mode)
+        items = steering.steer_items(emotions, strength)
         site_ids = self._sites_for_layers(layers)
         self._check_scope(scope)
         new_ops = []
@@ -466,53 +484,12 @@ class PatchHandle:
         return [i for i, layer in enumerate(self._site_layers) if layer in wanted]
 
     @staticmethod
-    def _number(name: str, value, what: str) -> float:
-        try:
-            x = float(value)
-        except (TypeError, ValueError):
-            raise TypeError(f"steer: {what} for {name!r} must be a number; got {value!r}") from None
-        if not math.isfinite(x):
-            raise ValueError(f"steer: {what} for {name!r} must be finite; got {value!r}")
-        return x
-
-    def _op(self, name: str, k: int, mode: str, value, unit: float, site: int) -> _SteerOp:
-        if mode == "ablate":
-            return _SteerOp(k, 0.0, 0.0, -math.inf, math.inf, (site,))
-        if value is None:
-            raise ValueError(f"steer: mode {mode!r} needs a strength for {name!r}")
-        if mode == "add":
-            return _SteerOp(k, self._number(name, value, "strength") * unit, 1.0, -math.inf, math.inf, (site,))
-        if mode == "set":
-            return _SteerOp(k, self._number(name, value, "target") * unit, 0.0, -math.inf, math.inf, (site,))
-        if mode == "scale":
-            return _SteerOp(k, 0.0, self._number(name, value, "scale factor"), -math.inf, math.inf, (site,))
-        try:
-            lo, hi = value
-        except (TypeError, ValueError):
-            raise TypeError(f"steer: mode 'clamp' needs (lo, hi) for {name!r}; got {value!r}") from None
-        lo = -math.inf if lo is None else self._number(name, lo, "clamp lo") * unit
-        hi = math.inf if hi is None else self._number(name, hi, "clamp hi") * unit
-        if lo > hi:
-            raise ValueError(f"steer: clamp bounds for {name!r} must satisfy lo <= hi; got ({value[0]}, {value[1]})")
-        return _SteerOp(k, 0.0, 1.0, lo, hi, (site,))
+    def _op(name: str, k: int, mode: str, value, unit: float, site: int) -> _SteerOp:
+        return _SteerOp(k, *steering.steer_params(name, mode, value, unit), (site,))
 
     @staticmethod
     def _check_scope(scope) -> None:
-        if isinstance(scope, str):
-            if scope not in ("all", "prompt", "generated"):
-                raise ValueError(f"steer: 'scope' must be 'all', 'prompt', 'generated', a list of (start, end) or "
-                                 f"{{'text': ...}}; got {scope!r}")
-        elif isinstance(scope, Mapping):
-            if set(scope) != {"text"} or not isinstance(scope["text"], str) or not scope["text"]:
-                raise ValueError(f"steer: a text scope is {{'text': 'a non-empty substring of the prompt'}}; got {scope!r}")
-        else:
-            try:
-                spans = [(int(s), int(e)) for s, e in scope]
-            except (TypeError, ValueError):
-                raise ValueError(f"steer: 'scope' spans must be (start, end) pairs; got {scope!r}") from None
-            for s, e in spans:
-                if not 0 <= s < e:
-                    raise ValueError(f"steer: a scope span needs 0 <= start < end; got ({s}, {e})")
+        steering.check_scope(scope)
 
     def _materialize(self, sequences: Optional[Sequence[int]] = None) -> None:
         """Write the host-side steering configuration into the fixed device buffers (reallocating only when more
@@ -560,6 +537,12 @@ class PatchHandle:
                 getattr(st, name).copy_(host[name])
             st.Vs.copy_(Vs)
         self._used = used
+        # The full tables hold the slot tables' settings at the steered vectors' own indices (see _State).
+        for name, neutral in (("a", 0.0), ("b", 1.0), ("lo", -math.inf), ("hi", math.inf)):
+            full = getattr(st, name + "K")
+            full.fill_(neutral)
+            if used:
+                full[:, :, used] = getattr(st, name)[:, :, :len(used)]
         steered_sites = [False] * S
         live = B if self._prompt is None else min(B, self._prompt["batch"])
         for key, config in self._configs.items():

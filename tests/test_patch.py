@@ -361,3 +361,35 @@ def test_per_sequence_steer_calls_update_only_their_rows_and_equal_a_full_rebuil
                 assert torch.equal(got, want), f"after call {calls}"
             assert handle._steered_sites == [any(op_site == s for c in handle._configs.values() for op in c.ops
                                                  for op_site in op.sites) for s in range(st.S)]
+
+
+def test_generate_with_static_cache_compiles_once_and_matches_eager():
+    """``generate`` with a static cache and torch.compile (transformers compiles the decoding forward): the patch
+    traces into one graph with no breaks (fullgraph=True would raise on one), a second call reuses it, and
+    tokens and trace equal the eager run's."""
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    if not _cpu_kernels():
+        pytest.skip("emokern._C with CPU kernels is not built")
+    model = tiny_model("llama")
+    bank = tiny_bank(model)
+    ids, mask, _ = _batch(seed=4)
+    config = CompileConfig(fullgraph=True, dynamic=False, mode="default")
+    config._compile_all_devices = True  # transformers compiles only on accelerators unless told
+    kw = dict(max_new_tokens=10, do_sample=False, cache_implementation="static")
+    torch._dynamo.reset()
+    with emokern.patch(model, bank) as handle:
+        handle.steer({"emotion1": 0.5}, scope="generated")
+        handle.steer({"emotion3": (None, 0.1)}, mode="clamp", scope="generated")
+        eager = handle.generate(input_ids=ids, attention_mask=mask, disable_compile=True, **kw)
+        counters.clear()
+        compiled = handle.generate(input_ids=ids, attention_mask=mask, compile_config=config, **kw)
+        graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+        counters.clear()
+        again = handle.generate(input_ids=ids, attention_mask=mask, compile_config=config, **kw)
+        recompiled = counters["stats"]["unique_graphs"]
+    assert (graphs, breaks, recompiled) == (1, 0, 0)
+    assert torch.equal(compiled.sequences, eager.sequences) and torch.equal(again.sequences, eager.sequences)
+    torch.testing.assert_close(compiled.trace.projections, eager.trace.projections, rtol=1e-5, atol=1e-5,
+                               equal_nan=True)
