@@ -39,6 +39,10 @@ step tests_patch "$PY" -m pytest -q -ra tests/test_patch.py
 # The experiments with the model on the GPU (micro sizes; the real-model ones need weights the device lacks).
 step tests_experiments "$PY" -m pytest -q -ra tests/test_experiments_cuda.py tests/test_experiments_common.py
 step bench_ops "$PY" benchmarks/bench_ops.py --device cuda --out "$OUT/bench_ops_cuda.json"
+# Generation with a static cache and torch.compile (CUDA graphs): unpatched against a second copy of the model patched
+# once (monitor, monitor + 2 steered), b1 and b32, and a 4k prefill: the compiled rows of issue 12's table.
 step bench_generate "$PY" benchmarks/bench_generate.py --device cuda --reps 3
+# The patch under generate's own compile with a static cache (one graph, no breaks, equal to eager), on the GPU.
+step tests_compiled_generate "$PY" -m pytest -q -ra tests/test_patch.py -k static_cache
 cp benchmarks/results/bench_generate_cuda_*.json "$OUT/" 2>/dev/null
 cat "$OUT/steps.tsv"

@@ -363,18 +363,23 @@ def test_per_sequence_steer_calls_update_only_their_rows_and_equal_a_full_rebuil
                                                  for op_site in op.sites) for s in range(st.S)]
 
 
-def test_generate_with_static_cache_compiles_once_and_matches_eager():
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_generate_with_static_cache_compiles_once_and_matches_eager(device):
     """``generate`` with a static cache and torch.compile (transformers compiles the decoding forward): the patch
     traces into one graph with no breaks (fullgraph=True would raise on one), a second call reuses it, and
     tokens and trace equal the eager run's."""
     from torch._dynamo.utils import counters
     from transformers import CompileConfig
 
-    if not _cpu_kernels():
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine")
+    if device == "cpu" and not _cpu_kernels():
         pytest.skip("emokern._C with CPU kernels is not built")
     model = tiny_model("llama")
     bank = tiny_bank(model)
+    model.to(device)
     ids, mask, _ = _batch(seed=4)
+    ids, mask = ids.to(device), mask.to(device)
     config = CompileConfig(fullgraph=True, dynamic=False, mode="default")
     config._compile_all_devices = True  # transformers compiles only on accelerators unless told
     kw = dict(max_new_tokens=10, do_sample=False, cache_implementation="static")
