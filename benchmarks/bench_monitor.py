@@ -2,9 +2,11 @@
 
 Two comparisons per shape (N tokens, d hidden size, K = 171 vectors), each in fp32 and bf16:
 
-* **monitor**: ``emokern.project(h, V, P_out=P)`` (the projections, fp32 ``P``) against a bare ``torch.mm(h, V.T,
-  out=Q)`` in the same dtype as ``h`` (what a user would write to read K directions: no cast, no copy);
-* **ablate** / **clamp**: ``project_and_steer_`` ablating (clamping to [-0.5, 0.5]) all K vectors of every token in
+* **monitor**: the registered op ``torch.ops.emokern.project(h, V, P)`` (the projections, fp32 ``P``; what the
+  patch and the vLLM plugin call) against a bare ``torch.mm(h, V.T, out=Q)`` in the same dtype as ``h`` (what a user
+  would write to read K directions: no cast, no copy); ``api_us``: the public ``emokern.ops.project`` with its
+  Python-side argument checks (``validate=False``), timed in the same interleaving;
+* **ablate** / **clamp**: the registered ``project_and_steer_`` ablating (clamping to [-0.5, 0.5]) all K vectors of every token in
   place, against the same maths in unfused PyTorch (:func:`benchmarks.bench_ops.unfused`); ``pct_of_floor`` is the
   share of the memory floor reached: the bytes of one read and one write of h (plus V once and P once), at the
   copy bandwidth measured in the same run, over the op's time.
@@ -32,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_ops import copy_bandwidth, device_name, machine_slug, make_inputs, unfused, versions  # noqa: E402
+from benchmarks.bench_ops import device_name, machine_slug, make_inputs, unfused, versions  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = [(1, 576), (16, 576), (64, 576), (512, 576), (4096, 576), (1, 2048), (16, 2048), (64, 2048), (512, 2048),
@@ -40,23 +42,36 @@ SHAPES = [(1, 576), (16, 576), (64, 576), (512, 576), (4096, 576), (1, 2048), (1
 K = 171
 
 
-def interleaved(calls, samples: int, target_s: float = 2e-3):
+def interleaved(calls, samples: int, target_s: float = 2e-3, clock=time.perf_counter):
     """Median seconds per call of each of ``calls``, sampled in turn (one loop of ``inner`` calls per sample)."""
     for fn in calls:  # warm-up, and the loop length from the slowest provider
         fn()
-    t0 = time.perf_counter()
+    t0 = clock()
     for fn in calls:
         fn()
-    per_round = time.perf_counter() - t0
+    per_round = clock() - t0
     inner = max(1, int(target_s * len(calls) / max(per_round, 1e-9)))
     times = [[] for _ in calls]
     for _ in range(samples):
         for i, fn in enumerate(calls):
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(inner):
                 fn()
-            times[i].append((time.perf_counter() - t0) / inner)
+            times[i].append((clock() - t0) / inner)
     return [statistics.median(t) for t in times], inner
+
+
+def copy_bandwidth(clock) -> float:
+    """Bytes read + written per second by ``dst.copy_(src)`` on 64 MB, median of 10, timed with ``clock``."""
+    src = torch.randn(16 << 20)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    seconds = []
+    for _ in range(10):
+        t0 = clock()
+        dst.copy_(src)
+        seconds.append(clock() - t0)
+    return 2 * src.numel() * 4 / statistics.median(seconds) / 1e9
 
 
 def main() -> None:
@@ -65,32 +80,41 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--label", default="", help="a note stored with the results (e.g. the build)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: the calling thread's CPU time with one intra-op thread, which time spent "
+                             "descheduled does not inflate (for a machine other jobs are using)")
     args = parser.parse_args()
+    if args.clock == "cpu":
+        args.threads = 1  # thread CPU time counts only this thread's work
     torch.set_num_threads(args.threads)
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
 
-    from emokern.ops.api import project, project_and_steer_
+    from emokern.ops.api import project
 
     rows = []
-    bandwidth = copy_bandwidth("cpu")  # GB/s, read + write
+    bandwidth = copy_bandwidth(clock)  # GB/s, read + write, at the intra-op threads and clock of this run
     print(f"copy bandwidth {bandwidth:.1f} GB/s")
     print(f"{'dtype':<9}{'mode':<9}{'N':>6}{'d':>6}{'emokern us':>12}{'torch us':>10}{'ratio':>8}")
     for dtype in (torch.float32, torch.bfloat16):
         for N, d in SHAPES:
             for mode in ("monitor", "ablate", "clamp"):
                 h, V, row, table, P = make_inputs(N, d, K, dtype, "cpu", mode)
+                extra = []
                 if mode == "monitor":
                     Q = torch.empty(N, K, dtype=dtype)
-                    ours = lambda: project(h, V, P_out=P, backend="cpu", validate=False)  # noqa: E731
+                    ours = lambda: torch.ops.emokern.project(h, V, P)  # noqa: E731
                     theirs = lambda: torch.mm(h, V.T, out=Q)  # noqa: E731
+                    extra = [lambda: project(h, V, P_out=P, backend="cpu", validate=False)]
                 else:
                     h2 = h.clone()
-                    ours = lambda: project_and_steer_(h, V, row, *table, P_out=P, backend="cpu",  # noqa: E731
-                                                      validate=False)
+                    ours = lambda: torch.ops.emokern.project_and_steer_(h, V, row, *table, P)  # noqa: E731
                     theirs = lambda: unfused(h2, V, row, table, P)  # noqa: E731
-                (a, b), inner = interleaved([ours, theirs], args.samples)
+                (a, b, *api), inner = interleaved([ours, theirs] + extra, args.samples, clock=clock)
                 rows.append({"dtype": str(dtype).replace("torch.", ""), "mode": mode, "N": N, "d": d, "K": K,
                              "emokern_us": round(a * 1e6, 3), "torch_us": round(b * 1e6, 3),
                              "ratio": round(b / a, 3), "calls_per_sample": inner})
+                if api:
+                    rows[-1]["api_us"] = round(api[0] * 1e6, 3)
                 if mode != "monitor":
                     elem = h.element_size()
                     floor_s = (2 * N * d * elem + K * d * elem + N * K * 4) / (bandwidth * 1e9)
@@ -99,13 +123,13 @@ def main() -> None:
                 print(f"{r['dtype']:<9}{mode:<9}{N:>6}{d:>6}{r['emokern_us']:>12.1f}{r['torch_us']:>10.1f}"
                       f"{r['ratio']:>8.2f}" + (f"{r['pct_of_floor']:>8.1f}%" if "pct_of_floor" in r else ""), flush=True)
     name = device_name("cpu")
-    out = args.out or RESULTS / f"bench_monitor_{machine_slug(name)}.json"
+    out = args.out or RESULTS / f"bench_monitor_{machine_slug(name)}{'_cpu_clock' if args.clock == 'cpu' else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "benchmark": "bench_monitor", "device": name, "threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(), "label": args.label, "versions": versions(),
         "copy_bandwidth_GB_per_s": round(bandwidth, 1),
-        "samples": args.samples, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "samples": args.samples, "clock": args.clock, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "rows": rows}, indent=1))
     print(f"wrote {out}")
 
