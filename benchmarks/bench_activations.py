@@ -5,14 +5,39 @@ Providers, on the same texts, batches (by length, ``--batch`` texts each) and av
 * ``hidden_states`` — a plain forward of the causal LM with ``output_hidden_states=True`` (runs every layer, the
   final norm and the LM head, and keeps all hidden states), then the same per-text means from ``hidden_states``;
 * ``story_activations_all`` — :func:`emokern.extract.story_activations` for all layers (no final norm, no LM head);
-* ``story_activations_2/3`` — the same for the layer at 2/3 depth only, so the forward stops there.
+* ``story_activations_2/3`` — the same for the layer at 2/3 depth only, so the forward stops there;
+* ``bare_forward_all`` / ``bare_forward_2/3`` — the floor for each of those two: the same work with nothing of
+  story_activations' own, as a hand-written truncated forward would do it. Per batch (= per story_activations call
+  here, see below), on input tensors built once before any timing, exactly as story_activations builds them (same
+  tokenization, right padding with the same pad id, the same ``position_ids``, the same shared chat-template prefix
+  found by the same rule on the same batch): if the batch has a shared prefix, the prefix (one row) goes through the
+  truncated base model with ``use_cache=True``, its cache is repeated to the batch size in place (one copy), and the
+  batch's own tokens go through the truncated base model with that cache and the prefix+text attention mask; with no
+  shared prefix, one forward of the whole padded batch with ``use_cache=False``. "Truncated": the base model's
+  decoder-layer list is temporarily cut after the last needed layer (30 or 20 of SmolLM2's 30) and its final norm
+  replaced by the identity, so it runs embedding, mask and rotary set-up and those layers through the model's own
+  ``forward`` — no ``output_hidden_states``, no hooks, no LM head, no means; the output is dropped. What it leaves
+  out is all story_activations does besides the forward: chat-template rendering and tokenization, building the
+  input and selection tensors, the hooks' gathers, sums and norms, the prefix cache's deep copy, the stop exception
+  and the checks.
+
+The table's ``forward-speed`` ratios are bare-forward time / story_activations time at the same layer setting
+(target >= 0.95), for wall and process CPU time: the ratio of the two medians over reps, the median of the per-rep
+ratios and the median of the per-batch ratios over every (rep, batch) (the two run back to back on every batch of
+every rep, so a pair saw about the same machine load), and the ratio of the sums over batches of each batch's fastest
+rep (the least disturbed by other processes). A check outside the timing runs the bare forward once on the first
+batch, keeping its output, and compares its means at the last layer with story_activations' (so the baseline
+computes the same activations).
 
 Default model: the embedded SmolLM2-135M-Instruct (``--model gemma-3-270m`` for the other embedded model, whose
 LM head is a larger share of the work); without it, a random model of SmolLM2's shape with a word-level tokenizer.
 ``--texts`` texts of about ``--tokens`` story tokens each, ``--fmt`` (chat), ``first_token=50``, eager fp32 on the
 CPU.
-Each provider runs every batch ``--reps`` times, interleaved with the others batch by batch; wall and process CPU
-seconds are both reported (on a shared machine the CPU time is the steadier measure of the work done).
+Each provider runs every batch ``--reps`` times, interleaved with the others batch by batch (each batch is one
+call of story_activations with that batch's ``--batch`` texts, so the shared prefix runs once per batch, for the
+bare forward too); wall and process CPU seconds are both reported (on a shared machine the CPU time is the steadier
+measure of the work done). ``--skip-hidden-states`` leaves out the slowest provider (speed-ups are then reported
+against nothing).
 
 Prints a table and writes ``benchmarks/results/bench_activations_<machine>.json`` (for another ``--model``:
 ``bench_activations_<model>_<machine>.json``).
@@ -21,6 +46,7 @@ Prints a table and writes ``benchmarks/results/bench_activations_<machine>.json`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import re
@@ -34,7 +60,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_ops import device_name, versions  # noqa: E402
-from emokern.extract import _averaged_range, _tokenize, story_activations  # noqa: E402
+from emokern.extract import (  # noqa: E402
+    _averaged_positions,
+    _averaged_range,
+    _shared_prefix,
+    _tokenize,
+    story_activations,
+)
+from emokern.patch import _resolve_arch  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FIRST_TOKEN = 50
@@ -131,6 +164,81 @@ def hidden_states_means(model, tok, texts, batch_size, fmt):
     return means
 
 
+def bare_inputs(tok, texts, fmt):
+    """The tensors story_activations builds for one call on ``texts`` (one batch): ``(prefix_ids or None,
+    input_ids, attention_mask, position_ids)``; the attention mask spans prefix and text when there is a prefix.
+    Same rules as :func:`emokern.extract._activations` with right padding and no exclusions."""
+    ids, spans, excluded = _tokenize(tok, texts, fmt, "texts")
+    positions = [_averaged_positions(span, FIRST_TOKEN, ex) for span, ex in zip(spans, excluded)]
+    prefix = _shared_prefix(ids, positions)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    order = sorted(range(len(texts)), key=lambda i: -len(ids[i]))
+    T = max(len(x) for x in ids) - prefix
+    input_ids = torch.full((len(texts), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(texts), T, dtype=torch.long)
+    for r, i in enumerate(order):
+        own = ids[i][prefix:]
+        input_ids[r, :len(own)] = torch.tensor(own)
+        mask[r, :len(own)] = 1
+    position_ids = (mask.cumsum(1) - 1).clamp_min(0) + prefix
+    if prefix:
+        mask = torch.cat([torch.ones(len(texts), prefix, dtype=torch.long), mask], 1)
+    return (torch.tensor([ids[0][:prefix]]) if prefix else None), input_ids, mask, position_ids
+
+
+@contextlib.contextmanager
+def truncated(model, n_layers: int):
+    """The model's base with its decoder-layer list cut to the first ``n_layers`` and its final norm replaced by the
+    identity, restored on exit."""
+    spec, base, layers = _resolve_arch(model, None)
+    parent, attr = (base, spec.layers) if "." not in spec.layers else (None, None)
+    if parent is None or getattr(parent, attr) is not layers or not isinstance(getattr(base, "norm", None),
+                                                                               torch.nn.Module):
+        raise NotImplementedError(f"bare forward: expected base.{spec.layers} and base.norm")
+    norm = base.norm
+    setattr(parent, attr, torch.nn.ModuleList(list(layers)[:n_layers]))
+    base.norm = torch.nn.Identity()
+    try:
+        yield base
+    finally:
+        setattr(parent, attr, layers)
+        base.norm = norm
+
+
+def bare_forward(model, inputs, n_layers: int, keep: bool = False):
+    """The minimal forward story_activations' work needs (see the module docstring); returns nothing (with
+    ``keep``, for the check only: the last layer's output for the batch's own tokens)."""
+    prefix_ids, input_ids, mask, position_ids = inputs
+    with truncated(model, n_layers) as base, torch.inference_mode():
+        if prefix_ids is None:
+            out = base(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+        else:
+            cache = base(input_ids=prefix_ids, use_cache=True).cache
+            cache.batch_repeat_interleave(input_ids.shape[0])
+            out = base(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache,
+                       use_cache=True)
+    return out.last_hidden_state if keep else None
+
+
+def check_bare(model, tok, texts, fmt, layer: int) -> float:
+    """Max |difference| between story_activations' means at ``layer`` and the same means from the bare forward's
+    output (truncated after ``layer``), on ``texts`` (one batch, right padding), relative to each mean's largest
+    |value| (as the hidden_states check)."""
+    inputs = bare_inputs(tok, texts, fmt)
+    prefix_ids = inputs[0]
+    h = bare_forward(model, inputs, layer + 1, keep=True)
+    ids, spans, excluded = _tokenize(tok, texts, fmt, "texts")
+    prefix = 0 if prefix_ids is None else prefix_ids.shape[1]
+    order = sorted(range(len(texts)), key=lambda i: -len(ids[i]))
+    ref = story_activations(model, tok, texts, layers=layer, first_token=FIRST_TOKEN, fmt=fmt,
+                            batch_size=len(texts), progress=False)[0][:, 0]
+    diff = 0.0
+    for r, i in enumerate(order):
+        pos = [t - prefix for t in _averaged_positions(spans[i], FIRST_TOKEN, excluded[i])]
+        diff = max(diff, float((h[r, pos].mean(0) - ref[i]).abs().max() / ref[i].abs().max()))
+    return diff
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
@@ -141,6 +249,7 @@ def main(argv=None):
     parser.add_argument("--fmt", choices=["chat", "raw"], default="chat", help="raw for models without a chat "
                         "template (gemma-3-270m is a base model)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--skip-hidden-states", action="store_true", help="leave out the hidden_states provider")
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -155,32 +264,53 @@ def main(argv=None):
     n_layers = model.config.num_hidden_layers
     two_thirds = round(2 / 3 * (n_layers - 1))
     kw = dict(first_token=FIRST_TOKEN, fmt=args.fmt, batch_size=args.batch, progress=False)
+    # The bare forward's inputs, built before any timing (story_activations builds its own inside the call).
+    bare = {tuple(chunk): bare_inputs(tok, [texts[i] for i in chunk], args.fmt) for chunk in chunks}
     providers = {
-        "hidden_states": lambda batch: hidden_states_means(model, tok, batch, args.batch, args.fmt),
-        "story_activations_all": lambda batch: story_activations(model, tok, batch, **kw)[0],
-        "story_activations_2/3": lambda batch: story_activations(model, tok, batch, layers=two_thirds, **kw)[0],
+        "hidden_states": lambda batch, c: hidden_states_means(model, tok, batch, args.batch, args.fmt),
+        "story_activations_all": lambda batch, c: story_activations(model, tok, batch, **kw)[0],
+        "bare_forward_all": lambda batch, c: bare_forward(model, bare[c], n_layers),
+        "story_activations_2/3": lambda batch, c: story_activations(model, tok, batch, layers=two_thirds, **kw)[0],
+        "bare_forward_2/3": lambda batch, c: bare_forward(model, bare[c], two_thirds + 1),
     }
+    if args.skip_hidden_states:
+        del providers["hidden_states"]
+    bare_check = {"all": check_bare(model, tok, [texts[i] for i in chunks[0]], args.fmt, n_layers - 1),
+                  "2/3": check_bare(model, tok, [texts[i] for i in chunks[0]], args.fmt, two_thirds)}
+    pairs = {"all": ("story_activations_all", "bare_forward_all"),
+             "2/3": ("story_activations_2/3", "bare_forward_2/3")}
     wall = {name: [0.0] * args.reps for name in providers}
     cpu = {name: [0.0] * args.reps for name in providers}
+    # per (provider, batch): the times of each rep, for the sums of per-batch minimums
+    batch_wall = {name: [[] for _ in chunks] for name in providers}
+    batch_cpu = {name: [[] for _ in chunks] for name in providers}
     outputs = {name: torch.empty(len(texts), 0) for name in providers}
     for rep in range(args.reps):
         # Interleaved batch by batch, so that load from other processes on a shared machine hits every provider
-        # alike (it changes over minutes, a pass over all texts takes about a minute).
-        for chunk in chunks:
+        # alike (it changes over minutes, a pass over all texts takes about a minute); the order of the providers
+        # is reversed on odd reps, so that no provider always runs right after a given other one.
+        names = list(providers) if rep % 2 == 0 else list(providers)[::-1]
+        for b, chunk in enumerate(chunks):
             batch = [texts[i] for i in chunk]
-            for name, fn in providers.items():
+            for name in names:
                 t0, c0 = time.perf_counter(), time.process_time()
-                out = fn(batch)
-                wall[name][rep] += time.perf_counter() - t0
-                cpu[name][rep] += time.process_time() - c0
-                if rep == 0:
+                out = providers[name](batch, tuple(chunk))
+                dt, dc = time.perf_counter() - t0, time.process_time() - c0
+                wall[name][rep] += dt
+                cpu[name][rep] += dc
+                batch_wall[name][b].append(dt)
+                batch_cpu[name][b].append(dc)
+                if rep == 0 and out is not None:
                     if outputs[name].shape[1] == 0:
                         outputs[name] = torch.empty(len(texts), *out.shape[1:])
                     outputs[name][chunk] = out
     # Hugging Face's last hidden state is after the final norm, so the last layer is not comparable. Relative to
     # each (text, layer) mean's largest value: these models have activations in the tens of thousands.
-    ref = outputs["hidden_states"][:, :-1]
-    diff = float(((outputs["story_activations_all"][:, :-1] - ref).abs() / ref.abs().amax(-1, keepdim=True)).max())
+    diff = None
+    if "hidden_states" in providers:
+        ref = outputs["hidden_states"][:, :-1]
+        diff = float(((outputs["story_activations_all"][:, :-1] - ref).abs() / ref.abs().amax(-1, keepdim=True))
+                     .max())
     diff_2_3 = float((outputs["story_activations_2/3"][:, 0] - outputs["story_activations_all"][:, two_thirds])
                      .abs().max())
 
@@ -188,18 +318,50 @@ def main(argv=None):
           f"{statistics.mean(map(len, ids)):.0f} total tokens on average, batch {args.batch}, "
           f"{torch.get_num_threads()} threads, {args.reps} reps")
     print(f"{'provider':<24}{'median s':>10}{'min s':>9}{'speed-up':>10}{'CPU s':>9}{'CPU speed-up':>14}")
-    base, base_min, base_cpu = (statistics.median(wall["hidden_states"]), min(wall["hidden_states"]),
-                                statistics.median(cpu["hidden_states"]))
+    ref_name = "hidden_states" if "hidden_states" in providers else None
+    base, base_min, base_cpu = ((statistics.median(wall[ref_name]), min(wall[ref_name]),
+                                 statistics.median(cpu[ref_name])) if ref_name else (float("nan"),) * 3)
     rows = []
     for name in providers:
         med, fastest, med_cpu = statistics.median(wall[name]), min(wall[name]), statistics.median(cpu[name])
         rows.append({"provider": name, "median_s": med, "min_s": fastest, "samples_s": wall[name],
-                     "speedup_vs_hidden_states": base / med, "speedup_of_min": base_min / fastest,
+                     "speedup_vs_hidden_states": base / med if ref_name else None,
+                     "speedup_of_min": base_min / fastest if ref_name else None,
                      "median_cpu_s": med_cpu, "cpu_samples_s": cpu[name],
-                     "cpu_speedup_vs_hidden_states": base_cpu / med_cpu})
+                     "batch_samples_s": batch_wall[name], "batch_cpu_samples_s": batch_cpu[name],
+                     "cpu_speedup_vs_hidden_states": base_cpu / med_cpu if ref_name else None})
         print(f"{name:<24}{med:>10.3f}{fastest:>9.3f}{base / med:>9.2f}x{med_cpu:>9.2f}{base_cpu / med_cpu:>13.2f}x")
-    print(f"max relative |story_activations - hidden_states means| over layers 0..{n_layers - 2}: {diff:.2e}; "
-          f"2/3-depth run vs all-layer run at layer {two_thirds}: {diff_2_3:.2e}")
+    # bare-forward time / story_activations time: 1.0 is forward speed; the target is >= 0.95.
+    forward_speed = {}
+    print(f"{'forward-speed ratio (bare / story_activations)':<48}{'wall':>8}{'CPU':>8}{'wall per-rep':>14}"
+          f"{'CPU per-rep':>13}{'wall per-batch':>16}{'CPU per-batch':>15}{'wall batch-min':>16}"
+          f"{'CPU batch-min':>15}")
+    for setting, (sa, bf) in pairs.items():
+        r = {"story_activations": sa, "bare_forward": bf,
+             "wall": statistics.median(wall[bf]) / statistics.median(wall[sa]),
+             "cpu": statistics.median(cpu[bf]) / statistics.median(cpu[sa]),
+             "wall_median_per_rep": statistics.median(b / a for a, b in zip(wall[sa], wall[bf])),
+             "cpu_median_per_rep": statistics.median(b / a for a, b in zip(cpu[sa], cpu[bf]))}
+        # Sums over batches of each batch's fastest rep: less sensitive to bursts of load from other processes.
+        r["wall_sum_of_batch_minimums"] = sum(map(min, batch_wall[bf])) / sum(map(min, batch_wall[sa]))
+        r["cpu_sum_of_batch_minimums"] = sum(map(min, batch_cpu[bf])) / sum(map(min, batch_cpu[sa]))
+        # The median over every (rep, batch) pair of the two calls made back to back.
+        r["wall_median_per_batch"] = statistics.median(b / a for xs, ys in zip(batch_wall[sa], batch_wall[bf])
+                                                       for a, b in zip(xs, ys))
+        r["cpu_median_per_batch"] = statistics.median(b / a for xs, ys in zip(batch_cpu[sa], batch_cpu[bf])
+                                                      for a, b in zip(xs, ys))
+        r["overhead_cpu_s"] = statistics.median(cpu[sa]) - statistics.median(cpu[bf])
+        forward_speed[setting] = r
+        last = n_layers - 1 if setting == "all" else two_thirds
+        print(f"{'  layers ' + setting + ' (last layer ' + str(last) + ')':<48}"
+              f"{r['wall']:>7.3f}x{r['cpu']:>7.3f}x{r['wall_median_per_rep']:>13.3f}x{r['cpu_median_per_rep']:>12.3f}x"
+              f"{r['wall_median_per_batch']:>15.3f}x{r['cpu_median_per_batch']:>14.3f}x"
+              f"{r['wall_sum_of_batch_minimums']:>15.3f}x{r['cpu_sum_of_batch_minimums']:>14.3f}x")
+    if diff is not None:
+        print(f"max relative |story_activations - hidden_states means| over layers 0..{n_layers - 2}: {diff:.2e}")
+    print(f"2/3-depth run vs all-layer run at layer {two_thirds}: {diff_2_3:.2e}; relative difference of the bare "
+          f"forward's means from story_activations' on the first batch: all {bare_check['all']:.2e}, "
+          f"2/3 {bare_check['2/3']:.2e}")
 
     import transformers
 
@@ -214,7 +376,9 @@ def main(argv=None):
         "mean_total_tokens": statistics.mean(map(len, ids)), "batch_size": args.batch, "fmt": args.fmt,
         "threads": torch.get_num_threads(), "first_token": FIRST_TOKEN,
         "two_thirds_layer": two_thirds, "num_layers": n_layers, "reps": args.reps, "results": rows,
-        "max_rel_diff_vs_hidden_states": diff, "max_abs_diff_2_3_vs_all": diff_2_3,
+        "forward_speed_ratio": forward_speed, "max_rel_diff_bare_vs_story_activations_first_batch": bare_check,
+        "max_rel_diff_vs_hidden_states": diff, "skip_hidden_states": args.skip_hidden_states,
+        "max_abs_diff_2_3_vs_all": diff_2_3,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }, indent=1))
     print(f"wrote {out}")
