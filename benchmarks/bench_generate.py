@@ -120,12 +120,12 @@ def generate_once(model, ids, mask, new_tokens, device) -> float:
     model = active_model.get("model", model)
     """Seconds for one greedy generation of exactly ``new_tokens`` tokens."""
     sync(device)
-    t0 = time.perf_counter()
+    t0 = clock()
     with torch.no_grad():
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                        do_sample=False, pad_token_id=0, **generate_extra)
     sync(device)
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def time_providers(model, providers, ids, mask, new_tokens, device, reps):
@@ -143,6 +143,7 @@ def time_providers(model, providers, ids, mask, new_tokens, device, reps):
 
 
 generate_extra: dict = {}
+clock = time.perf_counter  # --clock cpu: time.thread_time (one intra-op thread)
 active_model: dict = {}  # --compiled: the copy of the model the provider being timed runs on
 
 
@@ -156,7 +157,16 @@ def main(argv=None):
     parser.add_argument("--random-model", action="store_true", help="CPU: use a random SmolLM2-shaped model")
     parser.add_argument("--prefill", type=int, default=4096, help="GPU: prefill length measured separately")
     parser.add_argument("--compiled", action="store_true", help="CPU: static cache + torch.compile (see above)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="CPU: 'cpu' times each generation by the CPU time of the thread running it, with one "
+                             "intra-op thread, so time spent descheduled by other jobs on the machine is not counted")
     args = parser.parse_args(argv)
+    global clock
+    if args.clock == "cpu":
+        if args.device != "cpu":
+            parser.error("--clock cpu is for --device cpu")
+        torch.set_num_threads(1)
+        clock = time.thread_time
     device = args.device
     torch.manual_seed(0)
     if device == "cpu":
@@ -246,11 +256,12 @@ def main(argv=None):
                          "fraction_of_unpatched": round(prefill["unpatched"] / seconds, 4)})
             print(f"prefill {args.prefill} {provider:<24}{seconds * 1e3:>10.1f} ms")
     machine = machine_slug(device_name(device))
-    out = RESULTS / f"bench_generate_{device}{'_compiled' if args.compiled and device == 'cpu' else ''}_{machine}.json"
+    suffix = ("_compiled" if args.compiled and device == "cpu" else "") + ("_cpu_clock" if args.clock == "cpu" else "")
+    out = RESULTS / f"bench_generate_{device}{suffix}_{machine}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "benchmark": "bench_generate", "device": device_name(device), "model": model_name, "K": K,
-        "mode": "compiled (static cache, torch.compile)" if compiled else "eager",
+        "mode": "compiled (static cache, torch.compile)" if compiled else "eager", "clock": args.clock,
         "steered_vectors": len(steer_names), "versions": versions(), "threads": torch.get_num_threads(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "rows": rows,
     }, indent=1))
