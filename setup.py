@@ -95,5 +95,7 @@ setup(
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "numpy"],
-    entry_points={"console_scripts": ["emokern = emokern.cli:main"]},
+    entry_points={"console_scripts": ["emokern = emokern.cli:main"],
+                  "vllm.general_plugins": ["emokern = emokern.vllm:register"],
+                  "vllm.endpoint_plugins": ["emokern = emokern.vllm.server:TraceEndpoint"]},
 )

@@ -45,4 +45,13 @@ step bench_generate "$PY" benchmarks/bench_generate.py --device cuda --reps 3
 # The patch under generate's own compile with a static cache (one graph, no breaks, equal to eager), on the GPU.
 step tests_compiled_generate "$PY" -m pytest -q -ra tests/test_patch.py -k static_cache
 cp benchmarks/results/bench_generate_cuda_*.json "$OUT/" 2>/dev/null
+# emokern's vLLM plugin (issue 11): vLLM without the plugin vs monitor-only vs monitor + 2 steered, b1 and b64, CUDA
+# graphs on (target: >= 97 % of plugin-off). Only where a CUDA build of vLLM is installed (carry its wheel in $WHEELS);
+# the plugin registers through the checkout's entry point, so emokern must be installed: pip install --no-deps -e .
+if "$PY" -c "import vllm" 2>/dev/null; then
+  step install_emokern env EMOKERN_BUILD_CUDA=1 EMOKERN_CUDA_ARCHS=9.0 MAX_JOBS=16 "$PY" -m pip install \
+    --no-build-isolation --no-deps --no-index -e .
+  step bench_vllm "$PY" benchmarks/bench_vllm.py --device cuda --checkout --rounds 2 --reps 3
+  cp benchmarks/results/bench_vllm_*.json "$OUT/" 2>/dev/null
+fi
 cat "$OUT/steps.tsv"

@@ -168,6 +168,30 @@ def _corpus_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pack", default=None, metavar="FILE.jsonl.gz",
                         help="when the corpus is complete, also pack it into one file (what the package ships)")
     parser.add_argument("--overwrite", action="store_true", help="replace a corpus of another configuration in --out")
+    parser.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+                        help="sampling engine: hf (emokern.sampling on transformers, default) or vllm (needs the "
+                             "vLLM environment: make vllm-env); a corpus is resumed only by the engine that began it")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="--engine vllm: GPUs per model replica")
+    parser.add_argument("--data-parallel-size", type=int, default=1, help="--engine vllm: model replicas")
+
+
+def _vllm_sampler(args: argparse.Namespace, model, tok):
+    """The vLLM engine of ``emokern corpus --engine vllm`` on the same weights as ``model``."""
+    from pathlib import Path
+
+    from vllm import LLM
+
+    from emokern.corpus import _special_ids
+    from emokern.models import REGISTRY, model_cache_dir
+    from emokern.vllm.corpus import VllmSampler
+
+    from vllm.platforms import current_platform
+
+    path = str(model_cache_dir(args.model)) if args.model in REGISTRY else str(Path(args.model).expanduser())
+    llm = LLM(model=path, dtype=str(args.dtype).replace("torch.", ""), seed=args.seed,
+              tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
+              enable_chunked_prefill=not current_platform.is_cpu())  # see VllmSampler: seeded requests on CPU
+    return VllmSampler(llm, tok, _special_ids(model, tok)[1])
 
 
 @command("corpus", help="generate a story corpus with the model itself (resumable; --pack: one shippable file)",
@@ -180,10 +204,16 @@ def _corpus(args: argparse.Namespace) -> int:
     model, tok = load_model(args.model, dtype=args.dtype)
     model.eval()
     emotions = [e.strip() for e in args.emotions.split(",")] if args.emotions else None
-    corpus = generate_corpus(model, tok, args.out, preset=args.preset, emotions=emotions,
-                             stories_per_emotion=args.stories_per_emotion, neutral=args.neutral, style=args.style,
-                             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                             prompt_format=args.prompt_format, seed=args.seed, overwrite=args.overwrite)
+    sampler = _vllm_sampler(args, model, tok) if args.engine == "vllm" else None
+    try:
+        corpus = generate_corpus(model, tok, args.out, preset=args.preset, emotions=emotions,
+                                 stories_per_emotion=args.stories_per_emotion, neutral=args.neutral, style=args.style,
+                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                 prompt_format=args.prompt_format, seed=args.seed, overwrite=args.overwrite,
+                                 sampler=sampler)
+    finally:
+        if sampler is not None:  # a vLLM engine left running keeps busy-polling worker processes alive
+            sampler.llm.llm_engine.engine_core.shutdown()
     stats = corpus.stats()
     print(json.dumps({"out": str(args.out), **stats["totals"], **stats["timings"]}, indent=1))
     if args.pack:

@@ -790,7 +790,7 @@ def generate_corpus(model, tokenizer, out_dir: str | os.PathLike, *, preset: str
                     max_new_tokens: int | None = None, batch_size: int | None = None,
                     prompt_format: str | None = None, style: str | None = None, temperature: float | None = None,
                     min_words: int | None = None, seed: int = 0, progress: bool = True,
-                    overwrite: bool = False) -> StoryCorpus:
+                    overwrite: bool = False, sampler=None) -> StoryCorpus:
     """Generate (or finish) a story corpus in ``out_dir`` and return it, loaded with :meth:`StoryCorpus.load`.
 
     Args:
@@ -804,6 +804,12 @@ def generate_corpus(model, tokenizer, out_dir: str | os.PathLike, *, preset: str
         seed: fixes the premise order and every chunk's sampling seed (see :func:`plan_chunks`).
         progress: show a tqdm bar over jobs (ETA, and generated tokens per second of this run as postfix).
         overwrite: delete a previous corpus in ``out_dir`` (its ``manifest.json`` and ``shards/``) first.
+        sampler: another engine for the sampling (e.g. :class:`emokern.vllm.corpus.VllmSampler`): a callable
+            ``sampler(prompts, seed=, max_new_tokens=, temperature=, top_p=, add_special_tokens=)`` returning what
+            :func:`emokern.sampling.sample` gives here (decoded continuations, special tokens skipped, and the
+            number of new tokens of each up to and including its end-of-sequence token), with a ``name`` that the
+            manifest records as ``config["sampler"]``; ``model`` then only identifies the weights (fingerprint,
+            dtype, end-of-sequence ids). A corpus is resumed only by the sampler that started it.
 
     Chunks whose shard exists are skipped, so calling again with the same arguments after an interruption
     continues where it stopped. One process per directory: a second one running at the same time would redo the
@@ -870,7 +876,7 @@ def generate_corpus(model, tokenizer, out_dir: str | os.PathLike, *, preset: str
         "prompt_format": prompt_format,
         "style": story_style.name,
         "prompts_sha256": prompts_sha256(story_style),
-        "sampler": _SAMPLER,
+        "sampler": _SAMPLER if sampler is None else sampler.name,
         "seed": seed,
     }
     out_dir = Path(out_dir).expanduser()
@@ -905,9 +911,10 @@ def generate_corpus(model, tokenizer, out_dir: str | os.PathLike, *, preset: str
             prompts = [_render(tokenizer, job, prompt_format) for job in chunk.jobs]
             start = time.perf_counter()
             # a chat template writes its own special tokens; plain text needs the tokenizer's (e.g. a BOS)
-            continuations, new_tokens = _generate_chunk(
-                model, tokenizer, prompts, seed=chunk.seed, max_new_tokens=max_new_tokens,
-                temperature=temperature, top_p=p.top_p, add_special_tokens=prompt_format == "plain")
+            sampling = dict(seed=chunk.seed, max_new_tokens=max_new_tokens, temperature=temperature, top_p=p.top_p,
+                            add_special_tokens=prompt_format == "plain")
+            continuations, new_tokens = (_generate_chunk(model, tokenizer, prompts, **sampling) if sampler is None
+                                         else sampler(prompts, **sampling))
             elapsed = time.perf_counter() - start
             raws = [job.opening + text for job, text in zip(chunk.jobs, continuations)]
             records = _records(chunk, raws, new_tokens, tokenizer, min_words, round(elapsed, 3),

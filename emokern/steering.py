@@ -51,7 +51,8 @@ def steer_items(emotions: Union[str, Sequence[str], Mapping[str, Any]], strength
         items = [(emotions, strength)]
     elif isinstance(emotions, Mapping):
         if strength is not None:
-            raise ValueError("steer: give strengths either in the {emotion: strength} mapping or as 'strength', not both")
+            raise ValueError("steer: give strengths either in the {emotion: strength} mapping or as 'strength', "
+                             "not both")
         items = list(emotions.items())
     else:
         try:

@@ -1,0 +1,133 @@
+"""``register()``: the ``vllm.general_plugins`` entry point, run by vLLM in every process it starts.
+
+It is cheap, idempotent and inert unless configured (:mod:`emokern.vllm.config`). When configured it patches two
+classes present in every vLLM process (no model work happens here):
+
+* ``InputProcessor.process_inputs`` (the front end: ``LLM`` or the API server): a request's
+  ``extra_args["emokern"]`` is parsed against the bank before it enters the engine, so an unknown emotion, a bad
+  mode or a strength that is not a number fails that request alone with a clear message (HTTP 400 on the server)
+  and the engine never sees it. A steered request gets a prefix-cache salt derived from its steering
+  (:meth:`RequestSpec.cache_salt`, combined with any salt it brought), so it never shares KV blocks with a request
+  steered differently; a request that monitors its prompt reads nothing from the prefix cache
+  (``skip_reading_prefix_cache``), so every prompt position is computed, and recorded.
+* ``WorkerWrapperBase`` (each worker): ``load_model`` installs the op into the loaded model (before vLLM's
+  warm-up and compilation) and the RPC methods ``emokern_take`` and ``emokern_stats`` are added for
+  ``collective_rpc`` with a string method name.
+
+It also salts vLLM's compile-cache key with the bank and layers (:func:`_patch_compile_hash`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from emokern.vllm import config as config_mod
+
+logger = logging.getLogger("emokern.vllm")
+
+__all__ = ["register"]
+
+_REGISTERED = False
+
+
+def register() -> None:
+    """Patch vLLM for emokern when ``EMOKERN_VLLM_BANK`` is set (and ``EMOKERN_VLLM_DISABLE`` is not); else no-op."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    cfg = config_mod.from_env()
+    if cfg is None:
+        return
+    _patch_front_end()
+    _patch_worker()
+    _patch_compile_hash(cfg)
+    _REGISTERED = True
+
+
+def _patch_front_end() -> None:
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    from emokern.vllm import spec as spec_mod
+
+    from vllm.exceptions import VLLMValidationError
+
+    original = InputProcessor.process_inputs
+    if getattr(original, "_emokern", False):
+        return
+
+    class RequestSpecError(spec_mod.SpecError, VLLMValidationError):
+        """A :class:`SpecError` that vLLM's server answers with 400 and the message (it is a ValueError too)."""
+
+        parameter = "extra_args.emokern"
+        value = None
+
+    def process_inputs(self, request_id, prompt, params, *args, **kwargs):
+        raw = (getattr(params, "extra_args", None) or {}).get(spec_mod.KEY)
+        try:
+            parsed = spec_mod.parse(raw, config_mod.load()) if raw is not None else None
+        except spec_mod.SpecError as exc:  # this request fails alone, before it reaches the engine
+            raise RequestSpecError(str(exc)) from None
+        request = original(self, request_id, prompt, params, *args, **kwargs)
+        if parsed is None:
+            return request
+        salt = parsed.cache_salt()
+        if salt is not None:
+            request.cache_salt = salt if not request.cache_salt else f"{request.cache_salt}|{salt}"
+        if parsed.monitor_k is not None and parsed.monitor_prompt and request.sampling_params is not None:
+            request.sampling_params.skip_reading_prefix_cache = True
+        return request
+
+    process_inputs._emokern = True
+    InputProcessor.process_inputs = process_inputs
+
+
+def _patch_compile_hash(cfg) -> None:
+    """Salt ``VllmConfig.compute_hash`` (vLLM's compile-cache key) with :func:`config.fingerprint`: vLLM keys its
+    cached compiled graphs by configuration and model source, not by plugins, and a graph traced without the op (or
+    with another bank's buffers) would otherwise be loaded and run without emokern."""
+    import hashlib
+
+    from vllm.config import VllmConfig
+
+    original = VllmConfig.compute_hash
+    if getattr(original, "_emokern", False):
+        return
+    salt = config_mod.fingerprint(cfg)
+
+    def compute_hash(self, *args, **kwargs):
+        base = original(self, *args, **kwargs)
+        return hashlib.sha256(f"{base}|{salt}".encode()).hexdigest()[:len(base)]
+
+    compute_hash._emokern = True
+    VllmConfig.compute_hash = compute_hash
+
+
+def _patch_worker() -> None:
+    from vllm.v1.worker.worker_base import WorkerWrapperBase
+
+    if getattr(WorkerWrapperBase, "_emokern", False):
+        return
+
+    def load_model(self, *args, **kwargs):
+        from emokern.vllm import worker
+
+        self.worker.load_model(*args, **kwargs)
+        worker.install(self.worker.model_runner, config_mod.load())
+
+    def emokern_take(self, request_ids):
+        """Traces of finished requests by id (see :meth:`emokern.vllm.worker.Installation.take`)."""
+        from emokern.vllm import worker
+
+        inst = worker.installation()
+        return [None] * len(request_ids) if inst is None else inst.take(list(request_ids))
+
+    def emokern_stats(self):
+        from emokern.vllm import worker
+
+        inst = worker.installation()
+        return None if inst is None else inst.stats()
+
+    WorkerWrapperBase.load_model = load_model
+    WorkerWrapperBase.emokern_take = emokern_take
+    WorkerWrapperBase.emokern_stats = emokern_stats
+    WorkerWrapperBase._emokern = True

@@ -1,0 +1,240 @@
+"""The per-request spec, ``SamplingParams(extra_args={"emokern": SPEC})``, parsed once per process and request.
+
+SPEC is a dict, or the same as a JSON string (what ``vllm_xargs`` carries over the OpenAI-compatible server)::
+
+    {
+      "steer": {"emotions": {"calm": 0.05}, "mode": "add", "scope": "generated", "layers": [19]},
+      "monitor": {"emotions": ["desperate", "calm"], "layers": [19], "prompt": true},
+      "alert": {"emotion": "desperate", "z": 3.0, "tokens": 8, "stop": false}
+    }
+
+* ``steer`` — one item or a list of items, each with the arguments of :meth:`emokern.PatchHandle.steer` and the
+  same meaning (the shared parser :mod:`emokern.steering`): ``emotions`` (a name, a list of names, or
+  ``{name: strength}``), ``strength``, ``mode`` (``add`` | ``ablate`` | ``set`` | ``scale`` | ``clamp``; default
+  ``add``), ``scope`` (``all`` | ``prompt`` | ``generated``; default ``all``; as in the patch a request has one
+  scope, the last item's), ``layers`` (installed layers; default all), ``relative`` (default true: strengths are
+  fractions of the layer's mean residual-stream norm). Token spans and ``{"text": ...}`` scopes are refused:
+  the engine does not keep the prompt text.
+* ``monitor`` — ``true`` (every emotion, every installed layer, prompt included) or ``{"emotions": "all" | [...],
+  "layers": [...], "prompt": true}``. ``prompt: false`` records generated positions only (and lets the prompt
+  come from the prefix cache).
+* ``alert`` — needs ``monitor`` and the bank's neutral statistics: fires at the first generated position where the
+  z-score of ``emotion`` at ``layer`` (default: the first monitored layer) has been above ``z`` for ``tokens``
+  consecutive generated tokens; ``stop: true`` then ends the request (its next token becomes end-of-sequence).
+
+Errors are :class:`SpecError` (a ValueError) naming the field, what was expected and what was given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, List, Mapping, Optional, Tuple
+
+from emokern import steering
+
+__all__ = ["Alert", "RequestSpec", "SpecError", "parse", "KEY"]
+
+KEY = "emokern"  # the extra_args key
+
+
+class SpecError(ValueError):
+    """An ``extra_args["emokern"]`` spec that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Alert:
+    emotion: int  # index in the monitored emotions
+    site: int  # index in the monitored sites
+    z: float
+    tokens: int
+    stop: bool
+    name: str
+    layer: int
+
+
+@dataclass
+class RequestSpec:
+    """A parsed spec against one bank and set of installed layers (sites = their positions in that list).
+
+    ``ops``: ``(site, k, a, b, lo, hi)`` table entries, later ones overriding earlier ones for the same
+    ``(site, k)``; ``scope``; ``monitor_k`` / ``monitor_sites`` (None: not monitored); ``monitor_prompt``;
+    ``alert``.
+    """
+
+    ops: List[Tuple[int, int, float, float, float, float]] = field(default_factory=list)
+    scope: str = "all"
+    monitor_k: Optional[List[int]] = None
+    monitor_sites: Optional[List[int]] = None
+    monitor_prompt: bool = True
+    alert: Optional[Alert] = None
+
+    @property
+    def steered_sites(self) -> List[int]:
+        return sorted({op[0] for op in self.ops})
+
+    def cache_salt(self) -> Optional[str]:
+        """A salt for vLLM's prefix cache that differs between differently steered requests (None: unsteered).
+
+        Every steered request gets one, whatever its scope: a block of its generated tokens holds steered KV
+        even under ``scope="generated"``, and a later prompt that repeats those tokens must not reuse it. Equal
+        steering gives equal salts, so identically steered requests still share blocks.
+        """
+        if not self.ops:
+            return None
+        canonical = json.dumps([self.scope, sorted(self.ops)], separators=(",", ":"))
+        return "emokern:" + hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def _fail(where: str, expected: str, got: Any) -> SpecError:
+    return SpecError(f"extra_args['emokern']{where}: expected {expected}; got {got!r}")
+
+
+def _layers(where: str, value, installed: List[int]) -> List[int]:
+    if value is None:
+        return list(range(len(installed)))
+    wanted = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(wanted, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in wanted):
+        raise _fail(where, "a layer index or a list of them", value)
+    unknown = [x for x in wanted if x not in installed]
+    if unknown or not wanted:
+        raise _fail(where, f"installed layers (this engine has the op at {installed}; set EMOKERN_VLLM_LAYERS to "
+                           f"change them)", value)
+    return [installed.index(x) for x in wanted]
+
+
+def _index(where: str, bank, name) -> int:
+    if not isinstance(name, str):
+        raise _fail(where, "an emotion name (a string)", name)
+    try:
+        return bank.index(name)
+    except KeyError as exc:
+        raise SpecError(f"extra_args['emokern']{where}: {exc.args[0]}") from None
+
+
+_STEER_KEYS = {"emotions", "strength", "mode", "scope", "layers", "relative"}
+
+
+def _steer(spec: RequestSpec, items, loaded) -> None:
+    items = items if isinstance(items, list) else [items]
+    if not items:
+        raise _fail("['steer']", "a steering item or a non-empty list of them", items)
+    for i, item in enumerate(items):
+        where = f"['steer'][{i}]" if len(items) > 1 else "['steer']"
+        if not isinstance(item, Mapping):
+            raise _fail(where, "a mapping such as {'emotions': {'calm': 0.05}, 'mode': 'add'}", item)
+        unknown = set(item) - _STEER_KEYS
+        if unknown:
+            raise _fail(where, f"only the keys {sorted(_STEER_KEYS)}", sorted(unknown))
+        if "emotions" not in item:
+            raise _fail(where, "an 'emotions' entry", item)
+        mode, scope = item.get("mode", "add"), item.get("scope", "all")
+        relative = item.get("relative", True)
+        if not isinstance(relative, bool):
+            raise _fail(where + "['relative']", "true or false", relative)
+        if not isinstance(scope, str):
+            raise _fail(where + "['scope']", f"one of {steering.SCOPES} (token spans and text scopes need the "
+                                             f"Hugging Face patch)", scope)
+        sites = _layers(where + "['layers']", item.get("layers"), loaded.layers)
+        try:
+            steering.check_mode(mode)
+            steering.check_scope(scope)
+            pairs = steering.steer_items(item["emotions"], item.get("strength"))
+            for name, value in pairs:
+                k = _index(where + "['emotions']", loaded.bank, name)
+                for s in sites:
+                    unit = loaded.residual_norm[s] if relative else 1.0
+                    spec.ops.append((s, k, *steering.steer_params(name, mode, value, unit)))
+        except SpecError:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise SpecError(f"extra_args['emokern']{where}: {exc}") from None
+        spec.scope = scope
+    last = {}
+    for op in spec.ops:  # a later setting of the same vector at the same site replaces the earlier one
+        last[op[:2]] = op
+    spec.ops = list(last.values())
+
+
+def _monitor(spec: RequestSpec, value, loaded) -> None:
+    if value is False or value is None:
+        return
+    if value is True:
+        value = {}
+    if not isinstance(value, Mapping):
+        raise _fail("['monitor']", "true or a mapping such as {'emotions': ['desperate'], 'layers': [19]}", value)
+    unknown = set(value) - {"emotions", "layers", "prompt"}
+    if unknown:
+        raise _fail("['monitor']", "only the keys ['emotions', 'layers', 'prompt']", sorted(unknown))
+    emotions = value.get("emotions", "all")
+    if emotions == "all":
+        spec.monitor_k = list(range(len(loaded.names)))
+    else:
+        names = [emotions] if isinstance(emotions, str) else emotions
+        if not isinstance(names, list) or not names:
+            raise _fail("['monitor']['emotions']", "'all', a name or a non-empty list of names", emotions)
+        spec.monitor_k = list(dict.fromkeys(_index("['monitor']['emotions']", loaded.bank, n) for n in names))
+    spec.monitor_sites = _layers("['monitor']['layers']", value.get("layers"), loaded.layers)
+    prompt = value.get("prompt", True)
+    if not isinstance(prompt, bool):
+        raise _fail("['monitor']['prompt']", "true or false", prompt)
+    spec.monitor_prompt = prompt
+
+
+def _alert(spec: RequestSpec, value, loaded) -> None:
+    if value is None:
+        return
+    if not isinstance(value, Mapping) or "emotion" not in value:
+        raise _fail("['alert']", "a mapping such as {'emotion': 'desperate', 'z': 3, 'tokens': 8}", value)
+    unknown = set(value) - {"emotion", "z", "tokens", "stop", "layer"}
+    if unknown:
+        raise _fail("['alert']", "only the keys ['emotion', 'layer', 'stop', 'tokens', 'z']", sorted(unknown))
+    if spec.monitor_k is None:
+        raise _fail("['alert']", "a request that also has 'monitor'", value)
+    if loaded.neutral_mean is None:
+        raise SpecError("extra_args['emokern']['alert']: the bank has no neutral statistics, so there are no "
+                        "z-scores to alert on")
+    k = _index("['alert']['emotion']", loaded.bank, value["emotion"])
+    if k not in spec.monitor_k:
+        raise _fail("['alert']['emotion']", "one of the monitored emotions", value["emotion"])
+    layer = value.get("layer", loaded.layers[spec.monitor_sites[0]])
+    site = _layers("['alert']['layer']", layer, loaded.layers)[0]
+    if site not in spec.monitor_sites:
+        raise _fail("['alert']['layer']", "one of the monitored layers", layer)
+    try:
+        z = steering.number(value["emotion"], value.get("z", 3.0), "alert z")
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"extra_args['emokern']['alert']['z']: {exc}") from None
+    tokens = value.get("tokens", 8)
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
+        raise _fail("['alert']['tokens']", "an integer >= 1", tokens)
+    stop = value.get("stop", False)
+    if not isinstance(stop, bool):
+        raise _fail("['alert']['stop']", "true or false", stop)
+    spec.alert = Alert(spec.monitor_k.index(k), spec.monitor_sites.index(site), z, tokens, stop,
+                       value["emotion"], loaded.layers[site])
+
+
+def parse(raw, loaded) -> RequestSpec:
+    """Parse ``extra_args["emokern"]`` (a dict or a JSON string) against the process's bank (:func:`config.load`).
+
+    Raises :class:`SpecError` for anything unusable: unknown keys, emotions (with close matches), modes, scopes
+    or layers; strengths that are not finite numbers; an alert without monitoring.
+    """
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"extra_args['emokern']: a string must be JSON ({exc})") from None
+    if not isinstance(raw, Mapping):
+        raise _fail("", "a mapping with 'steer', 'monitor' and/or 'alert' (or the same as a JSON string)", raw)
+    unknown = set(raw) - {"steer", "monitor", "alert"}
+    if unknown:
+        raise _fail("", "only the keys ['alert', 'monitor', 'steer']", sorted(unknown))
+    spec = RequestSpec()
+    if raw.get("steer") is not None:
+        _steer(spec, raw["steer"], loaded)
+    _monitor(spec, raw.get("monitor"), loaded)
+    _alert(spec, raw.get("alert"), loaded)
+    return spec

@@ -1,0 +1,512 @@
+"""Inside a vLLM worker: the op at the chosen decoder layers, the per-step routing, and the recorded traces.
+
+Installation (:func:`install`, at the runner's ``load_model``, before vLLM's warm-up compiles the model): one
+forward hook per chosen decoder layer whose body is a single registered op, ``emokern_vllm::residual_site_``, on
+slices of buffers allocated here once for the engine's maximum batched tokens. Compilation (inductor on CPU,
+piecewise CUDA graphs on GPU) traces the hook once and keeps the op as one opaque node; only buffer contents
+change between steps, so nothing needs ``enforce_eager``.
+
+Per step (:meth:`Installation.begin_step`, on the host, just before the runner's forward): every token row of the
+flattened batch gets, per site, the table row of its request's steering slot when its request steers at that site
+and the token's position is in the request's scope, else -1. After the forward (:meth:`Installation.end_step`)
+the projections of monitored requests' rows are copied to per-request host buffers, indexed by position, so a
+re-computed position (chunked prefill boundaries, recompute after preemption) overwrites its earlier value.
+
+What the site op computes. vLLM's decoder layers return ``(hidden_states, residual)`` and the residual stream
+that the Hugging Face patch monitors is their sum ``s = h + r``. The op projects ``s`` onto all K bank vectors
+(monitoring), steers ``s`` in place with the fused op (all K at once, identity entries unchanged), and writes
+``s' - r`` back into ``h`` for the steered rows only: unsteered rows of ``h`` are never written, so a request that
+is not steered computes bit-for-bit what it computes beside other unsteered requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import OrderedDict
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from emokern.vllm import spec as spec_mod
+
+logger = logging.getLogger("emokern.vllm")
+
+__all__ = ["Installation", "install", "installation"]
+
+# Host flags read by the op on CPU, set by begin_step: the op skips the work no request of the step asked for.
+# Only on CPU: on CUDA a captured graph would freeze whichever branch was taken at capture time.
+_STEP = {"monitor": True, "steer": []}
+# Seconds spent inside the op on CPU (its body runs eagerly even in a compiled graph): the plugin's in-forward cost.
+_OP_SECONDS = [0.0]
+
+
+@torch.library.custom_op("emokern_vllm::residual_site_", mutates_args=("h", "P"))
+def residual_site_(h: torch.Tensor, r: Optional[torch.Tensor], V: torch.Tensor, row: torch.Tensor,
+                   a: torch.Tensor, b: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, P: torch.Tensor,
+                   site: int) -> None:
+    """Monitor and steer the residual stream ``s = h + r`` (``r`` None: ``s = h``) of N tokens at one site.
+
+    ``h``, ``r``: (N, d); ``V``: (K, d) unit vectors in h's dtype; ``row``: (>= N,) int32 per-token table row
+    (-1: not steered); ``a, b, lo, hi``: (R, K) fp32; ``P``: (>= N, K) fp32, receives the projections of ``s``
+    (before steering) in its first N rows. ``h`` is written only at steered rows, with ``s' - r``.
+    """
+    if h.device.type != "cpu":
+        _site(h, r, V, row, a, b, lo, hi, P, site)
+        return
+    t0 = time.perf_counter()
+    _site(h, r, V, row, a, b, lo, hi, P, site)
+    _OP_SECONDS[0] += time.perf_counter() - t0
+
+
+def _site(h, r, V, row, a, b, lo, hi, P, site: int) -> None:
+    n = h.shape[0]
+    if n > P.shape[0]:
+        raise RuntimeError(f"emokern.vllm: a forward of {n} tokens exceeds the buffers ({P.shape[0]} rows); the "
+                           f"engine's max_num_batched_tokens changed after installation")
+    steer = site < len(_STEP["steer"]) and _STEP["steer"][site]
+    if h.device.type == "cpu" and not steer and not _STEP["monitor"]:
+        return
+    s = h if r is None else h + r
+    if h.device.type == "cpu" and not steer:
+        torch.ops.emokern.project(s, V, P[:n])
+        return
+    if r is None:
+        torch.ops.emokern.project_and_steer_(h, V, row[:n], a, b, lo, hi, P[:n])
+        return
+    torch.ops.emokern.project_and_steer_(s, V, row[:n], a, b, lo, hi, P[:n])
+    steered = (row[:n] >= 0)[:, None]
+    h.copy_(torch.where(steered, s - r, h))
+
+
+@residual_site_.register_fake
+def _(h, r, V, row, a, b, lo, hi, P, site):
+    return None
+
+
+# The decoder-layer list, relative to vLLM's model object, by the first path that exists.
+_LAYER_PATHS = ("model.layers", "language_model.model.layers", "model.language_model.layers", "transformer.h")
+
+
+def _find_layers(model) -> torch.nn.ModuleList:
+    for path in _LAYER_PATHS:
+        obj = model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        if isinstance(obj, torch.nn.ModuleList):
+            return obj
+    raise RuntimeError(f"emokern.vllm: cannot find the decoder layers of {type(model).__name__} (looked at "
+                       f"{', '.join(_LAYER_PATHS)})")
+
+
+class _Record:
+    """A monitored request's projections: ``P[position, site, emotion]`` fp32, grown as positions arrive."""
+
+    def __init__(self, spec: spec_mod.RequestSpec):
+        self.spec = spec
+        self.sites = spec.monitor_sites
+        self.k = np.asarray(spec.monitor_k, dtype=np.int64)
+        self.P = np.full((64, len(self.sites), len(self.k)), np.nan, dtype=np.float32)
+        self.length = 0
+        self.prompt_len = 0
+        self.run = 0  # consecutive generated positions above the alert threshold
+        self.alert_position: Optional[int] = None
+        self.finished = False
+
+    def put(self, positions: np.ndarray, values: List[np.ndarray]) -> None:
+        end = int(positions[-1]) + 1
+        if end > self.P.shape[0]:
+            grown = np.full((max(end, 2 * self.P.shape[0]),) + self.P.shape[1:], np.nan, dtype=np.float32)
+            grown[:self.P.shape[0]] = self.P
+            self.P = grown
+        for j, v in enumerate(values):
+            self.P[positions, j] = v
+        self.length = max(self.length, end)
+
+
+class Installation:
+    """The op's buffers and the per-request bookkeeping of one worker process (see the module docstring)."""
+
+    def __init__(self, runner, loaded, layout, params_of):
+        self.runner, self.loaded = runner, loaded
+        self._layout, self._params_of = layout, params_of  # runner-specific: see install()
+        vconfig = runner.vllm_config
+        model = runner.model
+        hidden = getattr(vconfig.model_config.hf_text_config, "hidden_size", None)
+        if hidden != loaded.unit_vectors.shape[-1]:
+            raise ValueError(f"EMOKERN_VLLM_BANK: the bank's vectors have hidden size {loaded.unit_vectors.shape[-1]} "
+                             f"but the model {vconfig.model_config.model} has hidden size {hidden}")
+        param = next(model.parameters())
+        device, dtype = param.device, param.dtype
+        self.device = device
+        self.S, self.K = loaded.unit_vectors.shape[0], loaded.unit_vectors.shape[1]
+        sched = vconfig.scheduler_config
+        self.T = int(sched.max_num_batched_tokens) + int(sched.max_num_seqs)  # rows of the per-token buffers
+        self.R = int(sched.max_num_seqs)  # steering slots: one per request that can be in a batch
+        self.V = loaded.unit_vectors.to(device=device, dtype=dtype).contiguous()
+        self.a = torch.zeros(self.S, self.R, self.K, device=device)
+        self.b = torch.ones(self.S, self.R, self.K, device=device)
+        self.lo = torch.full((self.S, self.R, self.K), -math.inf, device=device)
+        self.hi = torch.full((self.S, self.R, self.K), math.inf, device=device)
+        self.row = torch.full((self.S, self.T), -1, dtype=torch.int32, device=device)
+        self.P = torch.zeros(self.S, self.T, self.K, dtype=torch.float32, device=device)
+        on_cpu = device.type == "cpu"
+        self.row_host = self.row if on_cpu else torch.empty_like(self.row, device="cpu").pin_memory()
+        # the host copy of the routing must not be rewritten while the previous step's copy is still queued
+        self._row_copied = None if on_cpu else torch.cuda.Event()
+        self.P_host = self.P if on_cpu else torch.empty_like(self.P, device="cpu").pin_memory()
+        self.specs: Dict[str, Optional[spec_mod.RequestSpec]] = {}
+        self.slots: Dict[str, int] = {}
+        self.free = list(range(self.R - 1, -1, -1))
+        self.records: "OrderedDict[str, _Record]" = OrderedDict()
+        self.stop_requests: set = set()
+        self.steps = 0
+        self.recomputed = 0  # monitored positions computed again (chunk re-runs, recompute after preemption)
+        self.host_seconds = 0.0  # time spent in begin_step + end_step (the plugin's host work per step)
+        self._rows_used = 0
+        _STEP["steer"] = [False] * self.S
+        layers = _find_layers(model)
+        beyond = [layer for layer in loaded.layers if layer >= len(layers)]
+        if beyond:
+            raise ValueError(f"EMOKERN_VLLM_LAYERS: layers {beyond} do not exist in {vconfig.model_config.model}, "
+                             f"which has {len(layers)} decoder layers")
+        self._step: List[tuple] = []  # (req_id, first row, positions, prompt_len) of this step's monitored requests
+        self.hooks = []
+        for s, layer in enumerate(loaded.layers):
+            module = layers[layer]
+            if type(module).__name__ == "PPMissingLayer":
+                continue  # another pipeline stage owns it
+            self.hooks.append(module.register_forward_hook(self._site_hook(s)))
+
+    # ------------------------------------------------------------------------------------------ in the graph
+    def _site_hook(self, s: int):
+        V, row, a, b, lo, hi, P = self.V[s], self.row[s], self.a[s], self.b[s], self.lo[s], self.hi[s], self.P[s]
+
+        def hook(module, args, output):
+            if isinstance(output, tuple):
+                h, r = output[0], output[1]
+            else:
+                h, r = output, None
+            torch.ops.emokern_vllm.residual_site_(h, r, V, row, a, b, lo, hi, P, s)
+            return output
+
+        return hook
+
+    # ------------------------------------------------------------------------------------------ requests
+    def spec_of(self, req_id: str) -> Optional[spec_mod.RequestSpec]:
+        if req_id in self.specs:
+            return self.specs[req_id]
+        params = self._params_of(req_id)
+        raw = (getattr(params, "extra_args", None) or {}).get(spec_mod.KEY)
+        parsed = None
+        if raw is not None:
+            try:
+                parsed = spec_mod.parse(raw, self.loaded)
+            except spec_mod.SpecError as exc:  # the front end refuses these; a request sent around it runs plain
+                logger.warning("emokern.vllm: request %s runs without emokern: %s", req_id, exc)
+        self.specs[req_id] = parsed
+        if parsed is not None and parsed.monitor_k is not None:
+            self.records[req_id] = _Record(parsed)
+        return parsed
+
+    def _slot(self, req_id: str, spec: spec_mod.RequestSpec, batch_ids: set) -> int:
+        if req_id in self.slots:
+            return self.slots[req_id]
+        if not self.free:  # a preempted request waiting outside the batch gives its slot up; it gets one back later
+            for other in list(self.slots):
+                if other not in batch_ids:
+                    self.free.append(self.slots.pop(other))
+                    break
+        slot = self.free.pop()
+        self.slots[req_id] = slot
+        self.a[:, slot], self.b[:, slot] = 0.0, 1.0
+        self.lo[:, slot], self.hi[:, slot] = -math.inf, math.inf
+        for s, k, a, b, lo, hi in spec.ops:
+            self.a[s, slot, k], self.b[s, slot, k], self.lo[s, slot, k], self.hi[s, slot, k] = a, b, lo, hi
+        return slot
+
+    def finish(self, req_ids) -> None:
+        """Requests that left the engine: free their slots, keep their records until fetched (bounded)."""
+        for req_id in req_ids:
+            self.specs.pop(req_id, None)
+            self.stop_requests.discard(req_id)
+            slot = self.slots.pop(req_id, None)
+            if slot is not None:
+                self.free.append(slot)
+            record = self.records.get(req_id)
+            if record is not None:
+                record.finished = True
+        finished = [rid for rid, rec in self.records.items() if rec.finished]
+        for rid in finished[:max(0, len(finished) - self.loaded.config.max_traces)]:
+            del self.records[rid]
+
+    # ------------------------------------------------------------------------------------------ per step
+    def begin_step(self) -> None:
+        t0 = time.perf_counter()
+        self._begin_step()
+        self.host_seconds += time.perf_counter() - t0
+
+    def end_step(self) -> None:
+        t0 = time.perf_counter()
+        self._end_step()
+        self.host_seconds += time.perf_counter() - t0
+
+    def _begin_step(self) -> None:
+        """Fill the per-token routing rows of the batch about to run (see the module docstring)."""
+        req_ids, qsl, computed, prompt_lens = self._layout()
+        total = int(qsl[-1]) if len(qsl) else 0
+        if self._row_copied is not None:
+            self._row_copied.synchronize()
+        row = self.row_host.numpy()
+        used = max(self._rows_used, total)
+        row[:, :used] = -1
+        self._rows_used = total
+        steer_sites = [False] * self.S
+        monitor = False
+        batch_ids = set(req_ids)
+        self._step = []
+        for i, req_id in enumerate(req_ids):
+            spec = self.spec_of(req_id)
+            if spec is None:
+                continue
+            start, end = int(qsl[i]), int(qsl[i + 1])
+            if end <= start:
+                continue
+            positions = int(computed[i]) + np.arange(end - start)
+            prompt_len = int(prompt_lens[i])
+            if spec.monitor_k is not None:
+                monitor = True
+                self._step.append((req_id, start, positions, prompt_len))
+            if spec.ops:
+                if spec.scope == "all":
+                    mask = slice(None)
+                elif spec.scope == "prompt":
+                    mask = positions < prompt_len
+                else:
+                    mask = positions >= prompt_len
+                slot = self._slot(req_id, spec, batch_ids)
+                for s in spec.steered_sites:
+                    row[s, start:end][mask] = slot
+                    steer_sites[s] = True
+        if self.row_host is not self.row:
+            self.row[:, :used].copy_(self.row_host[:, :used], non_blocking=True)
+            self._row_copied.record()
+        _STEP["monitor"] = monitor
+        _STEP["steer"] = steer_sites
+
+    def _end_step(self) -> None:
+        """Copy the monitored requests' projections of the step that just ran into their records."""
+        self.steps += 1
+        if not self._step:
+            return
+        if self.P_host is not self.P:
+            total = self._rows_used
+            self.P_host[:, :total].copy_(self.P[:, :total])
+        P = self.P_host.numpy()
+        for req_id, start, positions, prompt_len in self._step:
+            record = self.records.get(req_id)
+            if record is None:
+                continue
+            record.prompt_len = prompt_len
+            keep = np.ones(len(positions), dtype=bool) if record.spec.monitor_prompt else positions >= prompt_len
+            if not keep.any():
+                continue
+            rows = start + np.nonzero(keep)[0]
+            if record.length > int(positions[keep][0]):
+                self.recomputed += int(min(record.length, int(positions[keep][-1]) + 1) - positions[keep][0])
+            record.put(positions[keep], [P[s][rows][:, record.k] for s in record.sites])
+            alert = record.spec.alert
+            if alert is not None and record.alert_position is None:
+                self._check_alert(req_id, record, alert, positions[keep])
+
+    def _check_alert(self, req_id: str, record: _Record, alert: spec_mod.Alert, positions: np.ndarray) -> None:
+        s = record.sites[alert.site]
+        k = int(record.k[alert.emotion])
+        mean = float(self.loaded.neutral_mean[s, k])
+        std = max(float(self.loaded.neutral_std[s, k]), 1e-6)
+        for pos in positions:
+            if pos < record.prompt_len:
+                continue
+            z = (record.P[pos, alert.site, alert.emotion] - mean) / std
+            record.run = record.run + 1 if z > alert.z else 0
+            if record.run >= alert.tokens:
+                record.alert_position = int(pos)
+                if alert.stop:
+                    self.stop_requests.add(req_id)
+                break
+
+    def end_alerted(self, output) -> None:
+        """Replace the token just sampled for each request whose stopping alert fired by its end-of-sequence id,
+        so the scheduler finishes it as if the model had ended it (``finish_reason`` "stop"). A request without an
+        end-of-sequence id (``ignore_eos``) runs on; its alert is still reported."""
+        sampled = getattr(output, "sampled_token_ids", None)
+        index = getattr(output, "req_id_to_index", None)
+        if not isinstance(sampled, list) or index is None:
+            return  # an async output (GPU async scheduling): the alert is reported, the request not ended
+        for req_id in list(self.stop_requests):
+            i = index.get(req_id)
+            if i is None or not sampled[i]:
+                continue
+            eos = getattr(self._params_of(req_id), "eos_token_id", None)
+            if eos is not None:
+                sampled[i][-1] = int(eos)
+            self.stop_requests.discard(req_id)
+
+    # ------------------------------------------------------------------------------------------ results
+    def take(self, request_ids: List[str]) -> List[Optional[dict]]:
+        """The records of the requests whose external id (or worker id) is in ``request_ids``, removed here.
+
+        vLLM's workers see ``"<external id>-<8 hex>"``; both forms are accepted. Each result is a dict of plain
+        values: ``data`` (bytes, float32, shape ``(length, sites, emotions)``, NaN at positions not recorded),
+        ``length``, ``prompt_len``, ``layers``, ``names``, ``neutral_mean`` / ``neutral_std`` (lists, or None),
+        ``alert`` (None, or ``{"emotion", "layer", "z", "tokens", "position", "stopped"}``).
+        """
+        by_external = {}
+        for rid in self.records:
+            by_external.setdefault(rid.rsplit("-", 1)[0], rid)
+            by_external.setdefault(rid, rid)
+        out = []
+        for wanted in request_ids:
+            rid = by_external.get(wanted)
+            record = self.records.pop(rid, None) if rid is not None else None
+            if record is None:
+                out.append(None)
+                continue
+            stats = self.loaded.neutral_mean is not None
+            sites, ks = record.sites, record.k
+            alert = record.spec.alert
+            out.append({
+                "data": np.ascontiguousarray(record.P[:record.length]).tobytes(),
+                "length": record.length, "prompt_len": record.prompt_len,
+                "layers": [self.loaded.layers[s] for s in sites],
+                "names": [self.loaded.names[int(k)] for k in ks],
+                "neutral_mean": self.loaded.neutral_mean[sites][:, ks].tolist() if stats else None,
+                "neutral_std": self.loaded.neutral_std[sites][:, ks].tolist() if stats else None,
+                "alert": None if alert is None or record.alert_position is None else {
+                    "emotion": alert.name, "layer": alert.layer, "z": alert.z, "tokens": alert.tokens,
+                    "position": record.alert_position, "stopped": alert.stop},
+            })
+        return out
+
+    def stats(self) -> dict:
+        return {"layers": list(self.loaded.layers), "emotions": len(self.loaded.names), "buffer_rows": self.T,
+                "slots": self.R, "slots_in_use": len(self.slots), "records": len(self.records), "steps": self.steps,
+                "recomputed_positions": self.recomputed, "host_seconds": round(self.host_seconds, 6),
+                "op_seconds": round(_OP_SECONDS[0], 6),
+                "hooks": len(self.hooks), "bank": self.loaded.config.bank_path}
+
+
+_INSTALLED: Optional[Installation] = None
+
+
+def installation() -> Optional[Installation]:
+    """This process's installation (None before the model is loaded, or when the plugin is off)."""
+    return _INSTALLED
+
+
+def install(runner, loaded) -> Installation:
+    """Put the op into ``runner``'s freshly loaded model and wrap the runner's per-step methods.
+
+    Two runners: vLLM's V1 ``GPUModelRunner`` (and its ``CPUModelRunner``), which keeps a persistent input batch
+    and calls ``_model_forward`` for real steps only; and the V2 runner (``vllm.v1.worker.gpu.model_runner``, the GPU
+    default since vLLM 0.25), which builds an ``InputBatch`` per step in ``prepare_inputs`` and keeps no
+    SamplingParams (they are read in ``add_requests``). Only the V1 path runs on CPU, so only it is tested here.
+    """
+    global _INSTALLED
+    if hasattr(runner, "_model_forward") and hasattr(runner, "input_batch"):
+        inst = _install_v1(runner, loaded)
+    elif hasattr(runner, "prepare_inputs") and hasattr(runner, "add_requests") and hasattr(runner, "req_states"):
+        inst = _install_v2(runner, loaded)
+    else:
+        raise RuntimeError(f"emokern.vllm: unsupported model runner {type(runner).__module__}."
+                           f"{type(runner).__name__} (the plugin drives vLLM's V1 and V2 GPU/CPU model runners)")
+    _INSTALLED = inst
+    logger.info("emokern.vllm: op installed at layers %s (%d vectors, %d token rows, %d steering slots)",
+                loaded.layers, inst.K, inst.T, inst.R)
+    return inst
+
+
+def _install_v1(runner, loaded) -> Installation:
+    def layout():
+        batch = runner.input_batch
+        n = batch.num_reqs
+        return (list(batch.req_ids[:n]), runner.query_start_loc.np[:n + 1], batch.num_computed_tokens_cpu[:n],
+                batch.num_prompt_tokens[:n])
+
+    def params_of(req_id):
+        return getattr(runner.requests.get(req_id), "sampling_params", None)
+
+    inst = Installation(runner, loaded, layout, params_of)
+    forward, update, sample = runner._model_forward, runner._update_states, runner.sample_tokens
+
+    def _model_forward(*args, **kwargs):
+        inst.begin_step()
+        out = forward(*args, **kwargs)
+        inst.end_step()
+        return out
+
+    def _update_states(scheduler_output):
+        inst.finish(scheduler_output.finished_req_ids)
+        return update(scheduler_output)
+
+    def sample_tokens(*args, **kwargs):
+        out = sample(*args, **kwargs)
+        if inst.stop_requests:
+            inst.end_alerted(out)
+        return out
+
+    runner._model_forward = _model_forward
+    runner._update_states = _update_states
+    runner.sample_tokens = sample_tokens
+    return inst
+
+
+def _install_v2(runner, loaded) -> Installation:
+    params: Dict[str, object] = {}
+    prompt_len: Dict[str, int] = {}
+    current = {"batch": None}
+
+    def layout():
+        batch = current["batch"]
+        n = batch.num_reqs
+        return (list(batch.req_ids[:n]), batch.query_start_loc_np[:n + 1], batch.num_computed_tokens_np[:n],
+                np.array([prompt_len.get(r, 0) for r in batch.req_ids[:n]]))
+
+    inst = Installation(runner, loaded, layout, params.get)
+    add, finish, prepare, execute = runner.add_requests, runner.finish_requests, runner.prepare_inputs, \
+        runner.execute_model
+
+    def add_requests(scheduler_output):
+        for new in scheduler_output.scheduled_new_reqs:  # a resumed (preempted) request comes back through here
+            params[new.req_id] = new.sampling_params
+            prompt_len[new.req_id] = int(new.prompt_len)
+        return add(scheduler_output)
+
+    def finish_requests(scheduler_output):
+        inst.finish(scheduler_output.finished_req_ids)  # preempted requests keep their spec, slot and record
+        for req_id in scheduler_output.finished_req_ids:
+            params.pop(req_id, None)
+            prompt_len.pop(req_id, None)
+        return finish(scheduler_output)
+
+    def prepare_inputs(*args, **kwargs):
+        batch = prepare(*args, **kwargs)
+        current["batch"] = batch
+        inst.begin_step()
+        return batch
+
+    def execute_model(*args, **kwargs):
+        out = execute(*args, **kwargs)
+        if current["batch"] is not None:
+            inst.end_step()  # a device-to-host copy of the projections, only when a monitored request ran
+            current["batch"] = None
+        return out
+
+    runner.add_requests, runner.finish_requests = add_requests, finish_requests
+    runner.prepare_inputs, runner.execute_model = prepare_inputs, execute_model
+    return inst

@@ -1,0 +1,56 @@
+"""The in-graph site op against the reference op, without an engine: projections of the residual stream h + r,
+steering of that sum written back into h at steered rows only, unsteered rows untouched bit for bit."""
+
+import math
+
+import pytest
+import torch
+
+from emokern.ops import SteeringTable, project_and_steer_ref
+from emokern.vllm import worker
+
+
+def _case(N=7, d=64, K=5, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, d, generator=g).to(dtype)
+    r = (4 * torch.randn(N, d, generator=g)).to(dtype)
+    V = torch.randn(K, d, generator=g)
+    V = (V / V.norm(dim=1, keepdim=True)).to(dtype)
+    table = SteeringTable(R=3, K=K).add(0, k=1, c=2.5).ablate(1, k=[0, 3]).clamp(2, k=2, lo=-0.5, hi=0.25)
+    row = torch.tensor([0, -1, 1, 2, -1, 1, 0] + [-1] * (N - 7), dtype=torch.int32)
+    return h, r, V, row, table
+
+
+@pytest.mark.parametrize("mode_rows", [[0], [1], [2], [0, 1, 2]])
+def test_matches_reference(mode_rows):
+    h, r, V, row, table = _case()
+    row = torch.where(torch.isin(row, torch.tensor(mode_rows, dtype=torch.int32)), row, -1)
+    s = h + r  # what the engine's next layer sees as its residual stream
+    want_s, want_P = project_and_steer_ref(s, V, row, *table, upcast=torch.float64)
+    worker._STEP["monitor"], worker._STEP["steer"] = True, [True]
+    h_out, P = h.clone(), torch.full((16, V.shape[0]), math.nan)
+    torch.ops.emokern_vllm.residual_site_(h_out, r, V, torch.cat([row, torch.full((9,), -1, dtype=torch.int32)]),
+                                          *table, P, 0)
+    torch.testing.assert_close(P[:7], want_P, rtol=1e-5, atol=1e-3)  # fp32 accumulation vs fp64
+    assert torch.isnan(P[7:]).all()  # rows past N untouched
+    steered = row >= 0
+    assert torch.equal(h_out[~steered], h[~steered])  # never written
+    # steered rows: (s' - r) + r is the steered residual stream, to bf16 rounding of the two additions
+    got_s = (h_out.float() + r.float())[steered]
+    tol = 2 * torch.finfo(torch.bfloat16).eps * s.float().abs().max()
+    assert (got_s - want_s.float()[steered]).abs().max() <= tol
+
+
+def test_projection_only_when_nothing_steered():
+    h, r, V, row, table = _case()
+    worker._STEP["monitor"], worker._STEP["steer"] = True, [False]
+    h_out, P = h.clone(), torch.zeros(7, V.shape[0])
+    torch.ops.emokern_vllm.residual_site_(h_out, r, V, row, *table, P, 0)
+    assert torch.equal(h_out, h)
+    torch.testing.assert_close(P, project_and_steer_ref(h + r, V)[1], rtol=1e-5, atol=1e-3)
+
+
+def test_buffer_too_small_is_refused():
+    h, r, V, row, table = _case()
+    with pytest.raises(RuntimeError, match="exceeds the buffers"):
+        torch.ops.emokern_vllm.residual_site_(h, r, V, row, *table, torch.zeros(3, V.shape[0]), 0)
