@@ -271,9 +271,9 @@ class PatchHandle:
             self.reserve(batch=B)
         st.batch = B
         st.pos = cache_position.reshape(-1).clamp(max=st.T_cap)
-        if self.train and torch.is_grad_enabled():
-            self._graph = {}
         self._in_graph = self.train and torch.is_grad_enabled()  # the training path writes the trace itself
+        if self._in_graph:
+            self._graph = {}
         if self.monitor and not self._in_graph:
             st.scratch = torch.empty(st.S, B * S, st.K, dtype=torch.float32, device=st.device)
             st.scratch_sites = st.scratch.unbind(0)

@@ -606,24 +606,63 @@ void transpose_widen(const T* V, int64_t d, int64_t i0, int64_t i1, int64_t k0, 
   transpose_widen_scalar(V, d, i0, i1, k0, rows, ldo, cols_out, out);
 }
 
+// V widened to fp32 (K x d), the B operand of the steering GEMM for 16-bit V, from the cache of packed operands.
+template <typename T>
+at::Tensor widened_vectors(const at::Tensor& V) {
+  const T* v = V.const_data_ptr<T>();
+  const int64_t K = V.size(0), d = V.size(1);
+  return cpu::packed_operand(V, cpu::PackKind::kWidenedF32, K * d * 4, [&](void* buf) {
+    float* v32 = static_cast<float*>(buf);
+    at::parallel_for(0, K, 16, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) widen_row(v + k * d, d, v32 + k * d);
+    });
+  });
+}
+
+// The steering half of the engines whose second GEMM is fp32 (F32Engine, Bf16DotEngine): delta rows (fp32, row
+// stride ldp) times V32, a block of columns at a time. The engines set the fields; Scratch is theirs (P, delta, D).
+struct F32Update {
+  int64_t d, K;
+  int64_t ldp;        // row stride of P and delta; also the column count of the first GEMM
+  int64_t col_block;  // columns of D computed (and written back) at a time
+  const float* V32;   // K x d: V itself, or V widened
+
+  template <typename S>
+  const float* P_row(const S& s, int64_t i) const { return s.P + i * ldp; }
+  template <typename S>
+  float* delta_row(const S& s, int64_t i) const { return s.delta + i * ldp; }
+  template <typename S>
+  void pack_delta_row(const S&, int64_t) const {}
+
+  // D[:, c0:c0+cols] of the S steered rows, as an S x cols block with row stride col_block.
+  template <typename S>
+  void update(const S& s, int64_t n, int64_t c0, int64_t cols) const {
+    cpublas::brgemm(n, cols, K, ldp, d, col_block, /*add_C=*/false, s.delta, V32 + c0, s.D);
+  }
+  template <typename S>
+  const float* D_row(const S& s, int64_t i) const { return s.D + i * col_block; }
+
+  void begin_thread() const {}
+  void finish_thread() const {}
+};
+
 // fp32 engine: P = A V^T with B = V^T (d x ldp, prepared once per call), D = delta V with B = V (K x d).
 template <typename T>
-struct F32Engine {
+struct F32Engine : F32Update {
   static constexpr bool kWiden = !std::is_same_v<T, float>;
 
   const T* h;
-  int64_t ldh, d, K;
-  int64_t ldw;        // row stride of the widened tile
-  int64_t ldp;        // row stride of P and delta; also the column count of the first GEMM
-  int64_t col_block;  // columns of D computed (and written back) at a time
+  int64_t ldh;
+  int64_t ldw;       // row stride of the widened tile
   const float* Vt;   // d x ldp
-  const float* V32;  // K x d: V itself, or V widened
   int64_t tile_rows;
 
   at::Tensor Vt_hold, V32_hold;  // keep the packed operands alive for the call
 
   F32Engine(const at::Tensor& h_, const at::Tensor& V, int64_t tile)
-      : h(h_.const_data_ptr<T>()), ldh(h_.stride(0)), d(h_.size(1)), K(V.size(0)), tile_rows(tile) {
+      : h(h_.const_data_ptr<T>()), ldh(h_.stride(0)), tile_rows(tile) {
+    d = h_.size(1);
+    K = V.size(0);
     ldw = round_up(d, 16);
     // A column count that is a multiple of the 16-lane vector width (zero-padded) made the first GEMM 15-20%
     // faster than the ragged one.
@@ -632,12 +671,7 @@ struct F32Engine {
     const T* v = V.const_data_ptr<T>();
     const int64_t d_ = d, K_ = K, ldp_ = ldp;
     if constexpr (kWiden) {
-      V32_hold = cpu::packed_operand(V, cpu::PackKind::kWidenedF32, K * d * 4, [&](void* buf) {
-        float* v32 = static_cast<float*>(buf);
-        at::parallel_for(0, K_, 16, [&](int64_t k0, int64_t k1) {
-          for (int64_t k = k0; k < k1; ++k) widen_row(v + k * d_, d_, v32 + k * d_);
-        });
-      });
+      V32_hold = widened_vectors<T>(V);
       V32 = static_cast<const float*>(V32_hold.const_data_ptr());
     } else {
       V32 = v;
@@ -693,18 +727,6 @@ struct F32Engine {
     }
   }
 
-  const float* P_row(const Scratch& s, int64_t i) const { return s.P + i * ldp; }
-  float* delta_row(const Scratch& s, int64_t i) const { return s.delta + i * ldp; }
-  void pack_delta_row(const Scratch&, int64_t) const {}
-
-  // D[:, c0:c0+cols] of the S steered rows, as an S x cols block with row stride col_block.
-  void update(const Scratch& s, int64_t S, int64_t c0, int64_t cols) const {
-    cpublas::brgemm(S, cols, K, ldp, d, col_block, /*add_C=*/false, s.delta, V32 + c0, s.D);
-  }
-  const float* D_row(const Scratch& s, int64_t i) const { return s.D + i * col_block; }
-
-  void begin_thread() const {}
-  void finish_thread() const {}
 };
 
 // AMX engine (bf16 / fp16 h), on a hand-written AMX micro-kernel: oneDNN's brgemm ukernel, as exposed by
@@ -881,22 +903,21 @@ EMOKERN_AVX512_BF16 void dpbf16_rows(int64_t m, const BFloat16* A, int64_t lda, 
   }
 }
 
-struct Bf16DotEngine {
+struct Bf16DotEngine : F32Update {
   // Only for bf16 h with an even d: the A operand is read from h in pairs, and an odd d would read past a row.
   static bool usable(const at::Tensor& h) { return cpu_has_avx512_bf16() && h.size(1) % 2 == 0; }
 
   const BFloat16* h;
-  int64_t ldh, d, K;
-  int64_t Kr;         // reduction length of the packed panels (d rounded up to 16, zero-padded)
-  int64_t ldp;        // row stride of P and delta = columns of the first GEMM, a multiple of 64
-  int64_t col_block;  // columns of D computed (and written back) at a time
+  int64_t ldh;
+  int64_t Kr;         // reduction length of the packed panels (d rounded up to 16, zero-padded); ldp: a multiple of 64
   const BFloat16* B;  // V^T in VNNI panels: element (k, n) at n/16 * Kr*16 + k/2 * 32 + n%16 * 2 + k%2
-  const float* V32;   // K x d: V widened, for the steering GEMM
   int64_t tile_rows;
   at::Tensor B_hold, V32_hold;
 
   Bf16DotEngine(const at::Tensor& h_, const at::Tensor& V, int64_t tile, bool steering)
-      : h(h_.const_data_ptr<BFloat16>()), ldh(h_.stride(0)), d(h_.size(1)), K(V.size(0)), tile_rows(tile) {
+      : h(h_.const_data_ptr<BFloat16>()), ldh(h_.stride(0)), tile_rows(tile) {
+    d = h_.size(1);
+    K = V.size(0);
     Kr = round_up(d, 16);
     ldp = round_up(K, 64);
     col_block = std::min<int64_t>(kF32ColBlock, round_up(d, 16));
@@ -916,12 +937,7 @@ struct Bf16DotEngine {
     B = static_cast<const BFloat16*>(B_hold.const_data_ptr());
     V32 = nullptr;
     if (steering) {  // the steering GEMM's operand: only packed when something may be steered
-      V32_hold = cpu::packed_operand(V, cpu::PackKind::kWidenedF32, K * d * 4, [&](void* buf) {
-        float* v32 = static_cast<float*>(buf);
-        at::parallel_for(0, K_, 16, [&](int64_t k0, int64_t k1) {
-          for (int64_t k = k0; k < k1; ++k) widen_row(v + k * d_, d_, v32 + k * d_);
-        });
-      });
+      V32_hold = widened_vectors<BFloat16>(V);
       V32 = static_cast<const float*>(V32_hold.const_data_ptr());
     }
   }
@@ -943,17 +959,6 @@ struct Bf16DotEngine {
       dpbf16_rows(t.m, h + t.n0 * ldh, ldh, B + n0 * Kr, Kr * 16, d / 2, s.P + n0, ldp);
   }
 
-  const float* P_row(const Scratch& s, int64_t i) const { return s.P + i * ldp; }
-  float* delta_row(const Scratch& s, int64_t i) const { return s.delta + i * ldp; }
-  void pack_delta_row(const Scratch&, int64_t) const {}
-
-  void update(const Scratch& s, int64_t S, int64_t c0, int64_t cols) const {
-    cpublas::brgemm(S, cols, K, ldp, d, col_block, /*add_C=*/false, s.delta, V32 + c0, s.D);
-  }
-  const float* D_row(const Scratch& s, int64_t i) const { return s.D + i * col_block; }
-
-  void begin_thread() const {}
-  void finish_thread() const {}
 };
 
 template <typename T>
