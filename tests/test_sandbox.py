@@ -23,6 +23,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tracemalloc
 import warnings
@@ -144,6 +145,15 @@ def host_places(tmp_path):
             path.unlink()
     if created is not None:
         shutil.rmtree(created, ignore_errors=True)
+
+
+@pytest.fixture
+def world_readable_dir():
+    """A fresh directory that the sandbox's unprivileged uid can enter (pytest's tmp_path is root's alone)."""
+    path = Path(tempfile.mkdtemp(prefix="emokern-test-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _host_unchanged(places: dict) -> None:
@@ -430,8 +440,8 @@ def test_connecting_to_a_server_on_the_hosts_loopback_fails(wall):
             f"    s.sendto(b'escaped', ('127.0.0.1', {udp.getsockname()[1]}))\n"
             f"attempt('udp', send)\n")
         result = run_in_sandbox({"main.py": code}, "main", timeout_s=5, **WALLS[wall])
-        # the kernel: the sandbox's own loopback has no such server (a datagram is sent, to nobody)
-        _check_refused(result, wall, ["tcp"], {errno.ECONNREFUSED, errno.ENETUNREACH},
+        # the kernel: seccomp refuses an AF_INET socket (and the sandbox's own loopback has no such server)
+        _check_refused(result, wall, ["tcp", "udp"], {errno.EAFNOSUPPORT},
                        events=["socket.getaddrinfo", "socket.__new__"])
         if wall in GUARDED:
             assert _outcomes(result)["udp"][:2] == ("refused", "PermissionError")
@@ -500,11 +510,11 @@ def test_proc_mem_and_the_parents_proc_entries_are_out_of_reach(wall):
         _check_refused(result, wall, ["self_mem", "parent_mem", "parent_environ", "host_environ", "host_cwd"], set(),
                        events=["open('/proc/self/mem'", f"open('/proc/{host}/environ'", f"os.listdir('/proc/{host}"])
     else:
-        # its own memory is its own business; the parent is outside the PID namespace (getppid() is 0), and no
-        # host process has an entry in the sandbox's /proc
+        # the parent is outside the PID namespace (getppid() is 0), and the sandbox has no /proc at all: not even
+        # its own memory is reachable through it
         assert "PARENT 0\n" in result.stdout
-        assert found["self_mem"] == ("ALLOWED", None, None)
-        _check_refused(result, wall, ["parent_mem", "parent_environ", "host_environ", "host_cwd"], {errno.ENOENT})
+        _check_refused(result, wall, ["self_mem", "parent_mem", "parent_environ", "host_environ", "host_cwd"],
+                       {errno.ENOENT})
     assert "PATH=" not in result.stdout
 
 
@@ -548,6 +558,8 @@ def test_without_seccomp_the_pid_namespace_still_ends_every_process(monkeypatch)
     """The PID namespace on its own: with the filter taken away, a process that forks, leaves the session and sleeps
     is gone after the timeout (where fork works at all: as root; else RLIMIT_NPROC refuses it)."""
     monkeypatch.setattr(sb, "seccomp_filter", lambda: None)
+    real = sb._rlimits
+    monkeypatch.setattr(sb, "_rlimits", lambda program: {k: v for k, v in real(program).items() if k != "RLIMIT_NPROC"})
     marker = f"emokern-pidns-{os.getpid()}"
     code = ("import os, sys, time\n"
             "if os.fork() == 0:\n"
@@ -558,8 +570,7 @@ def test_without_seccomp_the_pid_namespace_still_ends_every_process(monkeypatch)
             "while True:\n    pass\n")
     result = run_in_sandbox({"main.py": code}, "main", args=[marker], timeout_s=1, **WALLS["kernel-only"])
     assert result.timed_out
-    if os.geteuid() == 0:
-        assert result.stdout == "forked\n"
+    assert result.stdout == "forked\n"
     time.sleep(0.2)
     assert _processes_with(marker) == []
 
@@ -643,11 +654,12 @@ def test_no_host_file_descriptor_reaches_the_sandbox():
     leak = open(__file__, "rb")  # an open file of the host process
     try:
         os.set_inheritable(leak.fileno(), True)
-        code = "import os\nprint(sorted(int(fd) for fd in os.listdir('/proc/self/fd')))\n"
+        code = ("import os\nfds = []\nfor fd in range(1024):\n    try:\n        os.fstat(fd)\n"
+                "    except OSError:\n        continue\n    fds.append(fd)\nprint(fds)\n")
         result = run_in_sandbox({"main.py": code}, "main", timeout_s=5, **WALLS["kernel-only"])
         fds = ast.literal_eval(result.stdout)
-        # stdin, stdout, stderr, the guard's report pipe, and the listing's own descriptor
-        assert len(fds) == 5 and fds[:3] == [0, 1, 2], fds
+        # stdin, stdout, stderr and the guard's report pipe (the report key's pipe is closed before the code runs)
+        assert len(fds) == 4 and fds[:3] == [0, 1, 2], fds
     finally:
         leak.close()
 
@@ -676,7 +688,8 @@ def test_no_bubblewrap_is_refused_with_what_to_install(monkeypatch, tmp_path):
     # a bubblewrap older than 0.8
     ("bwrap: Unknown option --disable-userns", "bubblewrap 0.8 or later"),
 ])
-def test_a_bwrap_that_cannot_set_up_is_refused_with_what_to_do(monkeypatch, tmp_path, says, hint):
+def test_a_bwrap_that_cannot_set_up_is_refused_with_what_to_do(monkeypatch, world_readable_dir, says, hint):
+    tmp_path = world_readable_dir
     fake = tmp_path / "bwrap"
     fake.write_text(f"#!/bin/sh\necho '{says}' >&2\nexit 1\n")
     fake.chmod(0o755)
@@ -709,7 +722,9 @@ def test_check_isolation_records_the_level_and_the_probe(level):
         assert record["seccomp"] is None or "clone" in record["seccomp"]["denied"]
         assert not any(p == str(Path.home()) or p.startswith(str(Path(emokern.__file__).resolve().parents[1]))
                        for p in record["read_only"])
-        assert "ConnectionRefused" in record["probe"]["network"] or "Unreachable" in record["probe"]["network"]
+        assert "Address family not supported" in record["probe"]["network"]  # seccomp: no AF_INET socket
+        assert record["host_uid"] != 0 and record["proc"] is None
+        assert record["seccomp"] is None or record["seccomp"]["socket_families"] == ["AF_UNIX"]
     else:
         assert "not a security boundary" in record["warning"]
         assert all("PermissionError: sandbox:" in v for v in record["probe"].values())
@@ -721,6 +736,10 @@ def test_check_isolation_records_the_level_and_the_probe(level):
     (["--bind", tempfile.gettempdir(), tempfile.gettempdir()], "created"),
 ])
 def test_the_probe_finds_a_hole(monkeypatch, hole, found):
+    """Each wall taken away on its own is found by the probe (the network namespace needs the socket filter gone
+    too: with it, no AF_INET socket is made at all)."""
+    if hole == ["--share-net"]:
+        monkeypatch.setattr(sb, "seccomp_filter", lambda: None)
     real = bw._bwrap_arguments
 
     def with_hole(*args):
@@ -735,9 +754,9 @@ def test_the_probe_finds_a_hole(monkeypatch, hole, found):
     assert not list(Path(tempfile.gettempdir()).glob("emokern-probe-*/escaped.txt"))
 
 
-def _run_bpf(program: bytes, arch: int, nr: int) -> int:
-    """Evaluate the filter's classic BPF on ``seccomp_data`` {nr, arch} (the four instructions it uses)."""
-    data = struct.pack("=II", nr, arch)
+def _run_bpf(program: bytes, arch: int, nr: int, arg0: int = 0) -> int:
+    """Evaluate the filter's classic BPF on ``seccomp_data`` {nr, arch, ip, args} (the four instructions it uses)."""
+    data = struct.pack("=IIQ6Q", nr, arch, 0, arg0, 0, 0, 0, 0, 0)
     pc, acc = 0, 0
     ops = [struct.unpack("=HBBI", program[i:i + 8]) for i in range(0, len(program), 8)]
     while True:
@@ -761,8 +780,15 @@ def test_the_seccomp_program_refuses_the_listed_calls_and_allows_the_rest(monkey
     program = bw.seccomp_filter()
     audit_arch, column = bw._SECCOMP_ARCHES[arch]
     denied = {row[column] for row in bw._DENIED_SYSCALLS.values() if row[column] is not None}
+    sockets = {row[column] for row in bw._SOCKET_SYSCALLS.values()}
     for nr in range(460):
-        assert _run_bpf(program, audit_arch, nr) == (0x00050001 if nr in denied else 0x7FFF0000), nr
+        expected = 0x00050001 if nr in denied else 0x00050000 | errno.EAFNOSUPPORT if nr in sockets else 0x7FFF0000
+        assert _run_bpf(program, audit_arch, nr, arg0=socket.AF_INET) == expected, nr
+    for nr in sockets:
+        assert _run_bpf(program, audit_arch, nr, arg0=socket.AF_UNIX) == 0x7FFF0000
+        for family in (socket.AF_INET6, 40, socket.AF_NETLINK, socket.AF_PACKET, 0, 255):  # 40: AF_VSOCK
+            assert _run_bpf(program, audit_arch, nr, arg0=family) == 0x00050000 | errno.EAFNOSUPPORT, family
+        assert _run_bpf(program, audit_arch, nr, arg0=(1 << 32) | socket.AF_INET) == 0x00050000 | errno.EAFNOSUPPORT
     other = next(a for a, _ in bw._SECCOMP_ARCHES.values() if a != audit_arch)
     assert _run_bpf(program, other, 0) == 0x80000000  # another ABI is killed
     assert _run_bpf(program, 0x40000003, 0) == 0x80000000  # i386
@@ -777,7 +803,7 @@ def test_the_syscall_table_matches_libseccomp():
     lib = ctypes.CDLL(name)
     lib.seccomp_syscall_resolve_name_arch.argtypes = [ctypes.c_uint32, ctypes.c_char_p]
     for arch, (audit_arch, column) in bw._SECCOMP_ARCHES.items():
-        for call, row in bw._DENIED_SYSCALLS.items():
+        for call, row in {**bw._DENIED_SYSCALLS, **bw._SOCKET_SYSCALLS}.items():
             number = lib.seccomp_syscall_resolve_name_arch(audit_arch, call.encode())
             assert (number if number >= 0 else None) == row[column], (arch, call, number)
 
@@ -791,3 +817,263 @@ def test_bwrap_runs_the_base_interpreter_and_mounts_no_home_project_or_venv():
     for path in mounted:
         assert not path.startswith(sys.prefix + "/") or sys.prefix == sys.base_prefix, path  # nothing of a venv
         assert path != str(Path.home()) and path != checkout
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Host root, leftovers, socket families, the report (each at the kernel-only wall and at the default level; where a
+# fix can be taken away in a test, the attack is also shown to get through without it)
+# ----------------------------------------------------------------------------------------------------------------------
+
+KERNEL_WALLS = ["bwrap", "kernel-only"]
+CORE_PATTERN = Path("/proc/sys/kernel/core_pattern")
+# the sysctls the escape used, and other global knobs; opened for writing only, never written
+KNOBS = {"core_pattern": "/proc/sys/kernel/core_pattern", "drop_caches": "/proc/sys/vm/drop_caches",
+         "panic": "/proc/sys/kernel/panic", "hostname": "/proc/sys/kernel/hostname",
+         "ip_forward": "/proc/sys/net/ipv4/ip_forward", "sysrq": "/proc/sysrq-trigger",
+         "uevent_helper": "/sys/kernel/uevent_helper", "modprobe": "/proc/sys/kernel/modprobe"}
+
+
+@pytest.fixture(params=KERNEL_WALLS)
+def kernel_wall(request) -> str:
+    return request.param
+
+
+def _open_for_writing_program(knobs: dict) -> str:
+    return ATTEMPT + "".join(f"attempt({name!r}, lambda: os.close(os.open({path!r}, os.O_WRONLY)))\n"
+                             for name, path in knobs.items())
+
+
+def test_no_kernel_knob_can_be_opened_for_writing_and_the_hosts_core_pattern_is_unchanged(kernel_wall):
+    before = CORE_PATTERN.read_text()
+    result = run_in_sandbox({"main.py": _open_for_writing_program(KNOBS)}, "main", timeout_s=5, **WALLS[kernel_wall])
+    # no /proc and no /sys in the sandbox: the knobs are not there to open
+    _check_refused(result, kernel_wall, list(KNOBS), {errno.ENOENT}, events=["open('/proc/sys/kernel/core_pattern'"])
+    assert CORE_PATTERN.read_text() == before
+
+
+def test_mounting_a_proc_of_its_own_is_refused():
+    code = ATTEMPT + ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                      "def mount_proc():\n"
+                      "    if libc.mount(b'proc', b'/sandbox', b'proc', 0, None) == -1:\n"
+                      "        raise OSError(ctypes.get_errno(), 'mount')\n"
+                      "attempt('mount_proc', mount_proc)\n")
+    result = run_in_sandbox({"main.py": code}, "main", timeout_s=5, **WALLS["kernel-only"])
+    _check_refused(result, "kernel-only", ["mount_proc"], {errno.EPERM})
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the fix is for a caller that is root")
+def test_with_a_proc_and_no_uid_drop_the_knobs_open_for_writing(monkeypatch):
+    """The fix taken away (bwrap started by root, a /proc mounted): core_pattern opens for writing from inside (it is
+    closed again without a write). With the fix, the test above finds nothing to open."""
+    real = bw._bwrap_arguments
+    monkeypatch.setattr(sb, "runs_as_root", lambda: False)
+    monkeypatch.setattr(bw, "runs_as_root", lambda: False)
+    monkeypatch.setattr(sb, "_bwrap_arguments", lambda *a: ["--proc", "/proc"] + real(*a))
+    before = CORE_PATTERN.read_text()
+    result = run_in_sandbox({"main.py": _open_for_writing_program({"core_pattern": KNOBS["core_pattern"]})}, "main",
+                            timeout_s=5, **WALLS["kernel-only"])
+    assert _outcomes(result)["core_pattern"] == ("ALLOWED", None, None)
+    assert result.host_uid == 0
+    assert CORE_PATTERN.read_text() == before
+
+
+def _uid_seen_by_the_host(marker: str, run) -> tuple:
+    """Run ``run()`` in a thread and read the real uid of the host process whose command line holds ``marker``."""
+    box = {}
+    thread = threading.Thread(target=lambda: box.setdefault("result", run()))
+    thread.start()
+    uid = None
+    try:
+        for _ in range(100):
+            found = [pid for pid in _processes_with(marker)  # the interpreter, not the launcher or bwrap
+                     if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] == bw._interpreter().encode()]
+            if found:
+                uid = sb._host_uid(found[0])
+                if uid is not None:
+                    break
+            time.sleep(0.05)
+    finally:
+        thread.join()
+    return uid, box["result"]
+
+
+def test_the_host_sees_the_sandboxed_process_as_an_unprivileged_uid(kernel_wall):
+    marker = f"emokern-uid-{os.getpid()}-{kernel_wall}"
+    code = "import os, sys, time\nprint(os.getuid(), os.geteuid())\ntime.sleep(1.5)\n"
+    uid, result = _uid_seen_by_the_host(marker, lambda: run_in_sandbox(
+        {"main.py": code}, "main", args=[marker], timeout_s=10, **WALLS[kernel_wall]))
+    expected = bw.SANDBOX_UID if os.geteuid() == 0 else os.geteuid()
+    assert uid == expected and result.host_uid == expected and uid != 0
+    assert result.stdout == f"{expected} {expected}\n"  # and the same inside: its uid 0 is nobody's
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the fix is for a caller that is root")
+def test_without_the_uid_drop_the_sandbox_runs_as_host_root(monkeypatch):
+    monkeypatch.setattr(sb, "runs_as_root", lambda: False)
+    monkeypatch.setattr(bw, "runs_as_root", lambda: False)
+    marker = f"emokern-uid-reverted-{os.getpid()}"
+    uid, result = _uid_seen_by_the_host(marker, lambda: run_in_sandbox(
+        {"main.py": "import time\ntime.sleep(1.5)\n"}, "main", args=[marker], timeout_s=10, **WALLS["kernel-only"]))
+    assert uid == 0 and result.host_uid == 0
+
+
+SOCKET_FAMILIES = {"inet": socket.AF_INET, "inet6": socket.AF_INET6, "vsock": 40, "netlink": socket.AF_NETLINK,
+                   "packet": socket.AF_PACKET, "alg": 38, "bluetooth": 31}
+
+
+def _socket_program(families: dict) -> str:
+    return ATTEMPT + "import socket\n" + "".join(
+        f"attempt({name!r}, lambda: socket.socket({family}, socket.SOCK_DGRAM if {family} == 16 else "
+        f"socket.SOCK_RAW if {family} == 17 else socket.SOCK_SEQPACKET if {family} == 38 else socket.SOCK_STREAM))\n"
+        for name, family in families.items()) + "attempt('unix', lambda: socket.socketpair())\n"
+
+
+def test_only_unix_sockets_can_be_made(kernel_wall):
+    result = run_in_sandbox({"main.py": _socket_program(SOCKET_FAMILIES)}, "main", timeout_s=5, **WALLS[kernel_wall])
+    _check_refused(result, kernel_wall, list(SOCKET_FAMILIES), {errno.EAFNOSUPPORT}, events=["socket.__new__"])
+    if kernel_wall == "kernel-only":
+        assert _outcomes(result)["unix"] == ("ALLOWED", None, None)
+
+
+def test_without_the_socket_rule_a_vsock_socket_is_made(monkeypatch):
+    monkeypatch.setattr(bw, "_SOCKET_SYSCALLS", {})
+    result = run_in_sandbox({"main.py": _socket_program({"vsock": 40})}, "main", timeout_s=5, **WALLS["kernel-only"])
+    assert _outcomes(result)["vsock"] == ("ALLOWED", None, None)
+
+
+def test_a_unix_socket_of_the_host_is_out_of_reach():
+    """An abstract AF_UNIX socket belongs to a network namespace: the host's is not the sandbox's."""
+    name = f"\0emokern-abstract-{os.getpid()}"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        server.bind(name)
+        server.listen(1)
+        server.setblocking(False)
+        code = ATTEMPT + (f"import socket\n"
+                          f"attempt('abstract', lambda: socket.socket(socket.AF_UNIX).connect({name!r}))\n")
+        result = run_in_sandbox({"main.py": code}, "main", timeout_s=5, **WALLS["kernel-only"])
+        _check_refused(result, "kernel-only", ["abstract"], {errno.ECONNREFUSED})
+        with pytest.raises(BlockingIOError):
+            server.accept()
+    finally:
+        server.close()
+
+
+_ORPHAN = ATTEMPT + '''import time
+def reset_parent_death_signal():
+    import ctypes
+    if ctypes.CDLL(None, use_errno=True).prctl(1, 0, 0, 0, 0) != 0:  # PR_SET_PDEATHSIG, 0
+        raise OSError(ctypes.get_errno(), "prctl")
+attempt("pdeathsig", reset_parent_death_signal)
+while True:
+    time.sleep(0.05)
+'''
+
+
+def test_a_process_that_resets_its_parent_death_signal_does_not_outlive_the_run(kernel_wall):
+    marker = f"emokern-orphan-{os.getpid()}-{kernel_wall}"
+    start = time.monotonic()
+    result = run_in_sandbox({"main.py": _ORPHAN}, "main", args=[marker], timeout_s=2, **WALLS[kernel_wall])
+    elapsed = time.monotonic() - start
+    assert result.timed_out and elapsed < 3.0, elapsed  # within the timeout + 1 s
+    if kernel_wall == "kernel-only":
+        assert _outcomes(result)["pdeathsig"] == ("ALLOWED", None, None)
+    time.sleep(0.2)
+    assert _processes_with(marker) == []
+
+
+def test_without_the_kill_of_the_namespace_the_orphan_survives(monkeypatch):
+    """The fix taken away (the sandbox's PID 1 not killed through its pidfd): the bwrap launcher dies at the timeout,
+    the process that reset its parent-death signal lives on as an orphan (killed here by the test)."""
+    def read_without_a_pidfd(self):
+        while os.read(self.fd, 4096):
+            pass
+        os.close(self.fd)
+
+    monkeypatch.setattr(sb._ChildInfo, "run", read_without_a_pidfd)
+    marker = f"emokern-orphan-reverted-{os.getpid()}"
+    try:
+        run_in_sandbox({"main.py": _ORPHAN}, "main", args=[marker], timeout_s=1, **WALLS["kernel-only"])
+        time.sleep(0.3)
+        assert _processes_with(marker) != []
+    finally:
+        for pid in _processes_with(marker):
+            os.kill(pid, 9)
+
+
+def test_memory_beyond_the_address_space_limit_is_refused():
+    """memfds, System V shared memory and POSIX message queues hold memory that RLIMIT_AS does not count: seccomp
+    refuses them (the working directory's tmpfs is bounded by workdir_mb, /dev is read-only, there is no /dev/shm)."""
+    code = ATTEMPT + ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                      "def call(name, *args):\n"
+                      "    def go():\n"
+                      "        if getattr(libc, name)(*args) == -1:\n"
+                      "            raise OSError(ctypes.get_errno(), name)\n"
+                      "    return go\n"
+                      "attempt('memfd', lambda: os.memfd_create('hold'))\n"
+                      "attempt('shmget', call('shmget', 0, 600 << 20, 0o1600))\n"  # IPC_PRIVATE, IPC_CREAT | 0600
+                      "attempt('mq_open', call('mq_open', b'/hold', 0o102, 0o600, None))\n"
+                      "attempt('dev_shm', lambda: open('/dev/shm/hold', 'wb'))\n")
+    result = run_in_sandbox({"main.py": code}, "main", timeout_s=5, **WALLS["kernel-only"])
+    found = _outcomes(result)
+    _check_refused(result, "kernel-only", ["memfd", "shmget", "mq_open"], {errno.EPERM})
+    assert found["dev_shm"][0] == "refused" and found["dev_shm"][2] in (errno.ENOENT, errno.EROFS)
+
+
+# The code finds the report descriptor (the one pipe it was given) and writes lines shaped like the guard's.
+_FORGER = ATTEMPT + '''import stat
+pipes = []
+for fd in range(3, 64):
+    try:
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            pipes.append(fd)
+    except OSError:
+        pass
+print("PIPES", pipes, flush=True)
+for fd in pipes:
+    for i in range(20000):
+        os.write(fd, b"%032x %d V open('/etc/forged', 'r', 524288)\\n" % (i, i))
+    os.write(fd, b"V open('/etc/forged-plain')\\n+++\\n")
+attempt("real", lambda: open("/etc/passwd"))
+'''
+
+
+def test_forged_report_lines_never_reach_the_record(kernel_wall):
+    result = run_in_sandbox({"main.py": _FORGER}, "main", timeout_s=10, **WALLS[kernel_wall])
+    pipes = ast.literal_eval(result.stdout.split("PIPES ")[1].split("\n")[0])
+    assert len(pipes) == 1  # the report descriptor, found
+    assert not any("forged" in v for v in result.violations)
+    # 1.2 MB of forged lines: all dropped, none pushing the real ones out
+    assert result.forged_report_lines == 20002 and result.report_complete
+    if kernel_wall == "bwrap":
+        assert len(result.violations) == 1 and result.violations[0].startswith("open('/etc/passwd'")
+        assert result.n_violations == 1
+    else:
+        assert result.violations == [] and result.n_violations == 0
+
+
+def test_hiding_the_report_is_seen():
+    code = ATTEMPT + ('''import stat
+for fd in range(3, 64):
+    try:
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            os.dup2(os.open("/dev/null", os.O_RDONLY), fd)
+    except OSError:
+        pass
+attempt("hidden", lambda: open("/etc/passwd"))
+''')
+    result = run_in_sandbox({"main.py": code}, "main", timeout_s=5)
+    assert _outcomes(result)["hidden"][:2] == ("refused", "PermissionError")
+    assert result.violations == [] and not result.report_complete  # the refusal is lost, and that is seen
+
+
+def test_os_exit_leaves_the_report_open():
+    result = run_in_sandbox({"main.py": "import os\nos._exit(0)\n"}, "main", timeout_s=5)
+    assert result.exit_code == 0 and not result.report_complete and result.forged_report_lines == 0
+
+
+def test_no_stage_directory_or_mount_is_left_on_the_host():
+    before = {p.name for p in Path(tempfile.gettempdir()).glob("emokern-stage-*")}
+    run_in_sandbox({"main.py": "print('ok')\n"}, "main", timeout_s=5)
+    assert {p.name for p in Path(tempfile.gettempdir()).glob("emokern-stage-*")} <= before
+    assert "emokern-stage" not in Path("/proc/self/mounts").read_text()

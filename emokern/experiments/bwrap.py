@@ -55,7 +55,8 @@ import sys
 import sysconfig
 from typing import Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["SANDBOXES", "WORKDIR", "SandboxUnavailable", "sandbox_info", "seccomp_filter"]
+__all__ = ["SANDBOXES", "SANDBOX_GID", "SANDBOX_UID", "WORKDIR", "SandboxUnavailable", "launch_command",
+           "runs_as_root", "sandbox_info", "seccomp_filter"]
 
 SANDBOXES = ("bwrap", "python-guard")  # the isolation levels, strongest first
 WORKDIR = "/sandbox"  # the working directory inside bwrap's mount namespace
@@ -96,13 +97,26 @@ _DENIED_SYSCALLS: Dict[str, Tuple[int, Optional[int]]] = {
     "bpf": (321, 280), "perf_event_open": (298, 241), "userfaultfd": (323, 282),
     "io_uring_setup": (425, 425), "io_uring_enter": (426, 426), "io_uring_register": (427, 427),
     "personality": (135, 92),
+    # memory that RLIMIT_AS does not count (an unmapped memfd, a detached System V segment, a message queue)
+    "memfd_create": (319, 279), "memfd_secret": (447, 447), "shmget": (29, 194), "shmat": (30, 196),
+    "msgget": (68, 186), "semget": (64, 190), "mq_open": (240, 180),
+    # the kernel's log (an information leak where dmesg_restrict is off)
+    "syslog": (103, 116),
 }
+# socket() and socketpair() are allowed for AF_UNIX only (the network namespace does not cover every family: AF_VSOCK
+# reaches the hypervisor, AF_NETLINK and AF_PACKET the kernel); every other family gets EAFNOSUPPORT.
+_SOCKET_SYSCALLS: Dict[str, Tuple[int, int]] = {"socket": (41, 198), "socketpair": (53, 199)}
+_AF_UNIX = 1
+_EAFNOSUPPORT = 97
 # architecture -> (AUDIT_ARCH_* value seccomp reports, column of _DENIED_SYSCALLS)
 _SECCOMP_ARCHES = {"x86_64": (0xC000003E, 0), "aarch64": (0xC00000B7, 1)}
 _X32_SYSCALL_BIT = 0x40000000
 _BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_JGE_K, _BPF_RET_K = 0x20, 0x15, 0x35, 0x06
 _SECCOMP_RET_KILL_PROCESS, _SECCOMP_RET_ERRNO, _SECCOMP_RET_ALLOW = 0x80000000, 0x00050000, 0x7FFF0000
 _EPERM = 1
+# offsets in struct seccomp_data: nr (u32), arch (u32), instruction_pointer (u64), args[6] (u64 each); the low half
+# of args[0] on a little-endian machine (both architectures of the table are)
+_DATA_NR, _DATA_ARCH, _DATA_ARG0_LOW = 0, 4, 16
 
 
 def _seccomp_arch() -> Optional[str]:
@@ -113,29 +127,48 @@ def _seccomp_arch() -> Optional[str]:
 
 def seccomp_filter() -> Optional[bytes]:
     """The seccomp program ``bwrap --seccomp`` loads: classic BPF (``struct sock_filter[]`` in this machine's byte
-    order) that kills a system call of another ABI, refuses those of ``_DENIED_SYSCALLS`` with ``EPERM`` and allows
-    the rest. None on an architecture without a table here (see :func:`sandbox_info`)."""
+    order) that kills a system call of another ABI, refuses those of ``_DENIED_SYSCALLS`` with ``EPERM``, lets
+    ``socket``/``socketpair`` create ``AF_UNIX`` sockets only (any other family: ``EAFNOSUPPORT``) and allows the
+    rest. None on an architecture without a table here (see :func:`sandbox_info`)."""
     arch = _seccomp_arch()
     if arch is None:
         return None
     audit_arch, column = _SECCOMP_ARCHES[arch]
-    numbers = sorted({row[column] for row in _DENIED_SYSCALLS.values() if row[column] is not None})
-
-    def op(code: int, jt: int, jf: int, k: int) -> bytes:
-        return struct.pack("=HBBI", code, jt, jf, k)
-
-    n = len(numbers)
-    program = [op(_BPF_LD_W_ABS, 0, 0, 4),  # seccomp_data.arch
-               op(_BPF_JEQ_K, 1, 0, audit_arch),
-               op(_BPF_RET_K, 0, 0, _SECCOMP_RET_KILL_PROCESS),  # another ABI: its numbers mean other calls
-               op(_BPF_LD_W_ABS, 0, 0, 0)]  # seccomp_data.nr
+    denied = sorted({row[column] for row in _DENIED_SYSCALLS.values() if row[column] is not None})
+    sockets = sorted(row[column] for row in _SOCKET_SYSCALLS.values())
+    # (code, true target, false target, k): a target is a label, resolved to a relative jump below
+    program: List[Tuple[int, object, object, int]] = [
+        (_BPF_LD_W_ABS, None, None, _DATA_ARCH),
+        (_BPF_JEQ_K, "next", "kill", audit_arch),
+        (_BPF_LD_W_ABS, None, None, _DATA_NR)]
     if arch == "x86_64":
         # the x32 ABI shares AUDIT_ARCH_X86_64, with this bit set in the number: refuse all of it
-        program.append(op(_BPF_JGE_K, n + 1, 0, _X32_SYSCALL_BIT))
-    # compare i jumps over the n - 1 - i compares after it and the ALLOW to the ERRNO at the end
-    program += [op(_BPF_JEQ_K, n - i, 0, nr) for i, nr in enumerate(numbers)]
-    program += [op(_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW), op(_BPF_RET_K, 0, 0, _SECCOMP_RET_ERRNO | _EPERM)]
-    return b"".join(program)
+        program.append((_BPF_JGE_K, "deny", "next", _X32_SYSCALL_BIT))
+    program += [(_BPF_JEQ_K, "family", "next", nr) for nr in sockets]
+    program += [(_BPF_JEQ_K, "deny", "next", nr) for nr in denied]
+    program += [(_BPF_RET_K, None, None, _SECCOMP_RET_ALLOW),
+                ("family", _BPF_LD_W_ABS, None, None, _DATA_ARG0_LOW),
+                (_BPF_JEQ_K, "allow", "no_family", _AF_UNIX),
+                ("allow", _BPF_RET_K, None, None, _SECCOMP_RET_ALLOW),
+                ("no_family", _BPF_RET_K, None, None, _SECCOMP_RET_ERRNO | _EAFNOSUPPORT),
+                ("deny", _BPF_RET_K, None, None, _SECCOMP_RET_ERRNO | _EPERM),
+                ("kill", _BPF_RET_K, None, None, _SECCOMP_RET_KILL_PROCESS)]
+    labels = {}
+    rows = []
+    for i, row in enumerate(program):
+        if isinstance(row[0], str):
+            labels[row[0]] = i
+            row = row[1:]
+        rows.append(row)
+
+    def jump(target, at: int) -> int:
+        if target is None or target == "next":
+            return 0
+        offset = labels[target] - at - 1
+        assert 0 <= offset < 256, (target, offset)  # classic BPF jumps forward by at most 255
+        return offset
+
+    return b"".join(struct.pack("=HBBI", code, jump(jt, i), jump(jf, i), k) for i, (code, jt, jf, k) in enumerate(rows))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -195,9 +228,14 @@ def _bwrap_version(path: str) -> str:
     return out.stdout.strip() or out.stderr.strip()
 
 
-def _bwrap_arguments(files: Sequence[Tuple[int, str]], seccomp_fd: Optional[int], workdir_mb: float) -> List[str]:
+def _bwrap_arguments(files: Sequence[Tuple[int, str]], seccomp_fd: Optional[int], workdir_mb: float,
+                     info_fd: Optional[int] = None, sources: Optional[Dict[str, str]] = None) -> List[str]:
     """bwrap's options (everything before ``--``): ``files`` are ``(readable fd, relative name)`` copied into the
-    working directory; ``seccomp_fd`` reads the program of :func:`seccomp_filter`, None for no filter."""
+    working directory; ``seccomp_fd`` reads the program of :func:`seccomp_filter`, None for no filter;
+    ``info_fd`` receives bwrap's JSON ``{"child-pid": ...}`` (the sandbox's PID 1 as the host numbers it);
+    ``sources`` maps a path of :func:`_python_paths` to where bwrap finds it (the staged copy of
+    :func:`launch_command` when run as root), by default the path itself."""
+    sources = sources or {}
     args = ["--unshare-all", "--unshare-user", "--disable-userns", "--cap-drop", "ALL", "--as-pid-1",
             "--die-with-parent", "--new-session", "--hostname", "sandbox"]
     for path in _SYSTEM_LIBRARY_DIRS:
@@ -206,17 +244,75 @@ def _bwrap_arguments(files: Sequence[Tuple[int, str]], seccomp_fd: Optional[int]
         elif os.path.isdir(path):
             args += ["--ro-bind", path, path]
     for path in _python_paths():
-        args += ["--ro-bind", path, path]
+        args += ["--ro-bind", sources.get(path, path), path]
     # the loader's cache of library locations (a file of paths), for a libpython outside the default directories
     args += ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache"]
-    args += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev"]
+    # No /proc: the interpreter does not need it, and a procfs holds the kernel's writable knobs (/proc/sys) and the
+    # process's own memory (/proc/self/mem), which an audit-hook bypass would use first.
+    args += ["--dev", "/dev", "--remount-ro", "/dev"]
     args += ["--perms", "0700", "--size", str(int(workdir_mb * (1 << 20))), "--tmpfs", WORKDIR]
     for fd, name in files:
         args += ["--file", str(fd), f"{WORKDIR}/{name}"]
     args += ["--remount-ro", "/", "--chdir", WORKDIR]
     if seccomp_fd is not None:
         args += ["--seccomp", str(seccomp_fd)]
+    if info_fd is not None:
+        args += ["--info-fd", str(info_fd)]
     return args
+
+
+# The uid and gid the sandbox runs as on the host when the caller is root ("nobody" on Debian and most
+# distributions). bwrap started by root maps the sandbox's uid 0 to the host's root, whose global knobs (sysctls,
+# core_pattern) no capability drop protects; started as this uid, it makes an unprivileged user namespace whose every
+# id is this one on the host.
+SANDBOX_UID = SANDBOX_GID = 65534
+_NEEDS_UTIL_LINUX = ("running as root, the sandbox drops to uid 65534 with util-linux's unshare, mount and setpriv "
+                     "(Debian: apt-get install util-linux mount)")
+
+# Run as root before dropping to SANDBOX_UID (argv: stage dir, n, n source paths, then the command): in a private
+# mount namespace of its own, a small tmpfs on the stage directory gets a read-only bind of each source at
+# "<stage>/<i>", so that bwrap, started as an unprivileged user, can bind paths that only root can reach (a Python
+# installed under /root). Nothing is mounted in the host's namespace; the stage directory stays empty there.
+_STAGE_SCRIPT = r"""
+set -eu
+stage=$1; n=$2; shift 2
+mount -t tmpfs -o mode=0755,size=64k emokern-stage "$stage"
+i=0
+while [ "$i" -lt "$n" ]; do
+    if [ -d "$1" ]; then mkdir "$stage/$i"; else : > "$stage/$i"; fi
+    mount --bind "$1" "$stage/$i"
+    mount -o remount,bind,ro "$stage/$i"
+    shift; i=$((i + 1))
+done
+exec "$@"
+"""
+
+
+def runs_as_root() -> bool:
+    """The caller is root, so :func:`launch_command` drops to :data:`SANDBOX_UID` before starting bwrap."""
+    return os.geteuid() == 0
+
+
+def launch_command(bwrap: str, options_for, command: Sequence[str], stage_dir: Optional[str]) -> List[str]:
+    """The host command that starts ``bwrap options -- command``: as is for an unprivileged caller; for root, inside
+    a private mount namespace that stages the Python installation (``_STAGE_SCRIPT``) and then drops to
+    :data:`SANDBOX_UID` with ``setpriv`` (no supplementary groups, no capabilities, ``no_new_privs``).
+
+    ``options_for(sources)`` builds bwrap's options given where the Python paths are found (see
+    :func:`_bwrap_arguments`); ``stage_dir`` is an empty directory the caller made and removes (root only)."""
+    if not runs_as_root():
+        return [bwrap, *options_for({}), "--", *command]
+    tools = {name: shutil.which(name, path="/usr/bin:/bin:/usr/sbin:/sbin") for name in ("unshare", "setpriv", "sh")}
+    missing = [name for name, path in tools.items() if path is None]
+    if missing or stage_dir is None:
+        raise SandboxUnavailable(f"sandbox='bwrap': {', '.join(missing) or 'a stage directory'} not found; "
+                                 f"{_NEEDS_UTIL_LINUX}")
+    paths = list(_python_paths())
+    sources = {path: f"{stage_dir}/{i}" for i, path in enumerate(paths)}
+    drop = [tools["setpriv"], f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_GID}", "--clear-groups",
+            "--inh-caps=-all", "--no-new-privs"]
+    return [tools["unshare"], "--mount", "--propagation", "private", "--", tools["sh"], "-c", _STAGE_SCRIPT,
+            "emokern-stage", stage_dir, str(len(paths)), *paths, *drop, bwrap, *options_for(sources), "--", *command]
 
 
 def sandbox_info(sandbox: str = "bwrap") -> dict:
@@ -238,10 +334,13 @@ def sandbox_info(sandbox: str = "bwrap") -> dict:
     libraries = [p for p in _SYSTEM_LIBRARY_DIRS if os.path.isdir(p) and not os.path.islink(p)]
     return {"sandbox": sandbox, "kernel_isolation": True, "bwrap": _bwrap_version(path),
             "namespaces": ["user", "mount", "pid", "network", "ipc", "uts", "cgroup (where the kernel has it)"],
+            "host_uid": SANDBOX_UID if runs_as_root() else os.geteuid(),
+            "proc": None,
             "read_only": libraries + list(_python_paths()) + [p for p in ["/etc/ld.so.cache"] if os.path.isfile(p)],
             "workdir": f"{WORKDIR} (a tmpfs of workdir_mb MiB)",
             "seccomp": {"arch": arch, "denied": sorted(n for n, row in _DENIED_SYSCALLS.items()
-                                                       if row[_SECCOMP_ARCHES[arch][1]] is not None)}
+                                                       if row[_SECCOMP_ARCHES[arch][1]] is not None),
+                        "socket_families": ["AF_UNIX"]}
             if arch else None,
             "seccomp_missing": None if arch else (f"no system-call table for {platform.machine()} "
                                                   f"({8 * struct.calcsize('P')}-bit Python) in this module")}

@@ -81,6 +81,8 @@ seconds a model takes to write the candidate. The start-up probe costs 69 ms onc
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import math
 import os
@@ -97,12 +99,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import List, Mapping, Optional, Sequence, Tuple
 
-from emokern.experiments.bwrap import (_GUARD_WARNING, _INSTALL, _USERNS, _WEAKER, SANDBOXES, WORKDIR,
-                                       SandboxUnavailable, _base_path, _bwrap, _bwrap_arguments, _check_sandbox,
-                                       _interpreter, sandbox_info, seccomp_filter)
+from emokern.experiments.bwrap import (_GUARD_WARNING, _INSTALL, _NEEDS_UTIL_LINUX, _USERNS, _WEAKER, SANDBOX_UID,
+                                       SANDBOXES, WORKDIR, SandboxUnavailable, _base_path, _bwrap, _bwrap_arguments,
+                                       _check_sandbox, _interpreter, launch_command, runs_as_root, sandbox_info,
+                                       seccomp_filter)
 
-__all__ = ["MAX_VIOLATIONS", "SANDBOXES", "WORKDIR", "SandboxResult", "SandboxUnavailable", "WeakSandboxWarning",
-           "check_isolation", "run_in_sandbox", "sandbox_info", "seccomp_filter"]
+__all__ = ["CHANNEL", "MAX_VIOLATIONS", "SANDBOXES", "WORKDIR", "SandboxProgram", "SandboxResult", "SandboxUnavailable",
+           "WeakSandboxWarning", "check_isolation", "run_in_sandbox", "run_programs", "sandbox_info", "seccomp_filter"]
 
 MAX_VIOLATIONS = 100  # refusals reported in detail; more are counted
 _READ_CHUNK = 65536
@@ -122,7 +125,8 @@ class WeakSandboxWarning(UserWarning):
 # The guard, executed in the child inside a private namespace (its own copy of the builtins) before any untrusted
 # code runs. `make_hook` returns the audit hook; nothing in the child's modules keeps a reference to it.
 _HOOK_SOURCE = r'''
-def make_hook(workdir, read_roots, read_files, report_fd, write, getcwd, write_flags, limit):
+def make_hook(workdir, read_roots, read_files, report, getcwd, write_flags, gc_disable, gc_enable,
+              gc_isenabled):
     process_events = frozenset({
         "os.fork", "os.forkpty", "os.system", "os.exec", "os.spawn", "os.posix_spawn", "subprocess.Popen",
         "os.startfile", "os.kill", "os.killpg", "signal.pthread_kill"})
@@ -140,8 +144,6 @@ def make_hook(workdir, read_roots, read_files, report_fd, write, getcwd, write_f
         "os.chown": (0,), "os.chflags": (0,), "os.lchflags": (0,), "os.truncate": (0,), "os.utime": (0,),
         "os.setxattr": (0,), "os.removexattr": (0,), "shutil.rmtree": (0,), "os.mkfifo": (0,), "os.mknod": (0,)}
     read_path_events = {"os.listdir": (0,), "os.scandir": (0,), "os.chdir": (0,)}
-    reported = [0]
-
     def absolute(path):
         if type(path) is bytes:
             path = path.decode("utf-8", "surrogateescape")
@@ -175,11 +177,8 @@ def make_hook(workdir, read_roots, read_files, report_fd, write, getcwd, write_f
 
     def refuse(event, args):
         detail = ", ".join(describe(a) for a in args)
-        reported[0] += 1
-        # the first `limit` refusals in full, then one "+" each, so that a loop of refusals cannot flood the pipe
-        line = (event + "(" + detail + ")").replace("\n", " ") + "\n" if reported[0] <= limit else "+"
         try:
-            write(report_fd, line.encode("utf-8", "replace"))
+            report((event + "(" + detail + ")").replace("\n", " "))
         except OSError:
             pass
         raise PermissionError("sandbox: " + event + "(" + detail + ") is not allowed")
@@ -197,6 +196,17 @@ def make_hook(workdir, read_roots, read_files, report_fd, write, getcwd, write_f
             refuse(event, args)
 
     def hook(event, args):
+        # no garbage collection while the hook decides: a gc callback of the code's would run in the middle of the
+        # check (and could, say, change the working directory between the path check and the call)
+        collecting = gc_isenabled()
+        gc_disable()
+        try:
+            check(event, args)
+        finally:
+            if collecting:
+                gc_enable()
+
+    def check(event, args):
         if event in process_events or event in network_events or event in guard_events:
             refuse(event, args)
         elif event == "import":
@@ -216,33 +226,65 @@ def make_hook(workdir, read_roots, read_files, report_fd, write, getcwd, write_f
     return hook
 '''
 
-# The child's first code: the started line, limits, the guard (unless its source, the last argument, is empty),
-# then the untrusted module as __main__ (argv: workdir, report fd, the rlimits as JSON, the module, its arguments).
+# The child's first code: the started line, the report key, limits, the guard (unless its source, the last argument, is
+# empty), then the untrusted module as __main__ (argv: workdir, report fd, key fd, the rlimits as JSON, the module,
+# its arguments, the guard's source). Every line after the started one is signed with the per-run key (keyed BLAKE2b,
+# numbered), which the host writes into a pipe that is read and closed here before any untrusted line runs: the code
+# can write to the report descriptor, but what it writes without the key is dropped by the host as forged. A run that
+# ends normally (its module returned or raised) closes the report with a signed "END <refusals>" line; a report without
+# it ended early (os._exit, a fatal signal, the timeout) or was taken over by the code.
 _BOOTSTRAP = r'''
 import sys
 def _start():
     import posix
-    posix.write(int(sys.argv[2]), b"%s\n")
-    import builtins, json, os, resource, runpy
-    workdir, report_fd, limits, module = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
+    workdir, report_fd, key_fd = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    posix.write(report_fd, b"@STARTED@\n")
+    key = b""
+    while len(key) < 32:
+        chunk = posix.read(key_fd, 32 - len(key))
+        if not chunk:
+            break
+        key += chunk
+    posix.close(key_fd)
+    import _blake2, builtins, gc, json, os, resource, runpy
+    limits, module = json.loads(sys.argv[4]), sys.argv[5]
     for name, value in limits.items():
         resource.setrlimit(getattr(resource, name), (value, value))
+    blake2b, write, counts = _blake2.blake2b, posix.write, [0, 0]  # counts: lines signed, refusals
+    def signed(text):
+        data = (str(counts[0]) + " " + text).encode("utf-8", "replace")
+        counts[0] += 1
+        mac = blake2b(data, key=key, digest_size=16).hexdigest().encode()
+        write(report_fd, mac + b" " + data + b"\n")
+    def report(text):
+        counts[1] += 1
+        if counts[1] <= @LIMIT@:  # the first refusals in full; the closing line counts them all
+            signed("V " + text)
+    def finish():
+        try:
+            signed("END " + str(counts[1]))
+        except OSError:
+            pass
     if sys.argv[-1]:
         read_roots = tuple(sorted({workdir} | {p for p in sys.path if p and p.startswith("/")}))
         read_files = frozenset({"/dev/null", "/dev/urandom", "/dev/random"})
         flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
         private = {"__builtins__": dict(vars(builtins))}
         exec(sys.argv[-1], private)
-        sys.addaudithook(private["make_hook"](workdir, read_roots, read_files, report_fd, posix.write,
-                                              posix.getcwd, flags, %d))
+        sys.addaudithook(private["make_hook"](workdir, read_roots, read_files, report, posix.getcwd, flags,
+                                              gc.disable, gc.enable, gc.isenabled))
         del private
-    sys.argv = [module] + sys.argv[5:-1]
+    sys.argv = [module] + sys.argv[6:-1]
     sys.path.insert(0, workdir)
-    return runpy, module
-_runpy, _module = _start()
-del _start
-_runpy.run_module(_module, run_name="__main__", alter_sys=True)
-''' % (_STARTED, MAX_VIOLATIONS)
+    return runpy, module, finish
+def _main():
+    runpy, module, finish = _start()
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    finally:
+        finish()
+_main()
+'''.replace("@STARTED@", _STARTED).replace("@LIMIT@", str(MAX_VIOLATIONS))
 
 
 @dataclass
@@ -263,7 +305,16 @@ class SandboxResult:
         sandbox: the isolation level it ran under (one of :data:`SANDBOXES`).
         violations: the audit events the guard refused, in order, as ``event(arguments)`` (the first
             ``MAX_VIOLATIONS``; ``n_violations`` counts them all). Empty without the audit hook: what the kernel
-            refused reaches the code as an ``OSError``, which only its own output shows.
+            refused reaches the code as an ``OSError``, which only its own output shows. Only lines signed with
+            the run's key count (see ``_BOOTSTRAP``): the guard's report is as trustworthy as the guard, and what the
+            code writes to the report descriptor itself is dropped.
+        report_complete: the report ended with the guard's signed closing line (the module returned or raised).
+            False after ``os._exit``, a fatal signal or the timeout, or when the code replaced the report
+            descriptor; then ``n_violations`` counts only the refusals reported before.
+        forged_report_lines: lines on the report descriptor that the guard did not sign (written by the code).
+        host_uid: the uid the host's kernel gave the sandboxed process (under bwrap, read from the host's
+            ``/proc/<pid>/status`` right after the start: :data:`~emokern.experiments.bwrap.SANDBOX_UID` when the
+            caller is root, else the caller's); None under ``"python-guard"`` (the caller's own uid).
     """
 
     exit_code: Optional[int]
@@ -280,6 +331,9 @@ class SandboxResult:
     sandbox: str
     violations: List[str] = field(default_factory=list)
     n_violations: int = 0
+    report_complete: bool = False
+    forged_report_lines: int = 0
+    host_uid: Optional[int] = None
 
     @property
     def ok(self) -> bool:
@@ -350,8 +404,9 @@ def run_in_sandbox(files: Mapping[str, str], module: str, *, args: Sequence[str]
         args: its command-line arguments (``sys.argv[1:]``).
         sandbox: ``"bwrap"`` (namespaces, seccomp and the guard) or ``"python-guard"`` (the guard alone, not a
             security boundary: it warns with :class:`WeakSandboxWarning`); see the module docstring.
-        timeout_s: wall-clock limit; then the process group (under bwrap: the whole sandbox) is killed
-            (``timed_out``). The CPU-time limit is ``ceil(timeout_s) + 1`` seconds.
+        timeout_s: wall-clock limit; then the process group (under bwrap: the sandbox's PID 1, and with it every
+            process of its namespace) is killed (``timed_out``); the call returns within ``timeout_s + 1`` seconds.
+            The CPU-time limit is ``ceil(timeout_s) + 1`` seconds.
         memory_mb: address-space limit (``RLIMIT_AS``); the interpreter itself needs about 30 MiB.
         file_size_mb: largest file the code may write (``RLIMIT_FSIZE``; beyond it the process gets ``SIGXFSZ``).
         workdir_mb: ``"bwrap"``: the size of the working directory's tmpfs, all files together (beyond it writes
@@ -371,71 +426,387 @@ def run_in_sandbox(files: Mapping[str, str], module: str, *, args: Sequence[str]
         SandboxUnavailable: ``"bwrap"`` without bwrap on ``PATH``, or the sandbox did not start (bwrap could not
             create its namespaces, the interpreter did not start inside it).
     """
-    for name, value in (("timeout_s", timeout_s), ("memory_mb", memory_mb), ("file_size_mb", file_size_mb),
-                        ("workdir_mb", workdir_mb), ("max_open_files", max_open_files), ("max_output", max_output)):
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise ValueError(f"run_in_sandbox: {name} must be a positive number; got {value!r}")
-    _check_sandbox("run_in_sandbox", sandbox)
-    if not isinstance(audit_hook, bool):
-        raise ValueError(f"run_in_sandbox: audit_hook must be True or False; got {audit_hook!r}")
-    if not audit_hook and sandbox != "bwrap":
-        raise ValueError(f"run_in_sandbox: audit_hook=False needs sandbox='bwrap' (without the hook, "
-                         f"'python-guard' would not hold the code at all); got sandbox={sandbox!r}")
-    paths = {name: _check_name(name) for name in files}
-    if not all(part.isidentifier() for part in module.split(".")):
-        raise ValueError(f"run_in_sandbox: module must be a dotted Python module name; got {module!r}")
-    data = {name: source.encode("utf-8") for name, source in files.items()}
-    if sum(map(len, data.values())) > workdir_mb * (1 << 20):
-        raise ValueError(f"run_in_sandbox: the files ({sum(map(len, data.values()))} bytes) do not fit in "
-                         f"workdir_mb={workdir_mb!r} MiB")
-    limits = {
-        "RLIMIT_CPU": int(math.ceil(timeout_s)) + 1,
-        "RLIMIT_AS": int(memory_mb * (1 << 20)),
-        "RLIMIT_FSIZE": int(file_size_mb * (1 << 20)),
-        "RLIMIT_NOFILE": int(max_open_files),
+    program = SandboxProgram(files, module, args=args, sandbox=sandbox, memory_mb=memory_mb,
+                             file_size_mb=file_size_mb, workdir_mb=workdir_mb, max_open_files=max_open_files,
+                             max_output=max_output, audit_hook=audit_hook, timeout_s=timeout_s,
+                             where="run_in_sandbox")
+    if sandbox == "python-guard":
+        warnings.warn(_GUARD_WARNING, WeakSandboxWarning, stacklevel=2)
+    return run_programs([program], timeout_s)[0]
+
+
+# Written in a program's arguments where the descriptors of its channel go (see run_programs): "READ,WRITE".
+CHANNEL = "@emokern-channel@"
+
+
+@dataclass
+class SandboxProgram:
+    """One program to run in a sandbox: the arguments of :func:`run_in_sandbox` less the timeout, which
+    :func:`run_programs` applies to the first program. ``timeout_s`` here sets only the CPU-time limit
+    (``ceil(timeout_s) + 1`` seconds). An argument equal to :data:`CHANNEL` is replaced by ``"READ,WRITE"``, the
+    descriptors of the program's end of the channel between two programs."""
+
+    files: Mapping[str, str]
+    module: str
+    args: Sequence[str] = ()
+    sandbox: str = "bwrap"
+    memory_mb: int = 512
+    file_size_mb: int = 16
+    workdir_mb: int = 64
+    max_open_files: int = 64
+    max_output: int = 8192
+    audit_hook: bool = True
+    timeout_s: float = 5.0
+    where: str = "SandboxProgram"
+
+    def __post_init__(self):
+        where = self.where
+        for name in ("timeout_s", "memory_mb", "file_size_mb", "workdir_mb", "max_open_files", "max_output"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                    and value > 0):
+                raise ValueError(f"{where}: {name} must be a positive number; got {value!r}")
+        _check_sandbox(where, self.sandbox)
+        if not isinstance(self.audit_hook, bool):
+            raise ValueError(f"{where}: audit_hook must be True or False; got {self.audit_hook!r}")
+        if not self.audit_hook and self.sandbox != "bwrap":
+            raise ValueError(f"{where}: audit_hook=False needs sandbox='bwrap' (without the hook, "
+                             f"'python-guard' would not hold the code at all); got sandbox={self.sandbox!r}")
+        self.paths = {name: _check_name(name) for name in self.files}
+        if not all(part.isidentifier() for part in self.module.split(".")):
+            raise ValueError(f"{where}: module must be a dotted Python module name; got {self.module!r}")
+        self.data = {name: source.encode("utf-8") for name, source in self.files.items()}
+        size = sum(map(len, self.data.values()))
+        if size > self.workdir_mb * (1 << 20):
+            raise ValueError(f"{where}: the files ({size} bytes) do not fit in workdir_mb={self.workdir_mb!r} MiB")
+        self.limits = _rlimits(self)
+
+
+def _rlimits(program: SandboxProgram) -> dict:
+    """The resource limits the bootstrap sets (hard = soft) before any untrusted line runs."""
+    return {
+        "RLIMIT_CPU": int(math.ceil(program.timeout_s)) + 1,
+        "RLIMIT_AS": int(program.memory_mb * (1 << 20)),
+        "RLIMIT_FSIZE": int(program.file_size_mb * (1 << 20)),
+        "RLIMIT_NOFILE": int(program.max_open_files),
         "RLIMIT_CORE": 0,
         "RLIMIT_NPROC": 0,
     }
-    hook = _HOOK_SOURCE if audit_hook else ""
-    if sandbox == "python-guard":
-        warnings.warn(_GUARD_WARNING, WeakSandboxWarning, stacklevel=2)
-        workdir = os.path.realpath(tempfile.mkdtemp(prefix="emokern-sandbox-"))
-        try:
-            for name, blob in data.items():
-                target = Path(workdir, paths[name])
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(blob)
-            return _run(sandbox, lambda report_fd: [_interpreter(), "-I", "-S", "-B", "-c", _BOOTSTRAP, workdir,
-                                                    str(report_fd), json.dumps(limits), module, *args, hook],
-                        workdir, workdir, (), timeout_s, max_output)
-        finally:
-            _remove_tree(workdir)
-    bwrap = _bwrap()
-    fds: List[int] = []
+
+
+def run_programs(programs: Sequence[SandboxProgram], timeout_s: float, *,
+                 grace_s: float = 0.5) -> List[SandboxResult]:
+    """Run one program, or two connected ones, each in a sandbox of its own, and return their results in order.
+
+    With two, a pipe runs each way between them: the first program's :data:`CHANNEL` argument becomes
+    ``"READ,WRITE"`` of its end and the second's of the other end; neither sees the other's files, output or report.
+    The first program sets the pace: it has ``timeout_s``; when it ends, the second gets ``grace_s`` to end by itself
+    (it sees end-of-file on its channel), then it is killed, as both are at the timeout. The call returns within
+    ``timeout_s + 1`` seconds (more only when a start-up is slower than that).
+    """
+    if not 1 <= len(programs) <= 2:
+        raise ValueError(f"run_programs: one or two programs; got {len(programs)}")
+    if not (isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s) and timeout_s > 0):
+        raise ValueError(f"run_programs: timeout_s must be a positive number; got {timeout_s!r}")
+    channels: List[Tuple[int, int]] = []
+    opened: List[int] = []
+    if len(programs) == 2:
+        a_read, b_write = os.pipe()
+        b_read, a_write = os.pipe()
+        opened += [a_read, b_write, b_read, a_write]
+        channels = [(a_read, a_write), (b_read, b_write)]
+    running: List[_Sandboxed] = []
+    started = time.monotonic()
+    deadline = started + timeout_s
     try:
-        files_in = []
-        for name, blob in data.items():
-            # bwrap copies each file from a memfd into the tmpfs (--file), so nothing is written on the host's disk
-            fd = os.memfd_create("emokern-sandbox-file", os.MFD_CLOEXEC)
-            fds.append(fd)
-            _write_all(fd, blob)
-            os.lseek(fd, 0, os.SEEK_SET)
-            files_in.append((fd, str(paths[name])))
-        program = seccomp_filter()
-        seccomp_fd = None
-        if program is not None:
-            seccomp_fd = os.memfd_create("emokern-sandbox-seccomp", os.MFD_CLOEXEC)
-            fds.append(seccomp_fd)
-            _write_all(seccomp_fd, program)
-            os.lseek(seccomp_fd, 0, os.SEEK_SET)
-        options = _bwrap_arguments(files_in, seccomp_fd, workdir_mb)
-        return _run(sandbox, lambda report_fd: [bwrap, *options, "--", _interpreter(), "-I", "-S", "-B", "-c",
-                                                _BOOTSTRAP, WORKDIR, str(report_fd), json.dumps(limits), module,
-                                                *args, hook],
-                    "/", WORKDIR, tuple(fds), timeout_s, max_output)
+        for i, program in enumerate(programs):
+            channel = channels[i] if channels else None
+            running.append(_Sandboxed(program, channel))
+        for fd in opened:  # each program holds its own copies now: end-of-file reaches the other when one ends
+            os.close(fd)
+        opened = []
+        first = running[0]
+        first.wait(deadline)
+        first.stop()
+        if len(running) == 2:
+            running[1].wait(min(deadline, time.monotonic() + grace_s))
+            running[1].stop()
+        # every sandbox is dead now; the readers see end-of-file at once, bounded for a stray descriptor
+        return [proc.collect(max(0.05, started + timeout_s + 0.9 - time.monotonic())) for proc in running]
     finally:
+        for fd in opened:
+            os.close(fd)
+        for proc in running:
+            proc.cleanup()
+
+
+class _Sandboxed:
+    """One sandboxed program from its start to its result: started by the constructor, then ``wait``, ``stop``,
+    ``collect``, and always ``cleanup``."""
+
+    def __init__(self, program: SandboxProgram, channel: Optional[Tuple[int, int]]):
+        self.program = program
+        self.sandbox = program.sandbox
+        self.timed_out = False
+        self.workdir: Optional[str] = None
+        self.stage_dir: Optional[str] = None
+        self.pidfd: Optional[int] = None
+        self.host_uid: Optional[int] = None
+        self.key = os.urandom(32)
+        self.started = time.perf_counter()
+        args = [",".join(map(str, channel)) if a == CHANNEL and channel else a for a in program.args]
+        hook = _HOOK_SOURCE if program.audit_hook else ""
+        extra = tuple(channel) if channel else ()
+        fds: List[int] = []  # the host's copies of what the command inherits, closed once it has started
+        try:
+            report_read, report_write = os.pipe()
+            self.report_read = report_read
+            key_read, key_write = os.pipe()
+            fds += [report_write, key_read]
+            _write_all(key_write, self.key)
+            os.close(key_write)
+
+            def interpreter(workdir: str) -> List[str]:
+                return [_interpreter(), "-I", "-S", "-B", "-c", _BOOTSTRAP, workdir, str(report_write),
+                        str(key_read), json.dumps(program.limits), program.module, *args, hook]
+
+            info_read = None
+            if self.sandbox == "python-guard":
+                self.workdir = os.path.realpath(tempfile.mkdtemp(prefix="emokern-sandbox-"))
+                for name, blob in program.data.items():
+                    target = Path(self.workdir, program.paths[name])
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(blob)
+                command, cwd, workdir = interpreter(self.workdir), self.workdir, self.workdir
+            else:
+                bwrap = _bwrap()
+                files_in = []
+                for name, blob in program.data.items():
+                    # bwrap copies each file from a memfd into the tmpfs (--file): nothing is written on the host's disk
+                    fd = os.memfd_create("emokern-sandbox-file", os.MFD_CLOEXEC)
+                    fds.append(fd)
+                    _write_all(fd, blob)
+                    os.lseek(fd, 0, os.SEEK_SET)
+                    files_in.append((fd, str(program.paths[name])))
+                seccomp = seccomp_filter()
+                seccomp_fd = None
+                if seccomp is not None:
+                    seccomp_fd = os.memfd_create("emokern-sandbox-seccomp", os.MFD_CLOEXEC)
+                    fds.append(seccomp_fd)
+                    _write_all(seccomp_fd, seccomp)
+                    os.lseek(seccomp_fd, 0, os.SEEK_SET)
+                info_read, info_write = os.pipe()
+                fds.append(info_write)
+                if runs_as_root():
+                    self.stage_dir = tempfile.mkdtemp(prefix="emokern-stage-")
+                command = launch_command(
+                    bwrap, lambda sources: _bwrap_arguments(files_in, seccomp_fd, program.workdir_mb, info_write,
+                                                            sources),
+                    interpreter(WORKDIR), self.stage_dir)
+                cwd, workdir = "/", WORKDIR
+            env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
+            self.proc = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         pass_fds=(*fds, *extra), start_new_session=True)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            if "report_read" in vars(self):
+                os.close(self.report_read)
+            self.cleanup()
+            raise
         for fd in fds:
             os.close(fd)
+        self.readers = [_CappedReader(self.proc.stdout.fileno(), program.max_output),
+                        _CappedReader(self.proc.stderr.fileno(), program.max_output),
+                        _ReportReader(report_read, self.key)]
+        for reader in self.readers:
+            reader.start()
+        self.info = None
+        if info_read is not None:
+            self.info = _ChildInfo(info_read, self)
+            self.info.start()
+
+    def wait(self, deadline: float) -> None:
+        """Wait for the program to end by itself until ``deadline`` (``time.monotonic``); past it, ``timed_out``."""
+        try:
+            self.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.timed_out = True
+
+    def stop(self) -> None:
+        """Kill whatever is left: under bwrap the sandbox's PID 1 (its namespace dies with it: every process in it,
+        whatever it did to its parent-death signal or session), then the launcher's process group."""
+        self.duration = time.perf_counter() - self.started
+        if self.info is not None:
+            self.info.join(timeout=1.0)
+        if self.pidfd is not None:
+            try:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            except (ProcessLookupError, OSError):
+                pass
+        _kill_group(self.proc.pid)
+        try:
+            self.proc.wait(timeout=2.0)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def collect(self, join_s: float) -> SandboxResult:
+        for reader in self.readers:
+            # a descendant that escaped the namespace could still hold a pipe open: do not wait for it forever
+            reader.join(timeout=join_s)
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+        out, err, report = self.readers
+        stderr = err.kept.decode("utf-8", "replace")
+        code = self.proc.returncode
+        # no code ran; a start slower than the timeout (a loaded machine) is reported as a timeout, not an error
+        if not report.started and not self.timed_out:
+            raise _not_started(self.sandbox, code, stderr)
+        killed_by = signal.Signals(-code).name if code < 0 else None
+        if self.sandbox == "bwrap" and code > 128 and _signal_name(code - 128):
+            killed_by = _signal_name(code - 128)  # bwrap's PID 1 passes a signal death on as 128 + n
+        memory = ("MemoryError" in stderr
+                  or (not self.timed_out and killed_by in ("SIGSEGV", "SIGABRT", "SIGKILL")))
+        return SandboxResult(
+            exit_code=None if killed_by else code, timed_out=self.timed_out, killed_by=killed_by,
+            memory_exceeded=memory, stdout=out.kept.decode("utf-8", "replace"), stderr=stderr,
+            stdout_truncated=out.total > len(out.kept), stderr_truncated=err.total > len(err.kept),
+            stdout_bytes=out.total, stderr_bytes=err.total, duration_s=round(self.duration, 4),
+            sandbox=self.sandbox, violations=report.violations, n_violations=report.refusals,
+            report_complete=report.complete, forged_report_lines=report.forged, host_uid=self.host_uid)
+
+    def cleanup(self) -> None:
+        if "report_read" in vars(self) and self.report_read is not None:
+            try:
+                os.close(self.report_read)
+            except OSError:
+                pass
+            self.report_read = None
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+        if self.workdir is not None:
+            _remove_tree(self.workdir)
+            self.workdir = None
+        if self.stage_dir is not None:
+            # empty on the host: the stage's mounts lived in the launcher's own mount namespace, gone with it
+            try:
+                os.rmdir(self.stage_dir)
+            except OSError:
+                pass
+            self.stage_dir = None
+
+
+class _ChildInfo(threading.Thread):
+    """Reads bwrap's ``--info-fd`` JSON (``{"child-pid": N}``: the sandbox's PID 1 as the host numbers it), opens a
+    pidfd on it at once (so that a reused pid is never signalled) and reads the uid the host gave it."""
+
+    def __init__(self, fd: int, owner: "_Sandboxed"):
+        super().__init__(daemon=True)
+        self.fd, self.owner = fd, owner
+
+    def run(self) -> None:
+        data = b""
+        try:
+            while True:
+                chunk = os.read(self.fd, 4096)
+                if not chunk:
+                    break
+                data += chunk
+                try:
+                    pid = int(json.loads(data)["child-pid"])
+                except (ValueError, KeyError, TypeError):
+                    continue
+                self.owner.pidfd = os.pidfd_open(pid)
+                self.owner.host_uid = _host_uid(pid)
+                break
+        except OSError:
+            pass
+        finally:
+            os.close(self.fd)
+
+
+def _host_uid(pid: int) -> Optional[int]:
+    """The real uid of host process ``pid`` (its ``/proc/<pid>/status``), or None when it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Uid:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+class _ReportReader(threading.Thread):
+    """Reads the guard's report pipe to its end, checking each line as it comes (see ``_BOOTSTRAP``): the first line
+    must be the started line; after it a line counts when its MAC (keyed BLAKE2b of ``"<number> <text>"`` under the
+    run's key) is right and its number is the next one. Any other line is forged (written by the code) and only
+    counted, so that a flood of them can neither fill the host's memory nor push the real lines out.
+
+    After ``join``: ``started``, ``violations`` (the reported refusals, at most :data:`MAX_VIOLATIONS`),
+    ``refusals`` (the closing line's count, else the number reported), ``complete`` (the closing line came) and
+    ``forged``."""
+
+    _MAX_LINE = 8192  # a longer line is no line of the guard's (its refusal details are cut to 200 characters each)
+
+    def __init__(self, fd: int, key: bytes):
+        super().__init__(daemon=True)
+        self.fd, self.key = fd, key
+        self.started, self.complete = False, False
+        self.violations: List[str] = []
+        self.refusals, self.forged, self.expected = 0, 0, 0
+        self._total: Optional[int] = None
+
+    def run(self) -> None:
+        pending, skipping = b"", False
+        try:
+            while True:
+                chunk = os.read(self.fd, _READ_CHUNK)
+                if not chunk:
+                    break
+                pending += chunk
+                while True:
+                    end = pending.find(b"\n")
+                    if end < 0:
+                        if len(pending) > self._MAX_LINE:  # an endless line: drop it up to its newline
+                            if not skipping:
+                                self.forged += 1
+                            pending, skipping = b"", True
+                        break
+                    line, pending = pending[:end], pending[end + 1:]
+                    if skipping:
+                        skipping = False
+                    else:
+                        self._line(line)
+        except OSError:
+            pass
+        if pending and not skipping:
+            self.forged += 1  # an unfinished line
+        self.complete = self._total is not None
+        self.refusals = self._total if self.complete else len(self.violations)
+
+    def _line(self, line: bytes) -> None:
+        if not self.started:
+            if line == _STARTED.encode():
+                self.started = True
+                return
+            self.forged += 1
+            return
+        mac, _, data = line.partition(b" ")
+        number, _, body = data.partition(b" ")
+        good = (len(line) <= self._MAX_LINE and self._total is None and number == str(self.expected).encode()
+                and hmac.compare_digest(mac, hashlib.blake2b(data, key=self.key, digest_size=16).hexdigest().encode()))
+        if not good:
+            self.forged += 1
+            return
+        self.expected += 1
+        text = body.decode("utf-8", "replace")
+        if text.startswith("V ") and len(self.violations) < MAX_VIOLATIONS:
+            self.violations.append(text[2:])
+        elif text.startswith("END "):
+            self._total = int(text[4:])
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -462,73 +833,11 @@ def _not_started(sandbox: str, code: int, stderr: str) -> SandboxUnavailable:
             hint = _WEAKER
         return SandboxUnavailable(f"sandbox='bwrap': bubblewrap could not set up the sandbox (exit status {code}): "
                                   f"{said}; {hint}")
+    if sandbox == "bwrap" and runs_as_root() and ("unshare:" in said or "mount:" in said or "setpriv:" in said):
+        return SandboxUnavailable(f"sandbox='bwrap': the launcher could not drop to uid {SANDBOX_UID} (exit status "
+                                  f"{code}): {said}; {_NEEDS_UTIL_LINUX}")
     return SandboxUnavailable(f"sandbox={sandbox!r}: the interpreter {_interpreter()} did not start in the sandbox "
                               f"(exit status {code}): {said}")
-
-
-def _run(sandbox: str, command, cwd: str, workdir: str, pass_fds: Tuple[int, ...], timeout_s: float,
-         max_output: int) -> SandboxResult:
-    """Start ``command(report_fd)`` in a new session, read its output, kill it at the timeout, and report.
-
-    ``workdir``: the working directory as the child sees it (its ``HOME`` and ``TMPDIR``); ``cwd``: where the host
-    starts the command. ``pass_fds``: further descriptors the command inherits (bwrap's memfds).
-    """
-    env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
-    report_read, report_write = os.pipe()
-    started = time.perf_counter()
-    try:
-        proc = subprocess.Popen(command(report_write), cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(report_write, *pass_fds),
-                                start_new_session=True)
-    except BaseException:
-        os.close(report_read)
-        raise
-    finally:
-        os.close(report_write)
-    readers = [_CappedReader(proc.stdout.fileno(), max_output), _CappedReader(proc.stderr.fileno(), max_output),
-               _CappedReader(report_read, 1 << 20)]
-    for reader in readers:
-        reader.start()
-    timed_out = False
-    try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        _kill_group(proc.pid)
-        proc.wait()
-    finally:
-        duration = time.perf_counter() - started
-        _kill_group(proc.pid)  # whatever the code left running in its group
-    for reader in readers:
-        # a descendant that left the process group may still hold a pipe open: do not wait for it forever
-        reader.join(timeout=5.0)
-    proc.stdout.close()
-    proc.stderr.close()
-    os.close(report_read)
-    out, err, report = readers
-    stderr = err.kept.decode("utf-8", "replace")
-    code = proc.returncode
-    text = report.kept.decode("utf-8", "replace")
-    if not text.startswith(_STARTED + "\n"):
-        # no code ran; a start slower than the timeout (a loaded machine) is reported as a timeout, not an error
-        if not timed_out:
-            raise _not_started(sandbox, code, stderr)
-    else:
-        text = text[len(_STARTED) + 1:]
-    killed_by = signal.Signals(-code).name if code < 0 else None
-    if sandbox == "bwrap" and code > 128 and _signal_name(code - 128):
-        killed_by = _signal_name(code - 128)  # bwrap's PID 1 passes a signal death on as 128 + n
-    # detailed lines first, then one "+" per further refusal (some of them maybe beyond what was kept)
-    detailed, _, more = text.rpartition("\n")
-    report_lines = detailed.splitlines()
-    memory = ("MemoryError" in stderr
-              or (not timed_out and killed_by in ("SIGSEGV", "SIGABRT", "SIGKILL")))
-    return SandboxResult(
-        exit_code=None if killed_by else code, timed_out=timed_out, killed_by=killed_by, memory_exceeded=memory,
-        stdout=out.kept.decode("utf-8", "replace"), stderr=stderr, stdout_truncated=out.total > len(out.kept),
-        stderr_truncated=err.total > len(err.kept), stdout_bytes=out.total, stderr_bytes=err.total,
-        duration_s=round(duration, 4), sandbox=sandbox, violations=report_lines,
-        n_violations=len(report_lines) + len(more) + report.total - len(report.kept))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -593,6 +902,9 @@ def check_isolation(sandbox: str = "bwrap") -> dict:
     info = sandbox_info(sandbox)
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     outside = tempfile.mkdtemp(prefix="emokern-probe-")
+    # writable by anyone (the sandbox runs as another uid when the caller is root): only the sandbox's walls, not
+    # the directory's permissions, may stand between the probe and this directory
+    os.chmod(outside, 0o777)
     targets = {"write_outside": os.path.join(outside, "escaped.txt"),
                "write_stdlib": os.path.join(os.path.realpath(_base_path("stdlib")), f"emokern-probe-{os.getpid()}")}
     try:
