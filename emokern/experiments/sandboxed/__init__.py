@@ -1,0 +1,19 @@
+"""The programs of a coding-task test run, copied into the sandboxes as files (they are not imported by the host).
+
+* :mod:`remote_calls`: the wire between the test process and the solution's process (values, proxies, calls);
+* :mod:`test_runner`: runs a test module's tests in the test sandbox;
+* :mod:`solution_server`: serves ``solution.py`` in the solution's sandbox.
+
+:func:`program_files` returns their sources by file name; :mod:`emokern.experiments.coding_tests` runs them.
+"""
+
+from pathlib import Path
+from typing import Dict
+
+_HERE = Path(__file__).resolve().parent
+
+
+def program_files(*names: str) -> Dict[str, str]:
+    """``{"<name>.py": source}`` for each named program (``"remote_calls"``, ``"test_runner"``,
+    ``"solution_server"``)."""
+    return {f"{name}.py": (_HERE / f"{name}.py").read_text(encoding="utf-8") for name in names}
