@@ -12,7 +12,7 @@ export EMOKERN_BUILD_CUDA
 
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/include/emokern/*.cuh)
 
-.PHONY: install test demo experiments bench clean vllm-env test-vllm
+.PHONY: install sandbox-deps test demo experiments bench clean vllm-env test-vllm
 
 $(VENV)/.deps: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,7 +29,20 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 
 install: $(VENV)/.built
 
-test: install
+# The reward-hacking sandbox runs model code under bubblewrap (and, run as root, drops to uid 65534 with util-linux's
+# unshare and setpriv, which Debian always has). Installed here where it can be (root with apt-get); otherwise one line
+# says what to install.
+sandbox-deps:
+	@command -v bwrap >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing bubblewrap (the reward-hacking sandbox runs model code under it)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --reinstall bubblewrap >/dev/null; \
+	  else \
+	    echo "bubblewrap is missing: install it first (Debian/Ubuntu: sudo apt-get install bubblewrap; Fedora: sudo dnf install bubblewrap)" >&2; \
+	    exit 1; \
+	  fi; }
+
+test: install sandbox-deps
 	$(PY) -m pytest -q tests
 
 demo: install
@@ -38,7 +51,7 @@ demo: install
 # The paper's four experiments at their `quick` size, on the bank `make demo` leaves in emokern_out/ (built here
 # first if missing). Each is resumable: run it again after an interruption and it skips finished work.
 EXPERIMENTS := preferences blackmail reward_hacking sycophancy
-experiments: install
+experiments: install sandbox-deps
 	test -f emokern_out/bank/smollm2-135m-instruct.json || $(PY) -m emokern extract
 	for e in $(EXPERIMENTS); do $(PY) -m emokern experiment $$e || exit 1; done
 

@@ -16,6 +16,7 @@ import ast
 import ctypes
 import ctypes.util
 import errno
+import json
 import os
 import shutil
 import socket
@@ -1077,3 +1078,69 @@ def test_no_stage_directory_or_mount_is_left_on_the_host():
     run_in_sandbox({"main.py": "print('ok')\n"}, "main", timeout_s=5)
     assert {p.name for p in Path(tempfile.gettempdir()).glob("emokern-stage-*")} <= before
     assert "emokern-stage" not in Path("/proc/self/mounts").read_text()
+
+
+# The driver of the run as an unprivileged user: the sandbox's two modules loaded from a copy (they need only the
+# standard library), the attacks above run through them, the findings printed as JSON.
+_UNPRIVILEGED_DRIVER = r'''
+import json, os, sys, time, types
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from emokern.experiments import sandbox as sb
+found = {"uid": os.getuid()}
+marker = "emokern-unprivileged-orphan-" + sys.argv[1]
+r = sb.run_in_sandbox({"main.py": "import os, time\nprint(os.getuid())\ntime.sleep(0.5)\n"}, "main", timeout_s=10,
+                      audit_hook=False)
+found["host_uid"], found["inside_uid"] = r.host_uid, int(r.stdout)
+r = sb.run_in_sandbox({"main.py": sys.argv[2]}, "main", timeout_s=10, audit_hook=False)
+found["knobs"] = r.stdout
+r = sb.run_in_sandbox({"main.py": sys.argv[3]}, "main", timeout_s=10, audit_hook=False)
+found["sockets"] = r.stdout
+start = time.monotonic()
+r = sb.run_in_sandbox({"main.py": sys.argv[4]}, "main", args=[marker], timeout_s=2, audit_hook=False)
+found["orphan_seconds"] = time.monotonic() - start
+time.sleep(0.3)
+found["orphan_left"] = [p for p in os.listdir("/proc") if p.isdigit() and os.path.exists("/proc/" + p + "/cmdline")
+                        and marker.encode() in open("/proc/" + p + "/cmdline", "rb").read()]
+r = sb.run_in_sandbox({"main.py": sys.argv[5]}, "main", timeout_s=10)
+found["forged"], found["violations"], found["complete"] = r.forged_report_lines, r.violations, r.report_complete
+print(json.dumps(found))
+'''
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="this run as root starts the unprivileged run; run as a user, the "
+                                              "whole file is that run")
+def test_the_walls_hold_when_run_as_an_unprivileged_user():
+    """The same attacks, with emokern itself run as an unprivileged user (uid 65534 here): the sandbox is that
+    user's, the knobs are out of reach, only AF_UNIX sockets are made, the orphan is gone, forged lines dropped."""
+    python = shutil.which("python3", path="/usr/bin:/bin")
+    if python is None:
+        pytest.skip("no system python3 that an unprivileged user can run")
+    source = Path(bw.__file__).parent
+    root = Path(tempfile.mkdtemp(prefix="emokern-unprivileged-"))
+    try:
+        package = root / "emokern" / "experiments"
+        package.mkdir(parents=True)
+        (root / "emokern" / "__init__.py").write_text("")
+        (package / "__init__.py").write_text("")
+        for name in ("bwrap.py", "sandbox.py"):
+            shutil.copy(source / name, package / name)
+        (root / "driver.py").write_text(_UNPRIVILEGED_DRIVER)
+        for path in [root, *root.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        out = subprocess.run(["setpriv", f"--reuid={bw.SANDBOX_UID}", f"--regid={bw.SANDBOX_GID}", "--clear-groups",
+                              python, "-I", "-B", str(root / "driver.py"), str(os.getpid()),
+                              _open_for_writing_program(KNOBS), _socket_program(SOCKET_FAMILIES), _ORPHAN, _FORGER],
+                             capture_output=True, text=True, timeout=120, cwd=str(root),
+                             env={"PATH": "/usr/bin:/bin", "HOME": str(root)})
+        assert out.returncode == 0, out.stderr
+        found = json.loads(out.stdout)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    assert found["uid"] == found["host_uid"] == found["inside_uid"] == bw.SANDBOX_UID
+    knobs = {line.split(" ")[0]: line.split(" ")[1:] for line in found["knobs"].splitlines()}
+    assert set(knobs) == set(KNOBS) and all(v[0] == "refused" for v in knobs.values()), knobs
+    sockets = dict(line.split(" ", 1) for line in found["sockets"].splitlines())
+    assert all(sockets[name].startswith(f"refused OSError {errno.EAFNOSUPPORT}") for name in SOCKET_FAMILIES)
+    assert sockets["unix"] == "ALLOWED"
+    assert found["orphan_seconds"] < 3.0 and found["orphan_left"] == []
+    assert found["forged"] == 20002 and found["complete"] and len(found["violations"]) == 1

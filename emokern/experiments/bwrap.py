@@ -6,8 +6,15 @@ of :mod:`emokern.experiments.sandbox` is a second wall inside it. When bwrap is 
 namespaces, :class:`SandboxUnavailable` (defined here, re-exported by :mod:`emokern.experiments.sandbox`) says what to
 install or which option accepts the weaker guard. :func:`sandbox_info` describes what a level isolates.
 
-**The bwrap level** (the arguments are built in ``_bwrap_arguments``):
+**The bwrap level** (the arguments are built in ``_bwrap_arguments``, the host command in :func:`launch_command`):
 
+* who: never the host's root. Run as root, the launcher enters a private mount namespace of its own, bind-mounts
+  the Python installation read-only onto a small staging tmpfs there (a Python under ``/root`` is out of reach of
+  other users) and drops to :data:`SANDBOX_UID`/:data:`SANDBOX_GID` (65534, ``nobody``) with ``setpriv`` (no
+  supplementary groups, no capabilities) before it starts bwrap, which then makes an unprivileged user namespace
+  whose every id is 65534 on the host: the global knobs that no capability drop protects (sysctls, core_pattern)
+  are another user's. Run as a user, the sandbox is that user's. bwrap started by root would map the sandbox's uid 0
+  to the host's root.
 * namespaces: ``--unshare-all --unshare-user`` (new user, mount, PID, network, IPC, UTS and, where the kernel has
   one, cgroup namespaces; the user namespace is required, not merely tried), ``--disable-userns`` (no nested user
   namespaces) and ``--hostname sandbox``. The new network namespace holds only its own loopback interface: no
@@ -19,28 +26,36 @@ install or which option accepts the weaker guard. :func:`sandbox_info` describes
   ``-I -S``, so neither the environment nor any site-packages is needed), its standard library (with
   ``lib-dynload``), ``libpython`` when it is shared, the shared-library directories (``/usr/lib``, ``/usr/lib64``,
   ``/lib``, ``/lib64`` ..., or the same symlinks where they are links) and ``/etc/ld.so.cache``. Not the home
-  directory, the project checkout, the model caches or the rest of ``/etc``. A new ``/proc`` for the PID namespace
-  (no host process is in it) and bwrap's minimal ``/dev`` (``null``, ``zero``, ``full``, ``random``, ``urandom``,
-  ``tty``), remounted read-only.
+  directory, the project checkout, the model caches or the rest of ``/etc``. No ``/proc`` and no ``/sys`` (the
+  interpreter needs neither; a procfs holds ``/proc/sys`` and ``/proc/self/mem``), and bwrap's minimal ``/dev``
+  (``null``, ``zero``, ``full``, ``random``, ``urandom``, ``tty``), remounted read-only.
 * working directory: a fresh tmpfs at :data:`WORKDIR` (``/sandbox``) of ``workdir_mb`` MiB (writing beyond it fails
   with ``ENOSPC``), mode 0700, holding the given files (copied in from memfds with ``--file``). It is the cwd,
   ``HOME`` and ``TMPDIR``, and it vanishes with the namespace: nothing the code writes reaches the host's disk.
 * processes: ``--as-pid-1``: the interpreter is the PID namespace's process 1, with no bwrap process beside it
-  (bwrap's usual reaper at PID 1 would be a process of the same user whose memory the code could read and write
-  through ``/proc/1/mem``, free of the rlimits); its parent is outside the namespace (``getppid()`` is 0).
-  ``--die-with-parent`` (the sandbox is killed when the thread that started it ends) and ``--new-session`` (no
-  controlling terminal to push input into). On a timeout the outer ``bwrap`` is killed and with it the
-  interpreter; the kernel then kills every other process of the namespace, whatever session or group it joined.
+  (bwrap's usual reaper at PID 1 would be a process of the same user whose memory the code could read and write,
+  free of the rlimits); its parent is outside the namespace (``getppid()`` is 0). ``--die-with-parent`` and
+  ``--new-session`` (no controlling terminal to push input into). ``--info-fd`` tells the host the interpreter's host
+  pid, on which it opens a pidfd at once: at the end of the run (timeout or not) the host kills it through the pidfd,
+  and the kernel then kills every other process of the namespace, whatever it did to its parent-death signal,
+  session or group.
 * seccomp (``--seccomp FD``; :func:`seccomp_filter`, x86-64 and aarch64): refuses with ``EPERM`` the system calls
-  that the namespaces do not isolate: creating processes and threads (``fork``, ``vfork``, ``clone``, ``clone3``;
-  the kernel does not apply ``RLIMIT_NPROC`` to root), reaching into other processes (``ptrace``,
-  ``process_vm_readv``/``writev``, ``kcmp``, ``pidfd_getfd``, ``process_madvise``), new namespaces and mounts
-  (``unshare``, ``setns``, ``mount`` and the new mount API, ``umount2``, ``pivot_root``, ``chroot``), the kernel
-  keyrings, ``bpf``, ``perf_event_open``, ``userfaultfd``, ``io_uring`` (whose operations seccomp does not see) and
-  ``personality``. A system call of another ABI (32-bit x86, x32) kills the process. On other architectures the
+  that the namespaces do not isolate: creating processes and threads (``fork``, ``vfork``, ``clone``, ``clone3``),
+  reaching into other processes (``ptrace``, ``process_vm_readv``/``writev``, ``kcmp``, ``pidfd_getfd``,
+  ``process_madvise``), new namespaces and mounts (``unshare``, ``setns``, ``mount`` and the new mount API,
+  ``umount2``, ``pivot_root``, ``chroot``), the kernel keyrings, ``bpf``, ``perf_event_open``, ``userfaultfd``,
+  ``io_uring`` (whose operations seccomp does not see), ``personality``, ``syslog``, and memory that ``RLIMIT_AS``
+  does not count (``memfd_create``, ``memfd_secret``, System V ``shmget``/``shmat``/``msgget``/``semget``,
+  ``mq_open``). ``socket`` and ``socketpair`` make ``AF_UNIX`` sockets only; any other family (``AF_INET``,
+  ``AF_VSOCK``, which reaches the hypervisor of a VM host, ``AF_NETLINK``, ``AF_PACKET``, ...) gets
+  ``EAFNOSUPPORT``. A system call of another ABI (32-bit x86, x32) kills the process. On other architectures the
   level runs without the filter, and :func:`sandbox_info` records that.
 * environment: only ``PATH``, ``HOME``, ``TMPDIR``, ``LANG`` and ``PWD`` (which bwrap sets with ``--chdir``); of
-  the host's file descriptors only the three standard streams and the guard's report pipe.
+  the host's file descriptors only the three standard streams, the guard's report pipe (and the pipe of its key,
+  read and closed before any untrusted line runs), and where two programs are connected, their channel.
+* memory: bounded per process by ``RLIMIT_AS``, and there is one process (no fork, no threads), its tmpfs
+  (``workdir_mb``) and its pipes; memory outside the address space is refused by seccomp (above). No cgroup is used:
+  the bound holds without one, and many machines (this project's among them) keep the memory controller in cgroup v1.
 """
 
 from __future__ import annotations

@@ -13,12 +13,26 @@ raises :class:`SandboxUnavailable`, whose message says what to install or which 
 :func:`check_isolation` runs a probe once (a program that tries the network and writes outside its directory; both
 must fail) and returns what an experiment records in its result: :func:`sandbox_info` and the probe's findings.
 
-**The bwrap level** is built in :mod:`emokern.experiments.bwrap`, whose docstring lists each of its walls: new
-namespaces (user, mount, PID, network, IPC, UTS: no network at all) with every capability dropped and the interpreter
-as the PID namespace's process 1; an empty, read-only root with read-only binds of only what the interpreter needs;
-a fresh tmpfs of ``workdir_mb`` MiB at :data:`WORKDIR` as the working directory, which vanishes with the namespace;
-and a seccomp filter (:func:`seccomp_filter`) that refuses with ``EPERM`` the system calls the namespaces do not
-isolate (creating processes and threads, ``ptrace``, mounts, new namespaces and more).
+**The bwrap level** is built in :mod:`emokern.experiments.bwrap`, whose docstring lists each of its walls: never
+the host's root (run as root, the sandbox is uid 65534 on the host), new namespaces (user, mount, PID, network, IPC,
+UTS: no network at all) with every capability dropped and the interpreter as the PID namespace's process 1, killed
+through a pidfd at the end with everything in its namespace; an empty, read-only root with read-only binds of only
+what the interpreter needs and no ``/proc`` or ``/sys``; a fresh tmpfs of ``workdir_mb`` MiB at :data:`WORKDIR` as the
+working directory, which vanishes with the namespace; and a seccomp filter (:func:`seccomp_filter`) that refuses with
+``EPERM`` the system calls the namespaces do not isolate (creating processes and threads, ``ptrace``, mounts, new
+namespaces, memory outside the address space and more) and every socket family but ``AF_UNIX``.
+
+**Two programs** (:func:`run_programs`): a second sandbox beside the first, connected by a pipe each way and sharing
+nothing else, is how :mod:`emokern.experiments.coding_tests` keeps the tests out of the model code's process.
+
+**The guard's report** is a pipe from the audit hook to the host. Every line after the first is numbered and signed
+with a key that the host makes for the run and hands over through a second pipe, which the bootstrap reads and closes
+before any untrusted line runs; the host reads the report line by line and keeps only lines whose signature and
+number are right (:class:`SandboxResult`: ``violations``, ``forged_report_lines``), so lines the code writes to the
+descriptor itself are dropped and a flood of them cannot push the real ones out. A run that ends normally closes the
+report with a signed count (``report_complete``); after ``os._exit``, a fatal signal, the timeout, or a descriptor
+the code replaced, the report says it is incomplete. The guard is not a wall (below): code that defeats it can also
+silence its report, which the kernel's walls make harmless.
 
 **The Python guard** (the inner wall under ``"bwrap"``, the only one under ``"python-guard"``). The child process:
 
@@ -43,6 +57,8 @@ isolate (creating processes and threads, ``ptrace``, mounts, new namespaces and 
     so ``subprocess`` and ``multiprocessing`` cannot start anything;
   - signalling other processes: ``os.kill``, ``os.killpg``, ``signal.pthread_kill``;
   - the network: creating any socket (``socket.__new__``), ``connect``, ``bind``, ``sendto``, name look-ups;
+  - (while it decides, garbage collection is off, so that a ``gc`` callback of the code's cannot run in the middle
+    of a check, e.g. to change the working directory between the path check and the call);
   - files: writing, creating, deleting, renaming or changing the mode of anything outside the working directory;
     reading or listing anything outside the working directory and the standard library (plus ``/dev/null`` and
     ``/dev/urandom``); making links (``os.link``, ``os.symlink``);
@@ -51,14 +67,15 @@ isolate (creating processes and threads, ``ptrace``, mounts, new namespaces and 
     ``sys.setprofile``, ``sys._current_frames``.
 
   The hook runs with its own copy of the builtins and calls no module function the code could replace (only
-  ``posix.getcwd`` and ``posix.write``, captured before the code ran), so monkeypatching ``os.path`` or
-  ``builtins`` does not change its decisions.
+  ``posix.getcwd``, the report's writer and ``gc``'s switches, captured before the code ran), so monkeypatching
+  ``os.path`` or ``builtins`` does not change its decisions.
 
 **What the guard is not.** The audit hook is a Python-level guard, not a kernel sandbox. It stops the ordinary APIs and
 the mistakes and naive attempts of model-written code; Python code written to defeat it can (for example by
 re-creating a native module through ``_imp``, through a bug in an extension module, or by writing over its own
-memory through ``/proc/self/mem``). ``RLIMIT_NPROC`` is not enforced for root (CI runs as root), so under
-``"python-guard"`` the hook is all that stops a fork bomb there; under ``"bwrap"`` the seccomp filter stops it.
+memory, or by writing a C extension into its directory and importing it). ``RLIMIT_NPROC`` is not enforced for
+root, and ``"python-guard"`` runs the code as the caller (root in CI), so there the hook is all that stops a fork bomb;
+under ``"bwrap"`` the seccomp filter stops it, and the code is never root.
 Nothing in the guard isolates the filesystem or the network at the kernel level: that is what ``"bwrap"`` adds.
 
 **Exit status.** Under bwrap, a signal that ends the program reaches the caller as bwrap's exit status 128 + n:
@@ -72,11 +89,12 @@ timeout's ``SIGKILL`` act as usual.
 the rest is read and discarded (so a flood cannot exhaust the host's memory, and the child never blocks on a full
 pipe), with :attr:`SandboxResult.stdout_truncated` set.
 
-**Overhead.** ``benchmarks/bench_sandbox.py`` measures the wall-clock time of one run under each level, interleaved.
-On this project's 2-core AMD EPYC (bubblewrap 0.8.0, one thread, 40 interleaved repetitions), one run of a
-three-test candidate took 68.2 ms (median) under ``"bwrap"`` and 67.8 ms under ``"python-guard"``: bwrap adds
-2.0 ms per run (median of the paired differences), well under a millisecond per test, and nothing next to the
-seconds a model takes to write the candidate. The start-up probe costs 69 ms once per run.
+**Overhead.** ``benchmarks/bench_sandbox.py`` measures the wall-clock time of one test run
+(:func:`~emokern.experiments.coding_tests.run_tests`: two sandboxed programs) under each level, interleaved. On this
+project's 2-core AMD EPYC (bubblewrap 0.8.0, 20 interleaved repetitions, while other jobs loaded the machine), one
+run of a three-test candidate took 276 ms (median) under ``"bwrap"`` and 192 ms under ``"python-guard"`` (paired
+difference 59 ms), nothing next to the seconds a model takes to write the candidate; the start-up probe, one program,
+182 ms once per run.
 """
 
 from __future__ import annotations
