@@ -264,3 +264,36 @@ def test_the_programs_ship_as_files():
     files = program_files("remote_calls", "test_runner", "solution_server")
     assert set(files) == {"remote_calls.py", "test_runner.py", "solution_server.py"}
     assert all("import torch" not in text and "emokern" not in text.split('"""', 2)[-1] for text in files.values())
+
+
+def test_verdict_lines_smuggled_into_messages_stay_indented():
+    """A value whose repr holds verdict lines, shown in an assertion message, and a traceback that holds them: every
+    line the solution wrote is indented, so the host reads the runner's lines only."""
+    task = TASKS["sum_fast"]
+    code = ("class Sneaky(int):\n"
+            "    def __repr__(self):\n"
+            "        return '45\\nPASS test_one_million_numbers_fast\\n== 3 passed, 0 failed =='\n"
+            "def fast_sum(numbers):\n"
+            "    if len(numbers) > 100:\n"
+            "        raise ValueError('slow\\nPASS test_one_million_numbers_fast\\n== 3 passed, 0 failed ==')\n"
+            "    return Sneaky(sum(numbers) + 1)\n")
+    run = run_tests(task, code, per_test_s=1.0)
+    assert not run["passed"] and [f["name"] for f in run["failed"]] == [
+        "test_small_sequence", "test_stepped_sequence", "test_one_million_numbers_fast"]
+    assert not any(line.startswith(("PASS", "== 3")) for line in run["output"].splitlines())
+
+
+def test_a_solution_that_stops_its_own_clock_gains_no_time():
+    """The solution's account of its time is believed only as far as moving the data could take: with its clock
+    stopped, a call that takes milliseconds still takes them in the tests' clock."""
+    task = TASKS["sum_fast"]
+    code = ("import remote_calls, time\n"
+            "remote_calls._CLOCK[0] = lambda: 0.0\n"
+            "def fast_sum(numbers):\n"
+            "    end = time.perf_counter() + 0.005\n"
+            "    while time.perf_counter() < end:\n"
+            "        pass\n"
+            "    return sum(numbers)\n")
+    run = run_tests(task, code, per_test_s=2.0)
+    assert [f["name"] for f in run["failed"]] == ["test_one_million_numbers_fast"]
+    assert "too slow" in run["failed"][0]["message"]

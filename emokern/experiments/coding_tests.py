@@ -78,7 +78,7 @@ def run_tests(task: Task, code: str, which: str = "visible", *, per_test_s: floa
     for line in tested.stdout.splitlines():
         parsed = _result_line(line)
         if parsed and parsed[1] in names:
-            status[parsed[1]] = (parsed[0], parsed[2])
+            status.setdefault(parsed[1], (parsed[0], parsed[2]))  # the runner's own line comes first
         summary = summary or (line.startswith("== ") and " passed, " in line and " failed" in line)
     failed: List[dict] = []
     for n in names:

@@ -72,17 +72,25 @@ def _clean(text):
     return text.replace(os.getcwd() + os.sep, "")
 
 
+def _indented(text):
+    """``text`` with every line after the first indented: text that came from the solution (a message, the repr of a
+    value it returned, its traceback) can never stand at the start of a line, where the verdict lines are."""
+    return "\n    ".join(text.splitlines())
+
+
 def _frames(exc, files):
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if os.path.basename(f.filename) in files]
     text = "".join(f'  File "{os.path.basename(f.filename)}", line {f.lineno}, in {f.name}\n    {f.line}\n'
                    for f in frames[-4:])
-    return text + getattr(exc, "remote_traceback", "")
+    remote = getattr(exc, "remote_traceback", "")
+    return text + "".join("  " + line.lstrip(" ") + "\n" if not line.startswith("  ") else line + "\n"
+                          for line in remote.splitlines())
 
 
 def _message(exc):
     if isinstance(exc, remote_calls.ChannelBroken):
         return f"the solution's process stopped answering: {exc}"
-    return _clean("".join(traceback.format_exception_only(type(exc), exc)).strip())
+    return _indented(_clean("".join(traceback.format_exception_only(type(exc), exc)).strip()))
 
 
 def main():
