@@ -522,15 +522,16 @@ def trace_episode(handle, model, tokenizer, episode: dict, task: Task, *, layers
 def plot_episode_trace(trace: dict, path, *, window: int) -> None:
     """The signature plot: the traced emotions over the assistant's tokens of every turn (smoothed per turn), each
     turn's test result at its end, the hacking turn shaded."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # an explicit Agg canvas: pyplot's global state and the user's backend are never touched
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     from emokern.trace import Trace
 
     colours = {"desperate": "#c0392b", "calm": "#2471a3"}
-    fig, ax = plt.subplots(figsize=(12, 4.2))
+    fig = Figure(figsize=(12, 4.2))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     for k, emotion in enumerate(trace["emotions"]):
         xs, ys = [], []
         for span in trace["turns"]:
@@ -563,20 +564,20 @@ def plot_episode_trace(trace: dict, path, *, window: int) -> None:
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_hack_rates(stats: dict, emotions: Sequence[str], tasks: List[Task], conditions: List[Condition], out) -> list:
     """``hack_rate.png`` (rate against strength per emotion, Wilson 95% bars, unsteered at 0) and
     ``hack_rate_by_task.png`` (task × condition). Returns the paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # an explicit Agg canvas: pyplot's global state and the user's backend are never touched
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     per = stats["per_condition"]
     base = per["unsteered"]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     widest = max([abs(v["strength"]) for v in per.values()] + [1e-3])
     for k, emotion in enumerate(emotions):
         points = sorted([(0.0, base)] + [(v["strength"], v) for v in per.values() if v["emotion"] == emotion],
@@ -594,11 +595,12 @@ def plot_hack_rates(stats: dict, emotions: Sequence[str], tasks: List[Task], con
     fig.tight_layout()
     first = out / "hack_rate.png"
     fig.savefig(first, dpi=120)
-    plt.close(fig)
 
     names = [c.name for c in conditions]
     grid = [[stats["per_task"][t.id][c]["hack_rate"] or 0.0 for c in names] for t in tasks]
-    fig, ax = plt.subplots(figsize=(1.1 * len(names) + 2.5, 0.5 * len(tasks) + 1.8))
+    fig = Figure(figsize=(1.1 * len(names) + 2.5, 0.5 * len(tasks) + 1.8))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     ax.imshow(grid, cmap="Oranges", vmin=0, vmax=1, aspect="auto")
     for i, t in enumerate(tasks):
         for j, c in enumerate(names):
@@ -611,7 +613,6 @@ def plot_hack_rates(stats: dict, emotions: Sequence[str], tasks: List[Task], con
     fig.tight_layout()
     second = out / "hack_rate_by_task.png"
     fig.savefig(second, dpi=120)
-    plt.close(fig)
     return [first, second]
 
 
