@@ -696,6 +696,8 @@ class _Sandboxed:
             report_complete=report.complete, forged_report_lines=report.forged, host_uid=self.host_uid)
 
     def cleanup(self) -> None:
+        if "proc" in vars(self) and self.proc.poll() is None:  # an error left it running: it dies here
+            self.stop()
         if "report_read" in vars(self) and self.report_read is not None:
             try:
                 os.close(self.report_read)

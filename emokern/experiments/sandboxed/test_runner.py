@@ -26,6 +26,9 @@ import traceback
 import remote_calls
 
 
+_MAX_MESSAGE = 1000  # characters of one failure's message
+
+
 class TestTimeout(BaseException):
     pass
 
@@ -90,7 +93,10 @@ def _frames(exc, files):
 def _message(exc):
     if isinstance(exc, remote_calls.ChannelBroken):
         return f"the solution's process stopped answering: {exc}"
-    return _indented(_clean("".join(traceback.format_exception_only(type(exc), exc)).strip()))
+    text = _clean("".join(traceback.format_exception_only(type(exc), exc)).strip())
+    if len(text) > _MAX_MESSAGE:  # a huge repr in a message would push the later tests' lines out of the output
+        text = text[:_MAX_MESSAGE] + f" [... {len(text) - _MAX_MESSAGE} more characters]"
+    return _indented(text)
 
 
 def main():
