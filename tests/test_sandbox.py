@@ -916,6 +916,9 @@ def test_without_the_uid_drop_the_sandbox_runs_as_host_root(monkeypatch):
     uid, result = _uid_seen_by_the_host(marker, lambda: run_in_sandbox(
         {"main.py": "import time\ntime.sleep(1.5)\n"}, "main", args=[marker], timeout_s=10, **WALLS["kernel-only"]))
     assert uid == 0 and result.host_uid == 0
+    # and the start-up probe refuses to go on
+    with pytest.raises(SandboxUnavailable, match="ran as the host's root"):
+        check_isolation("bwrap")
 
 
 SOCKET_FAMILIES = {"inet": socket.AF_INET, "inet6": socket.AF_INET6, "vsock": 40, "netlink": socket.AF_NETLINK,

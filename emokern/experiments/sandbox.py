@@ -914,7 +914,9 @@ def check_isolation(sandbox: str = "bwrap") -> dict:
     costs one sandboxed run.
 
     Returns:
-        :func:`sandbox_info` with ``"probe"``: ``{attempt: "refused: <the exception the probe got>"}``.
+        :func:`sandbox_info` with ``"probe"``: ``{attempt: "refused: <the exception the probe got>"}``; under
+        ``"bwrap"`` its ``"host_uid"`` is the uid the host's kernel gave the probe (a run as the host's root is a
+        hole).
 
     Raises:
         ValueError: an unknown level. SandboxUnavailable: the sandbox did not start, or an attempt got through.
@@ -951,6 +953,10 @@ def check_isolation(sandbox: str = "bwrap") -> dict:
                                      f"{result.exit_code}, killed by {result.killed_by}): "
                                      f"{result.stderr.strip()[-1000:]}") from None
         holes += [f"{name}: allowed" for name, outcome in found.items() if not outcome.startswith("refused")]
+        if sandbox == "bwrap":
+            info["host_uid"] = result.host_uid  # as the host's kernel saw the probe, not as predicted
+            if result.host_uid == 0:
+                holes.append("the sandboxed process ran as the host's root")
         if holes:
             raise SandboxUnavailable(f"sandbox={sandbox!r} does not isolate here: {'; '.join(holes)}")
     finally:
