@@ -1147,3 +1147,40 @@ def test_the_walls_hold_when_run_as_an_unprivileged_user():
     assert sockets["unix"] == "ALLOWED"
     assert found["orphan_seconds"] < 3.0 and found["orphan_left"] == []
     assert found["forged"] == 20002 and found["complete"] and len(found["violations"]) == 1
+
+
+def test_a_gc_callback_cannot_move_the_working_directory_during_a_check(level):
+    """The guard's check of a relative path reads the working directory; a gc callback that ran inside the hook
+    could change it between the check and the call (the check sees the working directory, the call a standard-library
+    directory). The hook runs with garbage collection off, so the write lands where it was checked."""
+    stdlib = os.path.realpath(os.path.dirname(os.__file__))
+    escaped = Path(stdlib).parents[2] / f"emokern-gc-escaped-{os.getpid()}"  # where "../../../<name>" would land
+    code = ATTEMPT + (f"import gc\n"
+                      f"os.makedirs('a/b/c')\n"
+                      f"os.chdir('a/b/c')\n"
+                      f"moved = []\n"
+                      f"def move(phase, info):\n"
+                      f"    if phase != 'start' or moved:\n        return\n"
+                      f"    frame, names = sys._getframe(1), set()\n"
+                      f"    while frame is not None:\n"
+                      f"        names.add(frame.f_code.co_name)\n        frame = frame.f_back\n"
+                      f"    if 'check_path' in names:  # inside the guard's check, after it read the directory\n"
+                      f"        moved.append(1)\n"
+                      f"        os.chdir({stdlib!r})\n"
+                      f"gc.callbacks.append(move)\n"
+                      f"gc.set_threshold(1)\n"
+                      f"try:\n"
+                      f"    open('../../../{escaped.name}', 'w').write('x')\n"
+                      f"except Exception as exc:\n"
+                      f"    print('write refused', type(exc).__name__, None)\n"
+                      f"else:\n"
+                      f"    print('write ALLOWED')\n"
+                      f"gc.callbacks.clear()\n"
+                      f"print('CWD', os.getcwd())\n")
+    try:
+        result = run_in_sandbox({"main.py": code}, "main", timeout_s=10, sandbox=level)
+        assert not escaped.exists()
+    finally:
+        escaped.unlink(missing_ok=True)
+    assert _outcomes(result)["write"] == ("ALLOWED", None, None)  # inside the working directory, as checked
+    assert result.stdout.splitlines()[-1].endswith("/a/b/c")  # the callback never ran inside the check
