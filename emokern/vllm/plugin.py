@@ -38,10 +38,33 @@ def register() -> None:
     cfg = config_mod.from_env()
     if cfg is None:
         return
+    _check_extension()
     _patch_front_end()
     _patch_worker()
     _patch_compile_hash(cfg)
     _REGISTERED = True
+
+
+def _check_extension() -> None:
+    """Fail the engine's start, with the cause and the fix, when the imported emokern has no compiled ops.
+
+    The usual cause: Python was started in a source checkout, whose ``emokern/`` shadows the one installed in vLLM's
+    environment, and the checkout's ``_C`` was built against another torch. It may load without an error yet
+    register nothing, and the engine would die at its first step (``'_OpNamespace' 'emokern' object has no
+    attribute 'project'``)."""
+    import emokern
+    import torch
+
+    from emokern.ops import _extension
+
+    if _extension.HAS_CPU_KERNELS or _extension.HAS_CUDA_KERNELS:
+        return
+    raise RuntimeError(
+        f"emokern.vllm: the emokern imported from {emokern.__path__[0]} has no compiled ops for torch "
+        f"{torch.__version__} (emokern._C: {_extension._load_error or 'loaded, but it registered no kernels'}). "
+        f"If that is a source checkout, Python put the current directory first on its import path: start Python "
+        f"with -P (or set PYTHONSAFEPATH=1), or run from another directory, so that the emokern installed in this "
+        f"environment is used (make vllm-env builds it).")
 
 
 def _patch_front_end() -> None:
@@ -70,7 +93,7 @@ def _patch_front_end() -> None:
         request = original(self, request_id, prompt, params, *args, **kwargs)
         if parsed is None:
             return request
-        salt = parsed.cache_salt()
+        salt = parsed.cache_salt(_prompt_len(request))
         if salt is not None:
             request.cache_salt = salt if not request.cache_salt else f"{request.cache_salt}|{salt}"
         if parsed.monitor_k is not None and parsed.monitor_prompt and request.sampling_params is not None:
@@ -78,7 +101,14 @@ def _patch_front_end() -> None:
         return request
 
     process_inputs._emokern = True
+    process_inputs._emokern_original = original  # what the tests call to send a spec around the front end's check
     InputProcessor.process_inputs = process_inputs
+
+
+def _prompt_len(request) -> int:
+    if request.prompt_token_ids is not None:
+        return len(request.prompt_token_ids)
+    return 0 if request.prompt_embeds is None else int(request.prompt_embeds.shape[0])
 
 
 def _patch_compile_hash(cfg) -> None:
@@ -121,6 +151,14 @@ def _patch_worker() -> None:
         inst = worker.installation()
         return [None] * len(request_ids) if inst is None else inst.take(list(request_ids))
 
+    def emokern_readout(self, request_ids):
+        """Compact readouts of requests by id, kept for emokern_take (see
+        :meth:`emokern.vllm.worker.Installation.readout`)."""
+        from emokern.vllm import worker
+
+        inst = worker.installation()
+        return [None] * len(request_ids) if inst is None else inst.readout(list(request_ids))
+
     def emokern_stats(self):
         from emokern.vllm import worker
 
@@ -130,4 +168,5 @@ def _patch_worker() -> None:
     WorkerWrapperBase.load_model = load_model
     WorkerWrapperBase.emokern_take = emokern_take
     WorkerWrapperBase.emokern_stats = emokern_stats
+    WorkerWrapperBase.emokern_readout = emokern_readout
     WorkerWrapperBase._emokern = True
