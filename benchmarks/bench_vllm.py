@@ -209,10 +209,6 @@ def main() -> None:
     print(f"wrote {out}")
 
 
-if __name__ == "__main__":
-    main()
-
-
 def _starts(args, path: str, bank_kind: str, layer: int) -> None:
     """``--starts``: seconds from ``LLM(...)`` to the first token of a one-token request, N times in a row."""
     import vllm
@@ -244,3 +240,8 @@ def _starts(args, path: str, bank_kind: str, layer: int) -> None:
         "layers": [layer], "start_to_first_token_seconds": seconds, "load_average_1min": round(os.getloadavg()[0], 2),
         "emokern": emokern.__version__}, indent=1) + "\n")
     print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
+

@@ -138,6 +138,10 @@ def test_invalid_specs_fail_alone(llm):
         ({"steer": {"emotions": {"calm": 0.1}, "layers": [3]}}, r"installed layers \(this engine has the op at"),
         ({"monitor": {"emotions": ["calm"]}, "alert": {"emotion": "desperate"}}, "one of the monitored emotions"),
         ("{not json", "a string must be JSON"),
+        ({"steer": {"emotions": {"calm": 100.5}}}, r"strength for 'calm' must be at most 100 in size"),
+        ({"steer": {"emotions": {"calm": [None, -1e6]}, "mode": "clamp"}}, "clamp bounds for 'calm' must be at most"),
+        ({"steer": {"emotions": {"calm": 900.0}, "relative": False, "layers": [19]}},
+         r"at most 800 in size \('relative': false at layer 19"),
     ]
     good = ev.sampling_params({"monitor": {"emotions": ["calm"]}}, max_tokens=4, temperature=0)
     for spec, message in bad:

@@ -135,6 +135,7 @@ def test_steered_chat_and_its_trace(server, bank):
     assert trace["length"] == usage["prompt_tokens"] + usage["completion_tokens"] - 1
     values = trace["projections"]
     assert len(values) == trace["length"] and all(v is not None for t in values for s in t for v in s)
+    assert max(abs(v) for t in values for s in t for v in s) > 1.0  # the compiled graph wrote the live buffer
     assert trace["neutral_std"] == [[1.0, 1.0]] * len(LAYERS)
     assert _call(f"{server}/v1/emokern/trace/{steered['id']}")[0] == 404  # handed over once
 

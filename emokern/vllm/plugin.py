@@ -5,16 +5,17 @@ classes present in every vLLM process (no model work happens here):
 
 * ``InputProcessor.process_inputs`` (the front end: ``LLM`` or the API server): a request's
   ``extra_args["emokern"]`` is parsed against the bank before it enters the engine, so an unknown emotion, a bad
-  mode or a strength that is not a number fails that request alone with a clear message (HTTP 400 on the server)
-  and the engine never sees it. A steered request gets a prefix-cache salt derived from its steering
-  (:meth:`RequestSpec.cache_salt`, combined with any salt it brought), so it never shares KV blocks with a request
-  steered differently; a request that monitors its prompt reads nothing from the prefix cache
+  mode or a strength that is not a number, or beyond :data:`~emokern.vllm.spec.MAX_STRENGTH`, fails that request
+  alone with a clear message (HTTP 400 on the server) and the engine never sees it. A steered request gets a
+  prefix-cache salt derived from its steering (and, for the ``prompt`` and ``generated`` scopes, its prompt length:
+  :meth:`RequestSpec.cache_salt`), combined with any salt it brought, so it never reads KV blocks computed under
+  another steering state; a request that monitors its prompt reads nothing from the prefix cache
   (``skip_reading_prefix_cache``), so every prompt position is computed, and recorded.
 * ``WorkerWrapperBase`` (each worker): ``load_model`` installs the op into the loaded model (before vLLM's
-  warm-up and compilation) and the RPC methods ``emokern_take`` and ``emokern_stats`` are added for
-  ``collective_rpc`` with a string method name.
+  warm-up and compilation) and the RPC methods ``emokern_take``, ``emokern_readout`` and ``emokern_stats`` are
+  added for ``collective_rpc`` with a string method name.
 
-It also salts vLLM's compile-cache key with the bank and layers (:func:`_patch_compile_hash`).
+It refuses to start when the imported emokern has no compiled ops (:func:`_check_extension`), and salts vLLM's compile-cache key with the bank and layers (:func:`_patch_compile_hash`).
 """
 
 from __future__ import annotations
