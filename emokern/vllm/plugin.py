@@ -15,7 +15,8 @@ classes present in every vLLM process (no model work happens here):
   warm-up and compilation) and the RPC methods ``emokern_take``, ``emokern_readout`` and ``emokern_stats`` are
   added for ``collective_rpc`` with a string method name.
 
-It refuses to start when the imported emokern has no compiled ops (:func:`_check_extension`), and salts vLLM's compile-cache key with the bank and layers (:func:`_patch_compile_hash`).
+It refuses to start when the imported emokern has no compiled ops (:func:`_check_extension`), and salts vLLM's
+compile-cache key with the bank and layers (:func:`_patch_compile_hash`).
 """
 
 from __future__ import annotations

@@ -31,8 +31,9 @@ against the bank's neutral statistics, else raw projections, 2 decimals) at ever
 the residual stream where the model read that token; the last completion token is never read back and has no row.
 With ``"stream": true`` the readouts come as one more chunk, ``{"id", "object", "created", "model", "choices": [],
 "emokern": [...]}``, just before ``data: [DONE]``. The trace stays held for the GET endpoint. Cost:
-about 7·S·K bytes of JSON per generated token, one RPC per monitored response. Cost of the trace: 4·S·K bytes per token held in the worker until
-fetched (at most ``EMOKERN_VLLM_MAX_TRACES`` finished requests), about 10·S·K bytes per token of JSON.
+S·K numbers of 2 decimals per generated token, one RPC per monitored response. Cost of the trace: 4·S·K bytes per
+token held in the worker until fetched (at most ``EMOKERN_VLLM_MAX_TRACES`` finished requests), about 10·S·K bytes
+per token of JSON.
 """
 
 import json

@@ -504,8 +504,8 @@ class Installation:
 
     def stats(self) -> dict:
         return {"layers": list(self.loaded.layers), "emotions": len(self.loaded.names), "buffer_rows": self.T,
-                "slots": self.R, "slots_in_use": len(self.slots), "records": len(self.records), "failed": len(self.failed),
-                "steps": self.steps,
+                "slots": self.R, "slots_in_use": len(self.slots), "records": len(self.records),
+                "failed": len(self.failed), "steps": self.steps,
                 "recomputed_positions": self.recomputed, "host_seconds": round(self.host_seconds, 6),
                 "op_seconds": round(_OP_SECONDS[0], 6),
                 "hooks": len(self.hooks), "bank": self.loaded.config.bank_path}
