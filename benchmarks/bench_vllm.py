@@ -15,6 +15,12 @@ plugin's own time per step and share of the wall time (host routing before the f
 the op inside the forward, timed by the plugin itself: a measure that other load on the machine disturbs less).
 Uses the bank ``make demo`` leaves in ``emokern_out/bank/`` when present (171 emotions), else a random bank of
 171 vectors. Writes ``benchmarks/results/bench_vllm_<machine>[_eager].json``.
+
+``--starts N`` measures engine starts instead: N plugin-on engines one after the other (``LLM(...)`` until it
+answers a one-token request), with the compile cache left from the previous start, so the first start is cold only
+if the cache (``~/.cache/vllm/torch_compile_cache``) was empty; run it under ``VLLM_USE_AOT_COMPILE=0`` to time the
+path without vLLM's ahead-of-time artifact (inductor's own caches only). Writes
+``benchmarks/results/bench_vllm_starts_<machine>[_noaot].json``.
 """
 
 from __future__ import annotations
@@ -73,6 +79,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="for the record (vLLM picks its platform): cuda = CUDA graphs on, vLLM's V2 runner")
+    parser.add_argument("--starts", type=int, default=0, help="measure N consecutive engine starts instead")
     parser.add_argument("--checkout", action="store_true",
                         help="import emokern from this checkout (built in place, as on the GPU machine) instead of "
                              "the installed package")
@@ -140,6 +147,10 @@ def main() -> None:
             host.setdefault((config, batch), []).append((cost / steps, cost / seconds))
         return batch * args.tokens / seconds
 
+    if args.starts:
+        _starts(args, path, bank_kind, layer)
+        return
+
     start_seconds = {}
     for rnd in range(args.rounds):
         for plugin in ((True, False) if rnd % 2 else (False, True)):
@@ -198,5 +209,39 @@ def main() -> None:
     print(f"wrote {out}")
 
 
+def _starts(args, path: str, bank_kind: str, layer: int) -> None:
+    """``--starts``: seconds from ``LLM(...)`` to the first token of a one-token request, N times in a row."""
+    import vllm
+    from vllm import LLM, SamplingParams
+
+    import emokern
+
+    aot = os.environ.get("VLLM_USE_AOT_COMPILE", "default")
+    seconds = []
+    for i in range(args.starts):
+        t0 = time.perf_counter()
+        llm = LLM(model=path, dtype="bfloat16", max_model_len=512, max_num_seqs=64, seed=0, enforce_eager=args.eager)
+        try:
+            llm.generate(["Hello"], SamplingParams(max_tokens=1), use_tqdm=False)
+        finally:
+            llm.llm_engine.engine_core.shutdown()
+        seconds.append(round(time.perf_counter() - t0, 1))
+        print(f"start {i}: {seconds[-1]} s (VLLM_USE_AOT_COMPILE={aot})", flush=True)
+    ops = _bench_ops()
+    name = ops.device_name(args.device)
+    suffix = "_noaot" if aot == "0" else ""
+    out = RESULTS / f"bench_vllm_starts_{ops.machine_slug(name)}{suffix}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "benchmark": "bench_vllm --starts", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"), "machine": name, "threads": args.threads,
+        "versions": {**ops.versions(), "vllm": vllm.__version__}, "VLLM_USE_AOT_COMPILE": aot,
+        "mode": "eager" if args.eager else "compiled", "model": "smollm2-135m-instruct bf16", "bank": bank_kind,
+        "layers": [layer], "start_to_first_token_seconds": seconds, "load_average_1min": round(os.getloadavg()[0], 2),
+        "emokern": emokern.__version__}, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
 if __name__ == "__main__":
     main()
+

@@ -138,6 +138,10 @@ def test_invalid_specs_fail_alone(llm):
         ({"steer": {"emotions": {"calm": 0.1}, "layers": [3]}}, r"installed layers \(this engine has the op at"),
         ({"monitor": {"emotions": ["calm"]}, "alert": {"emotion": "desperate"}}, "one of the monitored emotions"),
         ("{not json", "a string must be JSON"),
+        ({"steer": {"emotions": {"calm": 100.5}}}, r"strength for 'calm' must be at most 100 in size"),
+        ({"steer": {"emotions": {"calm": [None, -1e6]}, "mode": "clamp"}}, "clamp bounds for 'calm' must be at most"),
+        ({"steer": {"emotions": {"calm": 900.0}, "relative": False, "layers": [19]}},
+         r"at most 800 in size \('relative': false at layer 19"),
     ]
     good = ev.sampling_params({"monitor": {"emotions": ["calm"]}}, max_tokens=4, temperature=0)
     for spec, message in bad:
@@ -243,3 +247,61 @@ def test_corpus_on_vllm_writes_resumable_shards(llm, hf, tmp_path):
     assert StoryCorpus.load(tmp_path / "c").complete
     with pytest.raises(CorpusConfigError, match="sampler"):  # never finished by the other engine
         generate_corpus(model, tok, tmp_path / "c", **kw)
+
+
+def test_request_failed_in_the_worker_fails_alone(llm):
+    """A spec sent around the front end's check (the worker is its last line): the worker fails that request alone
+    (unsteered, ended at its first token, the error handed over), while its batch-mate and the next request run."""
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    checked = InputProcessor.process_inputs
+    bad = ev.sampling_params({"steer": {"emotions": {"desperate": 1e39}, "relative": False}, "monitor": True},
+                             max_tokens=8, temperature=0)
+    mate = ev.sampling_params({"monitor": True}, max_tokens=8, temperature=0, ignore_eos=True)
+    InputProcessor.process_inputs = checked._emokern_original
+    try:
+        failed, other = ev.generate(llm, PROMPTS, params=[bad, mate])
+    finally:
+        InputProcessor.process_inputs = checked
+    assert failed.error is not None and "must be at most 800 in size" in failed.error, failed.error
+    assert failed.trace is None
+    assert failed.output.outputs[0].finish_reason == "stop" and len(failed.output.outputs[0].token_ids) == 1
+    assert other.error is None and len(other.output.outputs[0].token_ids) == 8
+    assert torch.isfinite(other.trace.projections[0, :-1]).all()
+    (after,) = ev.generate(llm, PROMPTS[:1], {"steer": {"emotions": {"calm": 0.5}}}, max_tokens=4, temperature=0)
+    assert after.error is None and len(after.output.outputs[0].token_ids) == 4
+    stats = llm.collective_rpc("emokern_stats")[0]
+    assert stats["failed"] == 0 and stats["slots_in_use"] == 0  # the error was handed over, the slots freed
+
+
+@pytest.mark.parametrize("scope", ["prompt", "generated", "all"])
+def test_second_turn_reads_no_block_computed_under_another_steering(llm, scope):
+    """Turn 2 = turn 1's prompt + its reply + a new user message, steered alike. Under scope "generated" turn 1's
+    reply was computed steered and is unsteered prompt in turn 2 ("prompt": the reverse), so turn 2 must not read
+    those blocks from the prefix cache: its reply equals a run that reads no cached block. Under "all" the blocks
+    hold the same state in both turns and are reused."""
+    if llm.kind != "eager":
+        pytest.skip("the ci engine's 5-block cache is for preemption; prefix caching is tested on the eager one")
+    from vllm.inputs import TokensPrompt
+
+    tok = llm.get_tokenizer()
+    first = tok.encode(CHAT.format(f"Turn test ({scope}): tell me about the lake at dawn."))
+    assert len(first) < 32  # turn 1's reply fills most of the first 128-token block (the CPU block size)
+    steer = {"emotions": {"desperate": 4.0}, "scope": scope}
+    (turn1,) = llm.generate([TokensPrompt(prompt_token_ids=first)],
+                            ev.sampling_params({"steer": steer}, max_tokens=120, temperature=0, ignore_eos=True),
+                            use_tqdm=False)
+    second = first + list(turn1.outputs[0].token_ids) + tok.encode("<|im_end|>\n" + CHAT.format("And then?"))
+    spec = {"steer": steer, "monitor": {"prompt": False}}  # generated positions only: the prompt may come cached
+
+    def turn2(**kw):
+        (r,) = ev.generate(llm, [TokensPrompt(prompt_token_ids=second)], params=ev.sampling_params(
+            spec, max_tokens=12, temperature=0, ignore_eos=True, **kw))
+        return r
+
+    cached, fresh = turn2(), turn2(skip_reading_prefix_cache=True)
+    assert fresh.output.num_cached_tokens == 0
+    if scope == "all":
+        assert cached.output.num_cached_tokens >= 128  # the test does read the cache
+    assert cached.output.outputs[0].token_ids == fresh.output.outputs[0].token_ids
+    _assert_close(cached.trace.projections, fresh.trace.projections)

@@ -54,3 +54,21 @@ def test_buffer_too_small_is_refused():
     h, r, V, row, table = _case()
     with pytest.raises(RuntimeError, match="exceeds the buffers"):
         torch.ops.emokern_vllm.residual_site_(h, r, V, row, *table, torch.zeros(3, V.shape[0]), 0)
+
+
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_overflowing_row_is_left_unsteered_and_reported(with_residual):
+    """A table entry whose result is not finite (only a table built around the spec's bounds can have one) leaves
+    its rows as they were and reports them; the other steered rows are steered as usual."""
+    h, r, V, row, table = _case()
+    a, b, lo, hi = (t.clone() for t in table)
+    a[1, 2] = math.inf  # table slot 1 (token rows 2 and 5) sets vector 2's component to infinity
+    r = r if with_residual else None
+    worker._STEP["monitor"], worker._STEP["steer"], worker._STEP["bad_rows"] = True, [True], []
+    h_out, P = h.clone(), torch.zeros(7, V.shape[0])
+    torch.ops.emokern_vllm.residual_site_(h_out, r, V, row, a, b, lo, hi, P, 0)
+    assert sorted(worker._STEP["bad_rows"]) == [2, 5]
+    assert torch.isfinite(h_out).all()
+    assert torch.equal(h_out[[2, 5]], h[[2, 5]])  # left as they were
+    assert not torch.equal(h_out[[0, 3, 6]], h[[0, 3, 6]])  # the other steered rows were steered
+    assert torch.equal(h_out[[1, 4]], h[[1, 4]])

@@ -31,13 +31,15 @@ __all__ = ["Result", "generate", "sampling_params", "take_traces"]
 
 @dataclass
 class Result:
-    """One request's ``RequestOutput``, its :class:`emokern.Trace` (None when not monitored) and its ``alert``
-    (None, or ``{"emotion", "layer", "z", "tokens", "position", "stopped"}``: the first generated position where the
-    alert condition held)."""
+    """One request's ``RequestOutput``, its :class:`emokern.Trace` (None when not monitored, or failed), its
+    ``alert`` (None, or ``{"emotion", "layer", "z", "tokens", "position", "stopped"}``: the first generated position
+    where the alert condition held) and its ``error`` (None, or why the worker failed the request: it then ran
+    unsteered, unrecorded, and ended at its next token; see :mod:`emokern.vllm.worker`)."""
 
     output: Any
     trace: Optional[Trace]
     alert: Optional[dict]
+    error: Optional[str] = None
 
 
 def sampling_params(spec: Optional[dict] = None, **kwargs):
@@ -89,6 +91,8 @@ def take_traces(llm, outputs: Sequence[Any]) -> List[Result]:
     for output, record in zip(outputs, records):
         if record is None:
             results.append(Result(output, None, None))
+        elif record["error"] is not None:
+            results.append(Result(output, None, None, record["error"]))
         else:
             results.append(Result(output, _trace(record, output, tokenizer), record["alert"]))
     return results

@@ -5,16 +5,18 @@ classes present in every vLLM process (no model work happens here):
 
 * ``InputProcessor.process_inputs`` (the front end: ``LLM`` or the API server): a request's
   ``extra_args["emokern"]`` is parsed against the bank before it enters the engine, so an unknown emotion, a bad
-  mode or a strength that is not a number fails that request alone with a clear message (HTTP 400 on the server)
-  and the engine never sees it. A steered request gets a prefix-cache salt derived from its steering
-  (:meth:`RequestSpec.cache_salt`, combined with any salt it brought), so it never shares KV blocks with a request
-  steered differently; a request that monitors its prompt reads nothing from the prefix cache
+  mode or a strength that is not a number, or beyond :data:`~emokern.vllm.spec.MAX_STRENGTH`, fails that request
+  alone with a clear message (HTTP 400 on the server) and the engine never sees it. A steered request gets a
+  prefix-cache salt derived from its steering (and, for the ``prompt`` and ``generated`` scopes, its prompt length:
+  :meth:`RequestSpec.cache_salt`), combined with any salt it brought, so it never reads KV blocks computed under
+  another steering state; a request that monitors its prompt reads nothing from the prefix cache
   (``skip_reading_prefix_cache``), so every prompt position is computed, and recorded.
 * ``WorkerWrapperBase`` (each worker): ``load_model`` installs the op into the loaded model (before vLLM's
-  warm-up and compilation) and the RPC methods ``emokern_take`` and ``emokern_stats`` are added for
-  ``collective_rpc`` with a string method name.
+  warm-up and compilation) and the RPC methods ``emokern_take``, ``emokern_readout`` and ``emokern_stats`` are
+  added for ``collective_rpc`` with a string method name.
 
-It also salts vLLM's compile-cache key with the bank and layers (:func:`_patch_compile_hash`).
+It refuses to start when the imported emokern has no compiled ops (:func:`_check_extension`), and salts vLLM's
+compile-cache key with the bank and layers (:func:`_patch_compile_hash`).
 """
 
 from __future__ import annotations
@@ -38,10 +40,33 @@ def register() -> None:
     cfg = config_mod.from_env()
     if cfg is None:
         return
+    _check_extension()
     _patch_front_end()
     _patch_worker()
     _patch_compile_hash(cfg)
     _REGISTERED = True
+
+
+def _check_extension() -> None:
+    """Fail the engine's start, with the cause and the fix, when the imported emokern has no compiled ops.
+
+    The usual cause: Python was started in a source checkout, whose ``emokern/`` shadows the one installed in vLLM's
+    environment, and the checkout's ``_C`` was built against another torch. It may load without an error yet
+    register nothing, and the engine would die at its first step (``'_OpNamespace' 'emokern' object has no
+    attribute 'project'``)."""
+    import emokern
+    import torch
+
+    from emokern.ops import _extension
+
+    if _extension.HAS_CPU_KERNELS or _extension.HAS_CUDA_KERNELS:
+        return
+    raise RuntimeError(
+        f"emokern.vllm: the emokern imported from {emokern.__path__[0]} has no compiled ops for torch "
+        f"{torch.__version__} (emokern._C: {_extension._load_error or 'loaded, but it registered no kernels'}). "
+        f"If that is a source checkout, Python put the current directory first on its import path: start Python "
+        f"with -P (or set PYTHONSAFEPATH=1), or run from another directory, so that the emokern installed in this "
+        f"environment is used (make vllm-env builds it).")
 
 
 def _patch_front_end() -> None:
@@ -70,7 +95,7 @@ def _patch_front_end() -> None:
         request = original(self, request_id, prompt, params, *args, **kwargs)
         if parsed is None:
             return request
-        salt = parsed.cache_salt()
+        salt = parsed.cache_salt(_prompt_len(request))
         if salt is not None:
             request.cache_salt = salt if not request.cache_salt else f"{request.cache_salt}|{salt}"
         if parsed.monitor_k is not None and parsed.monitor_prompt and request.sampling_params is not None:
@@ -78,7 +103,14 @@ def _patch_front_end() -> None:
         return request
 
     process_inputs._emokern = True
+    process_inputs._emokern_original = original  # what the tests call to send a spec around the front end's check
     InputProcessor.process_inputs = process_inputs
+
+
+def _prompt_len(request) -> int:
+    if request.prompt_token_ids is not None:
+        return len(request.prompt_token_ids)
+    return 0 if request.prompt_embeds is None else int(request.prompt_embeds.shape[0])
 
 
 def _patch_compile_hash(cfg) -> None:
@@ -121,6 +153,14 @@ def _patch_worker() -> None:
         inst = worker.installation()
         return [None] * len(request_ids) if inst is None else inst.take(list(request_ids))
 
+    def emokern_readout(self, request_ids):
+        """Compact readouts of requests by id, kept for emokern_take (see
+        :meth:`emokern.vllm.worker.Installation.readout`)."""
+        from emokern.vllm import worker
+
+        inst = worker.installation()
+        return [None] * len(request_ids) if inst is None else inst.readout(list(request_ids))
+
     def emokern_stats(self):
         from emokern.vllm import worker
 
@@ -130,4 +170,5 @@ def _patch_worker() -> None:
     WorkerWrapperBase.load_model = load_model
     WorkerWrapperBase.emokern_take = emokern_take
     WorkerWrapperBase.emokern_stats = emokern_stats
+    WorkerWrapperBase.emokern_readout = emokern_readout
     WorkerWrapperBase._emokern = True

@@ -1,4 +1,5 @@
-"""``GET /v1/emokern/trace/{request_id}`` on ``vllm serve``: the trace of a finished, monitored request.
+"""``vllm serve`` additions: per-token readouts in the responses of monitored requests, and
+``GET /v1/emokern/trace/{request_id}``, the full trace of a finished, monitored request.
 
 Enable it with the general plugin (``EMOKERN_VLLM_BANK=...``) and vLLM's endpoint-plugin allowlist::
 
@@ -9,19 +10,40 @@ spec as a JSON string in ``vllm_xargs``::
 
     POST /v1/chat/completions  {"messages": [...], "vllm_xargs": {"emokern": "{\\"monitor\\": true}"}}
 
-then fetch the trace with the response's ``id`` (``chatcmpl-...``), once: the worker hands it over and forgets it.
-The answer is JSON: ``layers`` (S), ``names`` (K), ``prompt_len``, ``length`` (T positions recorded),
-``projections`` (T x S x K numbers, null where a position was not recorded), ``neutral_mean`` / ``neutral_std``
-(S x K, for z-scores, or null) and ``alert`` (null or ``{"emotion", "layer", "z", "tokens", "position",
-"stopped"}``); 404 when no trace is held for that id. Cost: 4·S·K bytes per token held in the worker until
-fetched (at most ``EMOKERN_VLLM_MAX_TRACES`` finished requests), about 10·S·K bytes per token of JSON.
+then fetch the trace with the response's ``id`` (``chatcmpl-...``, or ``cmpl-...`` from ``/v1/completions``,
+whose prompts are traced as ``cmpl-...-0``, ``cmpl-...-1``, ...: the plain id gives the first), once: the worker
+hands it over and forgets it. The answer is JSON: ``layers`` (S), ``names`` (K), ``prompt_len``, ``length`` (T
+positions recorded: every position fed to the model, that is the prompt and all generated tokens but the last,
+``prompt_tokens + completion_tokens - 1`` of the response's usage), ``projections`` (T x S x K numbers, null where a
+position was not recorded), ``neutral_mean`` / ``neutral_std`` (S x K, for z-scores, or null), ``alert`` (null or
+``{"emotion", "layer", "z", "tokens", "position", "stopped"}``) and ``error`` (null, or why the worker failed the
+request: it then ran unsteered and unrecorded, ended at its next token, and the other fields are empty); 404 when
+nothing is held for that id.
+
+Readouts in the response. A monitored request's ``/v1/chat/completions`` or ``/v1/completions`` response carries an
+``"emokern"`` list, one readout per choice (by index), so a standard OpenAI client gets them with no second call::
+
+    "emokern": [{"layers": [19], "emotions": ["desperate", "calm"], "values": "zscore",
+                 "tokens": [[[0.41, -1.2]], [[2.3, -0.8]], ...], "alert": null, "error": null}]
+
+``tokens`` row i belongs to completion token i (as in ``"return_token_ids": true``): the ``values`` (z-scores
+against the bank's neutral statistics, else raw projections, 2 decimals) at every monitored layer (S lists of K) of
+the residual stream where the model read that token; the last completion token is never read back and has no row.
+With ``"stream": true`` the readouts come as one more chunk, ``{"id", "object", "created", "model", "choices": [],
+"emokern": [...]}``, just before ``data: [DONE]``. The trace stays held for the GET endpoint. Cost:
+S·K numbers of 2 decimals per generated token, one RPC per monitored response. Cost of the trace: 4·S·K bytes per
+token held in the worker until fetched (at most ``EMOKERN_VLLM_MAX_TRACES`` finished requests), about 10·S·K bytes
+per token of JSON.
 """
 
+import json
 import math
 
 import numpy as np
 
-__all__ = ["TraceEndpoint"]
+__all__ = ["ReadoutMiddleware", "TraceEndpoint"]
+
+_READOUT_PATHS = ("/v1/chat/completions", "/v1/completions")
 
 
 def _as_json(record: dict) -> dict:
@@ -29,6 +51,104 @@ def _as_json(record: dict) -> dict:
     data = np.frombuffer(record["data"], dtype=np.float32).reshape(record["length"], S, K)
     projections = [[[None if math.isnan(v) else round(v, 5) for v in site] for site in t] for t in data.tolist()]
     return {k: v for k, v in record.items() if k != "data"} | {"projections": projections}
+
+
+def _monitored(body: bytes) -> bool:
+    """Whether a request body carries an emokern spec that monitors (the front end has already checked it)."""
+    if b"emokern" not in body:
+        return False
+    try:
+        spec = json.loads(body).get("vllm_xargs", {}).get("emokern")
+        spec = json.loads(spec) if isinstance(spec, str) else spec
+        return bool(isinstance(spec, dict) and spec.get("monitor"))
+    except (ValueError, AttributeError):
+        return False
+
+
+async def _readouts(app, response_id: str, path: str, choices: int) -> list:
+    """One readout per choice (None where nothing is held): chat requests run under the response id, completions
+    prompts under ``<id>-<index>``."""
+    engine = getattr(app.state, "emokern_engine", None)
+    if engine is None:
+        return [None] * choices
+    ids = [response_id] if path == "/v1/chat/completions" else [f"{response_id}-{i}" for i in range(choices)]
+    per_rank = await engine.collective_rpc("emokern_readout", args=(ids,))
+    found = per_rank[0] if per_rank else [None] * len(ids)
+    return list(found) + [None] * (choices - len(found))
+
+
+class ReadoutMiddleware:
+    """ASGI middleware adding the ``"emokern"`` readouts to monitored chat/completions responses (see the module
+    docstring). Other requests pass through untouched; a response that is not a 200 is left as it is."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in _READOUT_PATHS:
+            await self.app(scope, receive, send)
+            return
+        body = bytearray()
+        state = {"mode": None, "start": None, "buffer": bytearray(), "first": None}
+
+        async def receive_copy():
+            message = await receive()
+            if message["type"] == "http.request":
+                body.extend(message.get("body", b""))
+            return message
+
+        async def send_with_readouts(message):
+            if message["type"] == "http.response.start":
+                headers = {k.lower(): v for k, v in message.get("headers", [])}
+                if message["status"] != 200 or not _monitored(bytes(body)):
+                    state["mode"] = "pass"
+                elif headers.get(b"content-type", b"").startswith(b"text/event-stream"):
+                    state["mode"] = "stream"
+                else:
+                    state["mode"], state["start"] = "json", message  # sent with the final length below
+                    return
+                await send(message)
+                return
+            if message["type"] != "http.response.body" or state["mode"] == "pass":
+                await send(message)
+                return
+            if state["mode"] == "json":
+                state["buffer"].extend(message.get("body", b""))
+                if message.get("more_body", False):
+                    return
+                await self._send_json(scope, send, state)
+                return
+            chunk = message.get("body", b"")
+            if state["first"] is None and b"data: {" in chunk:
+                event = chunk[chunk.index(b"data: {") + 6:].split(b"\n\n", 1)[0]
+                state["first"] = json.loads(event)
+            if b"data: [DONE]" in chunk and state["first"] is not None:
+                head, tail = chunk.split(b"data: [DONE]", 1)
+                first = state["first"]
+                n = 1 + max((c.get("index", 0) for c in first.get("choices", [])), default=0)
+                readouts = await _readouts(scope["app"], first["id"], scope["path"], n)
+                extra = {k: first[k] for k in ("id", "object", "created", "model") if k in first}
+                event = json.dumps(extra | {"choices": [], "emokern": readouts}).encode()
+                message = dict(message, body=head + b"data: " + event + b"\n\ndata: [DONE]" + tail)
+            await send(message)
+
+        await self.app(scope, receive_copy, send_with_readouts)
+
+    @staticmethod
+    async def _send_json(scope, send, state) -> None:
+        payload = json.loads(bytes(state["buffer"]))
+        readouts = await _readouts(scope["app"], payload["id"], scope["path"], len(payload.get("choices", [])))
+        usage = payload.get("usage") or {}
+        for readout in readouts:  # rows past the last completion token: a step the engine ran after the stop
+            if readout is not None and len(payload.get("choices", [])) == 1 and "completion_tokens" in usage:
+                del readout["tokens"][max(0, usage["completion_tokens"] - 1):]
+        payload["emokern"] = readouts
+        data = json.dumps(payload).encode()
+        start = state["start"]
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(data)).encode()))
+        await send(dict(start, headers=headers))
+        await send({"type": "http.response.body", "body": data, "more_body": False})
 
 
 class TraceEndpoint:
@@ -39,6 +159,8 @@ class TraceEndpoint:
 
     def attach_router(self, app) -> None:
         from fastapi import Request
+
+        app.add_middleware(ReadoutMiddleware)
         from fastapi.responses import JSONResponse
 
         # (no `from __future__ import annotations` in this module: FastAPI reads the annotation below as a class)
@@ -47,8 +169,11 @@ class TraceEndpoint:
             engine = raw_request.app.state.emokern_engine
             if engine is None:
                 return JSONResponse({"error": "this server has no engine"}, status_code=503)
-            per_rank = await engine.collective_rpc("emokern_take", args=([request_id],))
-            record = per_rank[0][0] if per_rank and per_rank[0] else None
+            # /v1/completions answers with "cmpl-X" and runs its prompts as "cmpl-X-0", "cmpl-X-1", ...
+            wanted = [request_id, f"{request_id}-0"] if request_id.startswith("cmpl-") else [request_id]
+            per_rank = await engine.collective_rpc("emokern_take", args=(wanted,))
+            found = [r for r in (per_rank[0] if per_rank else []) if r is not None]
+            record = found[0] if found else None
             if record is None:
                 return JSONResponse({"error": f"no emokern trace is held for request {request_id!r} (not monitored, "
                                               f"still running, already fetched, or evicted)"}, status_code=404)

@@ -14,7 +14,10 @@ SPEC is a dict, or the same as a JSON string (what ``vllm_xargs`` carries over t
   ``add``), ``scope`` (``all`` | ``prompt`` | ``generated``; default ``all``; as in the patch a request has one
   scope, the last item's), ``layers`` (installed layers; default all), ``relative`` (default true: strengths are
   fractions of the layer's mean residual-stream norm). Token spans and ``{"text": ...}`` scopes are refused:
-  the engine does not keep the prompt text.
+  the engine does not keep the prompt text. Strengths are bounded (:data:`MAX_STRENGTH`): an added amount, a
+  target or a clamp bound at most 100 residual norms in size (with ``relative: false``, 100 times the layer's
+  residual norm in raw units), a scale factor at most 100 in size. Beyond that the steered residual stream
+  overflows the model's dtype, and the request is refused with the limit in the message.
 * ``monitor`` — ``true`` (every emotion, every installed layer, prompt included) or ``{"emotions": "all" | [...],
   "layers": [...], "prompt": true}``. ``prompt: false`` records generated positions only (and lets the prompt
   come from the prefix cache).
@@ -29,14 +32,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, List, Mapping, Optional, Tuple
 
 from emokern import steering
 
-__all__ = ["Alert", "RequestSpec", "SpecError", "parse", "KEY"]
+__all__ = ["Alert", "MAX_STRENGTH", "RequestSpec", "SpecError", "parse", "KEY"]
 
 KEY = "emokern"  # the extra_args key
+
+# The largest steering strength a request may ask for, in residual norms (a scale factor: unitless). A useful push is
+# a fraction of one norm; 100 norms already swamp every direction of the residual stream, and pushes of ~1e30 norms
+# overflow fp32 inside the op (the worker used to die of it: one request took the whole engine down).
+MAX_STRENGTH = 100.0
 
 
 class SpecError(ValueError):
@@ -74,16 +83,23 @@ class RequestSpec:
     def steered_sites(self) -> List[int]:
         return sorted({op[0] for op in self.ops})
 
-    def cache_salt(self) -> Optional[str]:
-        """A salt for vLLM's prefix cache that differs between differently steered requests (None: unsteered).
+    def cache_salt(self, prompt_len: int) -> Optional[str]:
+        """A salt for vLLM's prefix cache: equal only for requests whose KV blocks hold the same steering state
+        position by position (None: unsteered, which shares blocks with other unsteered requests only).
 
-        Every steered request gets one, whatever its scope: a block of its generated tokens holds steered KV
-        even under ``scope="generated"``, and a later prompt that repeats those tokens must not reuse it. Equal
-        steering gives equal salts, so identically steered requests still share blocks.
+        A cached block is read by a later request only when the salts and every token up to the block's end are
+        equal (vLLM chains block hashes from the first block, which carries the salt). The KV of a position depends
+        on whether it and every position before it was steered, and how. Under ``scope="all"`` that is the spec
+        alone. Under ``"prompt"`` and ``"generated"`` it also depends on where the prompt ends: a multi-turn
+        conversation's second turn has the first turn's reply in its prompt, computed steered (``generated``) or
+        unsteered (``prompt``) in the first turn and the other way round in the second, so ``prompt_len`` joins the
+        salt. Cost: such requests share cached blocks only with requests that have the same prompt length (for
+        equal tokens: the same prompt), not with earlier turns of their conversation.
         """
         if not self.ops:
             return None
-        canonical = json.dumps([self.scope, sorted(self.ops)], separators=(",", ":"))
+        where = "all" if self.scope == "all" else [self.scope, int(prompt_len)]
+        canonical = json.dumps([where, sorted(self.ops)], separators=(",", ":"))
         return "emokern:" + hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
@@ -116,6 +132,26 @@ def _index(where: str, bank, name) -> int:
 _STEER_KEYS = {"emotions", "strength", "mode", "scope", "layers", "relative"}
 
 
+def _check_bounds(where: str, name: str, mode: str, value, params, relative: bool, norm: float, layer: int) -> None:
+    """Refuse table entries beyond :data:`MAX_STRENGTH` (see the module docstring), in the units the request used."""
+    a, b, lo, hi = params
+    if mode == "scale":
+        if abs(b) > MAX_STRENGTH:
+            raise SpecError(f"extra_args['emokern']{where}: the scale factor for {name!r} must be between "
+                            f"-{MAX_STRENGTH:g} and {MAX_STRENGTH:g}; got {value!r}")
+        return
+    largest = max(abs(a), abs(lo) if math.isfinite(lo) else 0.0, abs(hi) if math.isfinite(hi) else 0.0)
+    if largest <= MAX_STRENGTH * norm:
+        return
+    if relative:
+        limit = f"{MAX_STRENGTH:g} in size (residual norms)"
+    else:
+        limit = f"{MAX_STRENGTH * norm:g} in size ('relative': false at layer {layer}: {MAX_STRENGTH:g} x its " \
+                f"residual norm {norm:g})"
+    what = "clamp bounds" if mode == "clamp" else "target" if mode == "set" else "strength"
+    raise SpecError(f"extra_args['emokern']{where}: the {what} for {name!r} must be at most {limit}; got {value!r}")
+
+
 def _steer(spec: RequestSpec, items, loaded) -> None:
     items = items if isinstance(items, list) else [items]
     if not items:
@@ -145,7 +181,10 @@ def _steer(spec: RequestSpec, items, loaded) -> None:
                 k = _index(where + "['emotions']", loaded.bank, name)
                 for s in sites:
                     unit = loaded.residual_norm[s] if relative else 1.0
-                    spec.ops.append((s, k, *steering.steer_params(name, mode, value, unit)))
+                    params = steering.steer_params(name, mode, value, unit)
+                    _check_bounds(where, name, mode, value, params, relative, loaded.residual_norm[s],
+                                  loaded.layers[s])
+                    spec.ops.append((s, k, *params))
         except SpecError:
             raise
         except (TypeError, ValueError) as exc:

@@ -16,7 +16,14 @@ What the site op computes. vLLM's decoder layers return ``(hidden_states, residu
 that the Hugging Face patch monitors is their sum ``s = h + r``. The op projects ``s`` onto all K bank vectors
 (monitoring), steers ``s`` in place with the fused op (all K at once, identity entries unchanged), and writes
 ``s' - r`` back into ``h`` for the steered rows only: unsteered rows of ``h`` are never written, so a request that
-is not steered computes bit-for-bit what it computes beside other unsteered requests.
+is not steered computes bit-for-bit what it computes beside other unsteered requests. A steered row whose result
+is not finite is left as it was (unsteered), so an overflow can never reach the rest of the model.
+
+A request can fail, the engine cannot. Everything done for one request on the host (parsing its spec, filling its
+table slot and routing, recording its projections) runs under a per-request guard, and on CPU the op reports the
+rows whose steered result was not finite: such a request is *failed* (:meth:`Installation.fail`): it loses its
+steering and its record, ends at its next token as if the model had ended it (``finish_reason`` "stop"; with
+``ignore_eos`` it runs on unsteered), and its error is handed over by :meth:`Installation.take` like a trace.
 """
 
 from __future__ import annotations
@@ -38,7 +45,9 @@ __all__ = ["Installation", "install", "installation"]
 
 # Host flags read by the op on CPU, set by begin_step: the op skips the work no request of the step asked for.
 # Only on CPU: on CUDA a captured graph would freeze whichever branch was taken at capture time.
-_STEP = {"monitor": True, "steer": []}
+# ``bad_rows``: token rows of this step whose steered result was not finite (filled by the op on CPU only: on CUDA it
+# would cost a host sync per layer; the rows are still left unsteered there).
+_STEP = {"monitor": True, "steer": [], "bad_rows": []}
 # Seconds spent inside the op on CPU (its body runs eagerly even in a compiled graph): the plugin's in-forward cost.
 _OP_SECONDS = [0.0]
 
@@ -51,7 +60,8 @@ def residual_site_(h: torch.Tensor, r: Optional[torch.Tensor], V: torch.Tensor, 
 
     ``h``, ``r``: (N, d); ``V``: (K, d) unit vectors in h's dtype; ``row``: (>= N,) int32 per-token table row
     (-1: not steered); ``a, b, lo, hi``: (R, K) fp32; ``P``: (>= N, K) fp32, receives the projections of ``s``
-    (before steering) in its first N rows. ``h`` is written only at steered rows, with ``s' - r``.
+    (before steering) in its first N rows. ``h`` is written only at steered rows whose ``s'`` is finite, with
+    ``s' - r``.
     """
     if h.device.type != "cpu":
         _site(h, r, V, row, a, b, lo, hi, P, site)
@@ -74,11 +84,16 @@ def _site(h, r, V, row, a, b, lo, hi, P, site: int) -> None:
         torch.ops.emokern.project(s, V, P[:n])
         return
     if r is None:
-        torch.ops.emokern.project_and_steer_(h, V, row[:n], a, b, lo, hi, P[:n])
-        return
+        s = h.clone()  # steered out of place, so that a row whose result overflows can keep its input
     torch.ops.emokern.project_and_steer_(s, V, row[:n], a, b, lo, hi, P[:n])
-    steered = (row[:n] >= 0)[:, None]
-    h.copy_(torch.where(steered, s - r, h))
+    steered = row[:n] >= 0
+    finite = torch.isfinite(s).all(dim=-1)
+    if h.device.type == "cpu":
+        bad = steered & ~finite
+        if bool(bad.any()):
+            _STEP["bad_rows"].extend(torch.nonzero(bad).flatten().tolist())
+    keep = (steered & finite)[:, None]
+    h.copy_(torch.where(keep, s if r is None else s - r, h))
 
 
 @residual_site_.register_fake
@@ -164,7 +179,8 @@ class Installation:
         self.slots: Dict[str, int] = {}
         self.free = list(range(self.R - 1, -1, -1))
         self.records: "OrderedDict[str, _Record]" = OrderedDict()
-        self.stop_requests: set = set()
+        self.stop_requests: set = set()  # requests to end at their next sampled token (stopping alerts, failures)
+        self.failed: "OrderedDict[str, str]" = OrderedDict()  # request -> its error, until taken (bounded)
         self.steps = 0
         self.recomputed = 0  # monitored positions computed again (chunk re-runs, recompute after preemption)
         self.host_seconds = 0.0  # time spent in begin_step + end_step (the plugin's host work per step)
@@ -176,6 +192,7 @@ class Installation:
             raise ValueError(f"EMOKERN_VLLM_LAYERS: layers {beyond} do not exist in {vconfig.model_config.model}, "
                              f"which has {len(layers)} decoder layers")
         self._step: List[tuple] = []  # (req_id, first row, positions, prompt_len) of this step's monitored requests
+        self._steered: List[tuple] = []  # (req_id, first row, end row) of this step's steered requests
         self.hooks = []
         for s, layer in enumerate(loaded.layers):
             module = layers[layer]
@@ -207,8 +224,9 @@ class Installation:
         if raw is not None:
             try:
                 parsed = spec_mod.parse(raw, self.loaded)
-            except spec_mod.SpecError as exc:  # the front end refuses these; a request sent around it runs plain
-                logger.warning("emokern.vllm: request %s runs without emokern: %s", req_id, exc)
+            except spec_mod.SpecError as exc:  # the front end refuses these; a request sent around it fails here
+                self.fail(req_id, str(exc))
+                return None
         self.specs[req_id] = parsed
         if parsed is not None and parsed.monitor_k is not None:
             self.records[req_id] = _Record(parsed)
@@ -229,6 +247,20 @@ class Installation:
         for s, k, a, b, lo, hi in spec.ops:
             self.a[s, slot, k], self.b[s, slot, k], self.lo[s, slot, k], self.hi[s, slot, k] = a, b, lo, hi
         return slot
+
+    def fail(self, req_id: str, error: str) -> None:
+        """Fail one request (see the module docstring): unsteered and unrecorded from now on, ended at its next
+        sampled token, ``error`` kept for :meth:`take`."""
+        logger.warning("emokern.vllm: request %s failed: %s", req_id, error)
+        self.specs[req_id] = None
+        self.records.pop(req_id, None)
+        slot = self.slots.pop(req_id, None)
+        if slot is not None:
+            self.free.append(slot)
+        self.failed[req_id] = error
+        self.stop_requests.add(req_id)
+        while len(self.failed) > self.loaded.config.max_traces:
+            self.failed.popitem(last=False)
 
     def finish(self, req_ids) -> None:
         """Requests that left the engine: free their slots, keep their records until fetched (bounded)."""
@@ -269,30 +301,35 @@ class Installation:
         steer_sites = [False] * self.S
         monitor = False
         batch_ids = set(req_ids)
-        self._step = []
+        self._step, self._steered = [], []
+        _STEP["bad_rows"] = []
         for i, req_id in enumerate(req_ids):
-            spec = self.spec_of(req_id)
-            if spec is None:
-                continue
             start, end = int(qsl[i]), int(qsl[i + 1])
-            if end <= start:
+            try:
+                spec = self.spec_of(req_id)
+                if spec is None or end <= start:
+                    continue
+                positions = int(computed[i]) + np.arange(end - start)
+                prompt_len = int(prompt_lens[i])
+                if spec.ops:
+                    if spec.scope == "all":
+                        mask = np.ones(end - start, dtype=bool)
+                    elif spec.scope == "prompt":
+                        mask = positions < prompt_len
+                    else:
+                        mask = positions >= prompt_len
+                    slot = self._slot(req_id, spec, batch_ids)
+                    for s in spec.steered_sites:
+                        row[s, start:end][mask] = slot
+                        steer_sites[s] = True
+                    self._steered.append((req_id, start, end))
+            except Exception as exc:  # noqa: BLE001 - whatever went wrong belongs to this request alone
+                row[:, start:end] = -1
+                self.fail(req_id, f"{type(exc).__name__}: {exc}")
                 continue
-            positions = int(computed[i]) + np.arange(end - start)
-            prompt_len = int(prompt_lens[i])
             if spec.monitor_k is not None:
                 monitor = True
                 self._step.append((req_id, start, positions, prompt_len))
-            if spec.ops:
-                if spec.scope == "all":
-                    mask = slice(None)
-                elif spec.scope == "prompt":
-                    mask = positions < prompt_len
-                else:
-                    mask = positions >= prompt_len
-                slot = self._slot(req_id, spec, batch_ids)
-                for s in spec.steered_sites:
-                    row[s, start:end][mask] = slot
-                    steer_sites[s] = True
         if self.row_host is not self.row:
             self.row[:, :used].copy_(self.row_host[:, :used], non_blocking=True)
             self._row_copied.record()
@@ -302,6 +339,12 @@ class Installation:
     def _end_step(self) -> None:
         """Copy the monitored requests' projections of the step that just ran into their records."""
         self.steps += 1
+        if _STEP["bad_rows"]:
+            bad = np.asarray(_STEP["bad_rows"])
+            for req_id, start, end in self._steered:
+                if ((bad >= start) & (bad < end)).any():
+                    self.fail(req_id, "the steered residual stream was not finite (overflow); the request's "
+                                      "steering was dropped")
         if not self._step:
             return
         if self.P_host is not self.P:
@@ -312,17 +355,25 @@ class Installation:
             record = self.records.get(req_id)
             if record is None:
                 continue
-            record.prompt_len = prompt_len
-            keep = np.ones(len(positions), dtype=bool) if record.spec.monitor_prompt else positions >= prompt_len
-            if not keep.any():
-                continue
-            rows = start + np.nonzero(keep)[0]
-            if record.length > int(positions[keep][0]):
-                self.recomputed += int(min(record.length, int(positions[keep][-1]) + 1) - positions[keep][0])
-            record.put(positions[keep], [P[s][rows][:, record.k] for s in record.sites])
-            alert = record.spec.alert
-            if alert is not None and record.alert_position is None:
-                self._check_alert(req_id, record, alert, positions[keep])
+            try:
+                self._record(req_id, record, P, start, positions, prompt_len)
+            except Exception as exc:  # noqa: BLE001 - a bad record fails its request, not the engine
+                self.fail(req_id, f"{type(exc).__name__}: {exc}")
+
+    def _record(self, req_id: str, record: "_Record", P: np.ndarray, start: int, positions: np.ndarray,
+                prompt_len: int) -> None:
+        """Put one monitored request's rows of this step into its record, and check its alert."""
+        record.prompt_len = prompt_len
+        keep = np.ones(len(positions), dtype=bool) if record.spec.monitor_prompt else positions >= prompt_len
+        if not keep.any():
+            return
+        rows = start + np.nonzero(keep)[0]
+        if record.length > int(positions[keep][0]):
+            self.recomputed += int(min(record.length, int(positions[keep][-1]) + 1) - positions[keep][0])
+        record.put(positions[keep], [P[s][rows][:, record.k] for s in record.sites])
+        alert = record.spec.alert
+        if alert is not None and record.alert_position is None:
+            self._check_alert(req_id, record, alert, positions[keep])
 
     def _check_alert(self, req_id: str, record: _Record, alert: spec_mod.Alert, positions: np.ndarray) -> None:
         s = record.sites[alert.site]
@@ -358,28 +409,47 @@ class Installation:
             self.stop_requests.discard(req_id)
 
     # ------------------------------------------------------------------------------------------ results
+    def _ids(self) -> Dict[str, str]:
+        """Held request ids (records and failures) by their worker id and by the id the front end gave them."""
+        by_external = {}
+        for rid in list(self.records) + list(self.failed):
+            by_external.setdefault(rid.rsplit("-", 1)[0], rid)
+            by_external.setdefault(rid, rid)
+        return by_external
+
+    @staticmethod
+    def _alert_json(record: "_Record") -> Optional[dict]:
+        alert = record.spec.alert
+        if alert is None or record.alert_position is None:
+            return None
+        return {"emotion": alert.name, "layer": alert.layer, "z": alert.z, "tokens": alert.tokens,
+                "position": record.alert_position, "stopped": alert.stop}
+
     def take(self, request_ids: List[str]) -> List[Optional[dict]]:
         """The records of the requests whose external id (or worker id) is in ``request_ids``, removed here.
 
         vLLM's workers see ``"<external id>-<8 hex>"``; both forms are accepted. Each result is a dict of plain
         values: ``data`` (bytes, float32, shape ``(length, sites, emotions)``, NaN at positions not recorded),
         ``length``, ``prompt_len``, ``layers``, ``names``, ``neutral_mean`` / ``neutral_std`` (lists, or None),
-        ``alert`` (None, or ``{"emotion", "layer", "z", "tokens", "position", "stopped"}``).
+        ``alert`` (None, or ``{"emotion", "layer", "z", "tokens", "position", "stopped"}``), ``error`` (None). A
+        failed request (:meth:`fail`) gives ``error`` (the message) and an empty record (``length`` 0, no layers,
+        no names).
         """
-        by_external = {}
-        for rid in self.records:
-            by_external.setdefault(rid.rsplit("-", 1)[0], rid)
-            by_external.setdefault(rid, rid)
+        by_external = self._ids()
         out = []
         for wanted in request_ids:
             rid = by_external.get(wanted)
+            error = self.failed.pop(rid, None) if rid is not None else None
+            if error is not None:
+                out.append({"data": b"", "length": 0, "prompt_len": 0, "layers": [], "names": [],
+                            "neutral_mean": None, "neutral_std": None, "alert": None, "error": error})
+                continue
             record = self.records.pop(rid, None) if rid is not None else None
             if record is None:
                 out.append(None)
                 continue
             stats = self.loaded.neutral_mean is not None
             sites, ks = record.sites, record.k
-            alert = record.spec.alert
             out.append({
                 "data": np.ascontiguousarray(record.P[:record.length]).tobytes(),
                 "length": record.length, "prompt_len": record.prompt_len,
@@ -387,15 +457,55 @@ class Installation:
                 "names": [self.loaded.names[int(k)] for k in ks],
                 "neutral_mean": self.loaded.neutral_mean[sites][:, ks].tolist() if stats else None,
                 "neutral_std": self.loaded.neutral_std[sites][:, ks].tolist() if stats else None,
-                "alert": None if alert is None or record.alert_position is None else {
-                    "emotion": alert.name, "layer": alert.layer, "z": alert.z, "tokens": alert.tokens,
-                    "position": record.alert_position, "stopped": alert.stop},
+                "alert": self._alert_json(record),
+                "error": None,
+            })
+        return out
+
+    def readout(self, request_ids: List[str], decimals: int = 2) -> List[Optional[dict]]:
+        """A compact per-token readout of each request in ``request_ids`` (ids as for :meth:`take`), left in place
+        for :meth:`take` (bounded like the traces).
+
+        Each result: ``layers`` (S), ``emotions`` (K names), ``values`` ``"zscore"`` (the bank has neutral
+        statistics) or ``"projection"``, ``tokens`` (one row per generated position the model read, in order:
+        row i belongs to completion token i, rounded to ``decimals``, each row S lists of K numbers; the last
+        completion token is never read back, so it has no row unless the engine ran one more step), ``alert`` and
+        ``error`` (as in :meth:`take`; a failed request has no rows). None: nothing held for that id.
+        """
+        by_external = self._ids()
+        stats = self.loaded.neutral_mean is not None
+        out = []
+        for wanted in request_ids:
+            rid = by_external.get(wanted)
+            if rid is not None and rid in self.failed:
+                out.append({"layers": [], "emotions": [], "values": None, "tokens": [], "alert": None,
+                            "error": self.failed[rid]})
+                continue
+            record = self.records.get(rid) if rid is not None else None
+            if record is None:
+                out.append(None)
+                continue
+            sites, ks = record.sites, record.k
+            rows = record.P[record.prompt_len:record.length]
+            if stats:
+                mean = self.loaded.neutral_mean[sites][:, ks].numpy()
+                std = np.maximum(self.loaded.neutral_std[sites][:, ks].numpy(), 1e-6)
+                rows = (rows - mean) / std
+            out.append({
+                "layers": [self.loaded.layers[s] for s in sites],
+                "emotions": [self.loaded.names[int(k)] for k in ks],
+                "values": "zscore" if stats else "projection",
+                "tokens": [[[None if v != v else v for v in site] for site in row]  # NaN: not recorded
+                           for row in np.round(rows, decimals).tolist()],
+                "alert": self._alert_json(record),
+                "error": None,
             })
         return out
 
     def stats(self) -> dict:
         return {"layers": list(self.loaded.layers), "emotions": len(self.loaded.names), "buffer_rows": self.T,
-                "slots": self.R, "slots_in_use": len(self.slots), "records": len(self.records), "steps": self.steps,
+                "slots": self.R, "slots_in_use": len(self.slots), "records": len(self.records),
+                "failed": len(self.failed), "steps": self.steps,
                 "recomputed_positions": self.recomputed, "host_seconds": round(self.host_seconds, 6),
                 "op_seconds": round(_OP_SECONDS[0], 6),
                 "hooks": len(self.hooks), "bank": self.loaded.config.bank_path}
