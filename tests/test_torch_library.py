@@ -14,8 +14,8 @@ OPS = [
 ]
 
 
-def _op_args(name, N=9, d=24, K=5):
-    case = make_case(N, d, K, torch.float32, seed=1, strided=True)
+def _op_args(name, N=9, d=24, K=5, active=None):
+    case = make_case(N, d, K, torch.float32, seed=1, strided=True, active=active)
     P = torch.empty(N, K)
     if name.startswith("project_and_steer"):
         return (case.h, case.V, case.row, *case.tables, P)
@@ -23,10 +23,11 @@ def _op_args(name, N=9, d=24, K=5):
 
 
 @pytest.mark.parametrize("backend, name", OPS)
-def test_opcheck(backend, name):
+@pytest.mark.parametrize("K, active", [(5, None), (171, 2)], ids=["all-modes", "2-of-171-steered"])
+def test_opcheck(backend, name, K, active):
     require_backend(backend, "cpu")
     op = getattr(torch.ops.emokern, name).default
-    torch.library.opcheck(op, _op_args(name))
+    torch.library.opcheck(op, _op_args(name, K=K, active=active))
 
 
 def _steer(h, V, row, a, b, lo, hi, P):
