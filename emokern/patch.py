@@ -294,7 +294,8 @@ class PatchHandle:
                     "patch does not know the prompt: use handle.generate(...), or call handle.prepare(input_ids, "
                     "attention_mask) before calling the model"
                 )
-            st.steer_scratch = torch.empty(B * S, st.slots, dtype=torch.float32, device=st.device)
+            if not (self._one_call and self.monitor):  # the slot-steering call's discarded projections
+                st.steer_scratch = torch.empty(B * S, st.slots, dtype=torch.float32, device=st.device)
             scoped = st.scope[:B].index_select(1, st.pos)
             st.row = torch.where(scoped, st.seq_row[:B, None], -1).reshape(-1).to(torch.int32)
 
