@@ -107,8 +107,8 @@ def main() -> None:
                 extra = []
                 if mode == "steer2":
                     steered = [3, 57]  # bank indices of the two steered vectors
-                    table.add(0, steered, 1e-3)
-                    slots = SteeringTable(1, 4).add(0, [0, 1], 1e-3)
+                    table = tuple(table.add(0, steered, 1e-3))  # tuples, as the patch passes its tables
+                    slots = tuple(SteeringTable(1, 4).add(0, [0, 1], 1e-3))
                     Vs = torch.zeros(4, d, dtype=dtype)
                     Vs[:2] = V[steered]
                     P_slots = torch.empty(N, 4)
