@@ -7,7 +7,10 @@
 // own single-threaded GEMMs. For each tile, P_tile = h_tile V^T lands in an L2-resident buffer and is copied to
 // P_out; the steered rows of the tile get delta = clamp(a + b P) - P, then D = delta V (fp32, a block of columns
 // at a time), and only those rows of h are rewritten, each element once, as round(h + D) while the block of D is
-// still in cache. Unsteered rows are read by the first GEMM and never stored to. Two GEMM engines:
+// still in cache. Unsteered rows are read by the first GEMM and never stored to. When only a few vectors have a
+// nonzero delta (the patch steering a few of the K it monitors, in one call), D is instead combined from those
+// vectors' rows of V alone (the listed update, below), so V is read once, packed, for the projection. Two GEMM
+// engines:
 //
 // * F32Engine: fp32 operands and accumulation, on ATen's brgemm micro-kernel (oneDNN). Used for fp32 h, and for
 //   16-bit h on CPUs without AMX (the tile is widened to fp32 first).
