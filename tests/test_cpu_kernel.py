@@ -98,6 +98,8 @@ def _bits(t):
 
 SHAPES = [  # (N, d, K): every N in {1, 2, 7, 64, 513}, d in {1, 123, 576, 4100}, K in {1, 8, 171, 256}
     (1, 1, 1),
+    (1, 576, 171),  # one token: the row GEMV, all columns in registers
+    (1, 4100, 256),  # one token, more columns than registers: the row GEMV in chunks
     (2, 123, 8),
     (7, 576, 171),
     (64, 4100, 256),
