@@ -10,6 +10,11 @@ Two comparisons per shape (N tokens, d hidden size, K = 171 vectors), each in fp
   place, against the same maths in unfused PyTorch (:func:`benchmarks.bench_ops.unfused`); ``pct_of_floor`` is the
   share of the memory floor reached: the bytes of one read and one write of h (plus V once and P once), at the
   copy bandwidth measured in the same run, over the op's time.
+* **steer2** (monitor + 2 steered, what the patch runs at a steered site): the one call the patch makes on the CPU
+  kernel, ``project_and_steer_(h, V, row, a, b, lo, hi, P)`` over all K with full-width tables (two vectors get
+  ``add 1e-3``, the rest the identity), against the two calls it made before: ``project(h, V, P)`` then
+  ``project_and_steer_(h, Vs, row, ...)`` on the 4 steering slots (the two vectors and two zero rows, as the
+  patch's slot buffers hold them). ``torch_us`` is then the two calls' time and ``ratio`` the speed-up.
 
 Each provider gets the same V tensor on every call, as the patch does, so the kernel's packing of V is made once (in
 the warm-up) and reused (csrc/cpu/pack_cache.h). Providers are interleaved sample by sample (A, B, A, B, ...), each sample timing a loop of calls long enough
@@ -89,7 +94,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
 
-    from emokern.ops.api import project
+    from emokern.ops.api import SteeringTable, project
 
     rows = []
     bandwidth = copy_bandwidth(clock)  # GB/s, read + write, at the intra-op threads and clock of this run
@@ -97,10 +102,24 @@ def main() -> None:
     print(f"{'dtype':<9}{'mode':<9}{'N':>6}{'d':>6}{'emokern us':>12}{'torch us':>10}{'ratio':>8}")
     for dtype in (torch.float32, torch.bfloat16):
         for N, d in SHAPES:
-            for mode in ("monitor", "ablate", "clamp"):
-                h, V, row, table, P = make_inputs(N, d, K, dtype, "cpu", mode)
+            for mode in ("monitor", "ablate", "clamp", "steer2"):
+                h, V, row, table, P = make_inputs(N, d, K, dtype, "cpu", "identity" if mode == "steer2" else mode)
                 extra = []
-                if mode == "monitor":
+                if mode == "steer2":
+                    steered = [3, 57]  # bank indices of the two steered vectors
+                    table = tuple(table.add(0, steered, 1e-3))  # tuples, as the patch passes its tables
+                    slots = tuple(SteeringTable(1, 4).add(0, [0, 1], 1e-3))
+                    Vs = torch.zeros(4, d, dtype=dtype)
+                    Vs[:2] = V[steered]
+                    P_slots = torch.empty(N, 4)
+
+                    def ours():
+                        torch.ops.emokern.project_and_steer_(h, V, row, *table, P)
+
+                    def theirs():
+                        torch.ops.emokern.project(h, V, P)
+                        torch.ops.emokern.project_and_steer_(h, Vs, row, *slots, P_slots)
+                elif mode == "monitor":
                     Q = torch.empty(N, K, dtype=dtype)
                     ours = lambda: torch.ops.emokern.project(h, V, P)  # noqa: E731
                     theirs = lambda: torch.mm(h, V.T, out=Q)  # noqa: E731
@@ -115,7 +134,7 @@ def main() -> None:
                              "ratio": round(b / a, 3), "calls_per_sample": inner})
                 if api:
                     rows[-1]["api_us"] = round(api[0] * 1e6, 3)
-                if mode != "monitor":
+                if mode in ("ablate", "clamp"):
                     elem = h.element_size()
                     floor_s = (2 * N * d * elem + K * d * elem + N * K * 4) / (bandwidth * 1e9)
                     rows[-1]["pct_of_floor"] = round(100 * floor_s / a, 1)

@@ -168,7 +168,8 @@ class _State:
 
     Sizes: S sites, K bank vectors, B_cap sequences, T_cap positions (+1 overflow slot), and ``slots`` steering
     slots: the vectors being steered are copied into ``Vs`` so that the steering op works on those few vectors only,
-    while monitoring projects onto all K.
+    while monitoring projects onto all K. The same settings are also kept full width (``a_all`` ... ``hi_all``, one
+    column per bank vector, identity where nothing is steered) for the CPU kernel's one call that monitors and steers.
     """
 
     def __init__(self, V: torch.Tensor, batch: int, tokens: int, slots: int = 4):
@@ -194,11 +195,16 @@ class _State:
         self.b = torch.ones(S, batch, slots, device=dev)
         self.lo = torch.full((S, batch, slots), -math.inf, device=dev)
         self.hi = torch.full((S, batch, slots), math.inf, device=dev)
+        self.a_all = torch.zeros(S, batch, K, device=dev)
+        self.b_all = torch.ones(S, batch, K, device=dev)
+        self.lo_all = torch.full((S, batch, K), -math.inf, device=dev)
+        self.hi_all = torch.full((S, batch, K), math.inf, device=dev)
         self.seq_row = torch.full((batch,), -1, dtype=torch.int32, device=dev)
         self.scope = torch.zeros(batch, tokens + 1, dtype=torch.bool, device=dev)
         self.P = torch.full((S, batch, tokens + 1, K), float("nan"), device=dev)
         self.site_views = [(self.V[s], self.Vs[s], self.a[s], self.b[s], self.lo[s], self.hi[s], self.P[s])
                            for s in range(S)]
+        self.site_tables_all = [(self.a_all[s], self.b_all[s], self.lo_all[s], self.hi_all[s]) for s in range(S)]
 
 
 class PatchHandle:
@@ -233,6 +239,10 @@ class PatchHandle:
         dev = self.state.device
         fixed = resolve_backend(backend, dev, 1) == resolve_backend(backend, dev, 1 << 30)
         self._fixed_ops = self._ops(1) if fixed else None
+        # The C++ CPU kernel updates h from the vectors with a nonzero delta only, so a site that is monitored and
+        # steered makes one call over all K with the full-width tables (the projection reads V once). The CUDA and
+        # Triton kernels' update reads every vector of V, so there the two calls stay.
+        self._one_call = resolve_backend(backend, dev, 1) == "cpu"
         self._in_graph = False  # set per forward: train=True with grad enabled (projections kept in the graph)
         self._hooks = []
         self._removed = False
@@ -284,7 +294,8 @@ class PatchHandle:
                     "patch does not know the prompt: use handle.generate(...), or call handle.prepare(input_ids, "
                     "attention_mask) before calling the model"
                 )
-            st.steer_scratch = torch.empty(B * S, st.slots, dtype=torch.float32, device=st.device)
+            if not (self._one_call and self.monitor):  # the slot-steering call's discarded projections
+                st.steer_scratch = torch.empty(B * S, st.slots, dtype=torch.float32, device=st.device)
             scoped = st.scope[:B].index_select(1, st.pos)
             st.row = torch.where(scoped, st.seq_row[:B, None], -1).reshape(-1).to(torch.int32)
 
@@ -295,11 +306,11 @@ class PatchHandle:
         return None
 
     def _make_site_hook(self, i: int):
-        # The inference path: monitoring projects onto all K vectors (first, so the projections recorded are those
-        # of the site's input, before steering); steering then works on the few steered vectors only (Vs and the slot
-        # tables). One fused call over all K with zero deltas for the unsteered vectors was tried: at decode it
-        # reads all of V a second time for the update (12 MB per token at 30 layers in fp32) and generation at
-        # batch 1 fell to 86% of unpatched, against 92-94% for these two calls.
+        # The inference path. On the C++ CPU kernel a monitored and steered site is one call over all K with the
+        # full-width tables: the projections recorded are those of the site's input, and the update reads only the
+        # steered vectors' rows of V (the kernel skips vectors whose delta is 0; an earlier fused call whose update
+        # ran over all K read all of V a second time and was reverted). Elsewhere, monitoring projects onto all K
+        # vectors first and steering then works on the few steered vectors only (Vs and the slot tables).
         def hook(module, args, output):
             st = self.state
             steer = st.steering and self._steered_sites[i]
@@ -312,6 +323,9 @@ class PatchHandle:
             V, Vs, a, b, lo, hi, _ = st.site_views[i]
             ops = self._fixed_ops or self._ops(h2.shape[0])
             grad = torch.is_grad_enabled()  # grad on but no train=True: record without autograd, steer through it
+            if steer and self.monitor and self._one_call and not (grad and h.requires_grad):
+                ops[1](h2, V, st.row, *st.site_tables_all[i], st.scratch_sites[i])
+                return None
             if self.monitor:
                 if grad:
                     with torch.no_grad():
@@ -517,6 +531,7 @@ class PatchHandle:
             for seq in rows:
                 for name in ("a", "b", "lo", "hi"):
                     getattr(st, name)[:, seq].copy_(host[name][:, seq])
+                    getattr(st, name + "_all")[:, seq].copy_(self._full_width(host, name, used, [seq])[:, 0])
                 st.seq_row[seq:seq + 1].copy_(host["seq_row"][seq:seq + 1])
                 st.scope[seq].copy_(host["scope"][seq])
         else:
@@ -525,6 +540,8 @@ class PatchHandle:
                 Vs[:, j] = st.V[:, k]
             for name in ("a", "b", "lo", "hi", "seq_row", "scope"):
                 getattr(st, name).copy_(host[name])
+            for name in ("a", "b", "lo", "hi"):
+                getattr(st, name + "_all").copy_(self._full_width(host, name, used, range(B)))
             st.Vs.copy_(Vs)
         self._used = used
         steered_sites = [False] * S
@@ -538,9 +555,20 @@ class PatchHandle:
         self._needs_prompt = any(c.ops and c.scope != "all" for c in self._configs.values())
         st.steering = any(steered_sites)
 
+    _NEUTRAL = {"a": 0.0, "b": 1.0, "lo": -math.inf, "hi": math.inf}  # the identity setting of each table
+
+    def _full_width(self, host: Dict[str, torch.Tensor], name: str, used: List[int], rows) -> torch.Tensor:
+        """Table ``name`` of the sequences ``rows`` with one column per bank vector, (S, len(rows), K): the slot
+        columns of the host table placed at their vectors' indices, the identity elsewhere."""
+        rows = list(rows)
+        full = torch.full((self.state.S, len(rows), self.state.K), self._NEUTRAL[name])
+        if used:
+            full[:, :, used] = host[name][:, rows, :len(used)]
+        return full
+
     def _fill_row(self, host: Dict[str, torch.Tensor], seq: int, slot_of: Dict[int, int], T: int) -> None:
         """Reset row ``seq`` of the host buffers and write its settings (the everyone-settings, then its own)."""
-        for name, neutral in (("a", 0.0), ("b", 1.0), ("lo", -math.inf), ("hi", math.inf)):
+        for name, neutral in self._NEUTRAL.items():
             host[name][:, seq] = neutral
         host["seq_row"][seq] = -1
         host["scope"][seq] = False

@@ -35,8 +35,13 @@ class OpCase:
 
 
 def make_case(N, d, K, dtype, *, seed=0, R=3, strided=False, monitor_only=False, modes=MODES,
-              unsteered_fraction=0.3, device="cpu") -> OpCase:
-    """Hidden states with a realistic spread, non-orthogonal vectors (a shared component) and mixed modes."""
+              unsteered_fraction=0.3, active=None, device="cpu") -> OpCase:
+    """Hidden states with a realistic spread, non-orthogonal vectors (a shared component) and mixed modes.
+
+    ``active``: when given, only that many vectors (chosen at random) get a mode; the other columns of the tables
+    are the identity, as when the patch monitors all K vectors and steers a few in one call (the CPU kernel then
+    updates h from those vectors only).
+    """
     g = torch.Generator().manual_seed(seed)
     width = d + 5 if strided else d
     big = (torch.randn(N, width, generator=g) * 2.0).to(dtype)
@@ -66,6 +71,9 @@ def make_case(N, d, K, dtype, *, seed=0, R=3, strided=False, monitor_only=False,
                 b[r, k] = x / P_scale
             elif mode == "clamp":
                 lo[r, k], hi[r, k] = -abs(x) - 0.1, abs(x) * 0.5
+    if active is not None:
+        idle = torch.randperm(K, generator=g)[min(active, K):]
+        a[:, idle], b[:, idle], lo[:, idle], hi[:, idle] = 0.0, 1.0, -math.inf, math.inf
     row = torch.randint(0, R, (N,), generator=g, dtype=torch.int32)
     row[torch.rand(N, generator=g) < unsteered_fraction] = -1
     t = lambda x: x.to(device)  # noqa: E731

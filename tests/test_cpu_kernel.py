@@ -48,9 +48,13 @@ ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 INF = float("inf")
 
 
-def _tables(R, K, gen):
-    """Every mode of the reference's table, mixed per (row, vector)."""
+def _tables(R, K, gen, steered=None):
+    """Every mode of the reference's table, mixed per (row, vector). ``steered``: only that many vectors get a
+    mode and the other columns are the identity (the patch's one call that monitors all K and steers a few; the
+    kernel then updates h from the vectors with a nonzero delta only)."""
     mode = torch.randint(0, 6, (R, K), generator=gen)
+    if steered is not None:
+        mode[:, torch.randperm(K, generator=gen)[steered:]] = 5
     c = torch.randn(R, K, generator=gen)
     a, b = torch.zeros(R, K), torch.ones(R, K)
     lo, hi = torch.full((R, K), -INF), torch.full((R, K), INF)
@@ -94,6 +98,8 @@ def _bits(t):
 
 SHAPES = [  # (N, d, K): every N in {1, 2, 7, 64, 513}, d in {1, 123, 576, 4100}, K in {1, 8, 171, 256}
     (1, 1, 1),
+    (1, 576, 171),  # one token: the row GEMV, all columns in registers
+    (1, 4100, 256),  # one token, more columns than registers: the row GEMV in chunks
     (2, 123, 8),
     (7, 576, 171),
     (64, 4100, 256),
@@ -106,15 +112,19 @@ SHAPES = [  # (N, d, K): every N in {1, 2, 7, 64, 513}, d in {1, 123, 576, 4100}
 ]
 
 
+TABLES = {"mixed": None, "2-steered": 2}  # every vector in some mode; two vectors steered, the rest identity
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("N,d,K", SHAPES)
-def test_project_and_steer_matches_reference(N, d, K, dtype):
+@pytest.mark.parametrize("tables", list(TABLES))
+def test_project_and_steer_matches_reference(N, d, K, dtype, tables):
     gen = torch.Generator().manual_seed(N * 1000003 + d * 1009 + K)
     R = 5
     big_h, h = _strided(N, d, dtype, gen, pad=3 if N % 2 else 0)
     V = (torch.randn(K, d, generator=gen) / max(d, 1) ** 0.5).to(dtype)
     row = torch.randint(-1, R, (N,), generator=gen, dtype=torch.int32)
-    a, b, lo, hi = _tables(R, K, gen)
+    a, b, lo, hi = _tables(R, K, gen, TABLES[tables])
     big_P, P_out = _strided(N, K, torch.float32, gen, pad=5)
     h_in, big_h_bits, big_P_bits = h.clone(), _bits(big_h), _bits(big_P)
 
@@ -135,11 +145,74 @@ def test_project_and_steer_matches_reference(N, d, K, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("N,d,K", [shape for shape in SHAPES if shape[0] <= 16])
-def test_direct_path_matches_reference(N, d, K, dtype):
+@pytest.mark.parametrize("tables", list(TABLES))
+def test_direct_path_matches_reference(N, d, K, dtype, tables):
     """Inference tensors have no version counter, so their packing is never cached and a few tokens take the
     direct path (which reads V in place) instead of the tiled one."""
     with torch.inference_mode():
-        test_project_and_steer_matches_reference(N, d, K, dtype)
+        test_project_and_steer_matches_reference(N, d, K, dtype, tables)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("N", [1, 16, 40])
+@pytest.mark.parametrize("direct", [False, True], ids=["tiled", "direct"])
+def test_identity_column_still_propagates_nan(N, dtype, direct):
+    """The update skips vectors whose delta is exactly 0, but a non-finite projection on an identity column gives a
+    NaN delta (inf - inf), which must still reach the steered row as in the reference."""
+    if direct:
+        with torch.inference_mode():
+            return test_identity_column_still_propagates_nan(N, dtype, False)
+    gen = torch.Generator().manual_seed(11)
+    d, K = 64, 171
+    h = torch.randn(N, d, generator=gen).to(dtype)
+    V = (torch.randn(K, d, generator=gen) / d**0.5).to(dtype)
+    V[100] = 0.0
+    V[100, 3] = 1.0
+    h[0, 3] = float("inf")  # P[0, 100] = +inf (and other columns of token 0 may be non-finite too)
+    row = torch.zeros(N, dtype=torch.int32)
+    row[1::2] = -1
+    a, b, lo, hi = _tables(1, K, gen, steered=0)  # all identity ...
+    a[0, 7] = 0.5  # ... but one vector: only token 0's row is non-finite
+    h_in = h.clone()
+    P = torch.empty(N, K)
+    torch.ops.emokern.project_and_steer_(h, V, row, a, b, lo, hi, P)
+    h_ref, _ = project_and_steer_ref(h_in, V, row, a, b, lo, hi)
+    assert torch.isnan(h[0]).all() and torch.isnan(h_ref[0]).all()
+    finite = torch.arange(N) > 0
+    torch.testing.assert_close(h[finite].double(), h_ref[finite].double(), atol=ATOL[dtype] * 4, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_all_zero_deltas_leave_h_and_write_nothing(dtype):
+    """Steered tokens whose every delta is 0 (identity tables, or 'add 0'): h keeps its exact bits, -0.0 included."""
+    gen = torch.Generator().manual_seed(5)
+    h = torch.randn(3, 80, generator=gen).to(dtype)
+    h[:, 0] = -0.0
+    before = _bits(h)
+    V = torch.randn(20, 80, generator=gen).to(dtype)
+    a, b, lo, hi = _tables(2, 20, gen, steered=0)
+    torch.ops.emokern.project_and_steer_(h, V, torch.tensor([0, 1, 0], dtype=torch.int32), a, b, lo, hi,
+                                         torch.empty(3, 20))
+    assert torch.equal(_bits(h), before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_few_steered_vectors_never_widen_V(dtype):
+    """Steering a few vectors at decode updates h from those rows of V in h's dtype: the K x d fp32 copy of a 16-bit
+    V is made only when most of the vectors are steered (pack cache entries: 1, then 2)."""
+    torch.ops.emokern.clear_pack_cache()
+    gen = torch.Generator().manual_seed(2)
+    K, d = 171, 576
+    V = torch.randn(K, d, generator=gen).to(dtype)
+    h = torch.randn(1, d, generator=gen).to(dtype)
+    row = torch.zeros(1, dtype=torch.int32)
+    P = torch.empty(1, K)
+    torch.ops.emokern.project_and_steer_(h, V, row, *_tables(1, K, gen, steered=2), P)
+    entries_few = torch.ops.emokern.pack_cache_stats()[0]
+    torch.ops.emokern.project_and_steer_(h, V, row, *_tables(1, K, gen, steered=K), P)
+    entries_all = torch.ops.emokern.pack_cache_stats()[0]
+    torch.ops.emokern.clear_pack_cache()
+    assert (entries_few, entries_all) == (1, 2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -203,7 +276,8 @@ from tests.test_cpu_kernel import test_project_and_steer_matches_reference as t
 with torch.backends.mkldnn.flags(enabled={mkldnn}):
     for dt in (torch.float32, torch.float16, torch.bfloat16):
         for shape in [(7, 576, 171), (513, 123, 256), (2, 1, 8)]:
-            t(*shape, dt)
+            t(*shape, dt, "mixed")
+            t(*shape, dt, "2-steered")
 print("ok")
 """
 

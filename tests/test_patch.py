@@ -126,6 +126,38 @@ def test_generate_with_cache_matches_uncached_reference(family):
     assert torch.equal(out.sequences, seq)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_one_call_per_site_equals_monitoring_then_steering(dtype):
+    """On the CPU kernel a monitored and steered site is one op call with the full-width tables; it must give the
+    trace and the generation of the two calls (monitor all K, then steer the slot vectors)."""
+    if not _cpu_kernels():
+        pytest.skip("emokern._C with CPU kernels is not built")
+    model = tiny_model("llama").to(dtype)
+    bank = tiny_bank(model, norm=NORM)
+    ids, mask, _ = _batch(seed=5)
+    results = []
+    for one_call in (True, False):
+        with emokern.patch(model, bank) as handle:
+            assert handle._one_call  # CPU tensors, the default backend
+            handle._one_call = one_call
+            _steer(handle, scope0="generated", scope1="all")
+            calls = []
+            spy = lambda *args: calls.append(args[1].shape[0])  # noqa: E731  (K of each steering call)
+            real = handle._fixed_ops
+            handle._fixed_ops = (real[0], lambda *args: (spy(*args), real[1](*args))[1])
+            out = handle.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                                  output_logits=True, return_dict_in_generate=True)
+            results.append((out, handle.state.P.clone(), calls))
+    (one, trace_one, calls_one), (two, trace_two, calls_two) = results
+    K = bank.vectors.shape[1]
+    assert calls_one and set(calls_one) == {K} and set(calls_two) == {4}  # all K at once vs the 4 slots
+    assert torch.equal(one.sequences, two.sequences)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for a, b in zip(one.output.logits, two.output.logits):
+        torch.testing.assert_close(a, b, **tol)
+    torch.testing.assert_close(trace_one, trace_two, equal_nan=True, **tol)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_monitor_only_is_bit_identical_and_trace_matches_hidden_states(family):
     model = tiny_model(family)
@@ -334,7 +366,8 @@ def test_per_sequence_steer_calls_update_only_their_rows_and_equal_a_full_rebuil
         names = list(bank.names)
 
         def buffers():
-            return [t.clone() for t in (st.a, st.b, st.lo, st.hi, st.seq_row, st.scope, st.Vs)]
+            return [t.clone() for t in (st.a, st.b, st.lo, st.hi, st.seq_row, st.scope, st.Vs,
+                                        st.a_all, st.b_all, st.lo_all, st.hi_all)]
 
         calls = 0
         for step in range(40):

@@ -40,13 +40,14 @@ def _run(case, backend, *, use_P_out):
 @pytest.mark.parametrize("backend, device, dtypes, max_d", BACKENDS, ids=[f"{b[0]}-{b[1]}" for b in BACKENDS])
 @pytest.mark.parametrize("N, d, K", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_fixed_shapes(backend, device, dtypes, max_d, N, d, K, dtype):
+@pytest.mark.parametrize("active", [None, 2], ids=["all-modes", "2-steered"])
+def test_fixed_shapes(backend, device, dtypes, max_d, N, d, K, dtype, active):
     require_backend(backend, device)
     if dtype not in dtypes:
         pytest.skip(f"{backend} on {device} is not tested in {dtype} here (the Triton interpreter has no bf16)")
     if d > max_d:
         N, d = min(N, 9), max_d  # keep the interpreter's shapes small, still awkward
-    case = make_case(N, d, K, dtype, seed=N * 7 + d, strided=(N % 2 == 1), device=device)
+    case = make_case(N, d, K, dtype, seed=N * 7 + d, strided=(N % 2 == 1), active=active, device=device)
     h_in, h_out, P = _run(case, backend, use_P_out=(K % 2 == 1))
     assert_matches_reference(case, h_in, h_out, P)
 
@@ -61,16 +62,17 @@ def test_fixed_shapes(backend, device, dtypes, max_d, N, d, K, dtype):
     strided=st.booleans(),
     monitor_only=st.booleans(),
     unsteered=st.sampled_from([0.0, 0.3, 1.0]),
+    active=st.sampled_from([None, 0, 1, 2, 5]),
     seed=st.integers(0, 2**16),
 )
 def test_property_based(backend, device, dtypes, max_d, N, d, K, dtype_index, strided,
-                        monitor_only, unsteered, seed):
+                        monitor_only, unsteered, active, seed):
     require_backend(backend, device)
     dtype = dtypes[dtype_index % len(dtypes)]
     if backend == "triton" and device == "cpu":
         N, d, K = min(N, 65), min(d, 64), min(K, 17)
     case = make_case(N, min(d, max_d), K, dtype, seed=seed, strided=strided, monitor_only=monitor_only,
-                     unsteered_fraction=unsteered, device=device)
+                     unsteered_fraction=unsteered, active=active, device=device)
     h_in, h_out, P = _run(case, backend, use_P_out=bool(seed % 2))
     assert_matches_reference(case, h_in, h_out, P)
 

@@ -14,8 +14,8 @@ OPS = [
 ]
 
 
-def _op_args(name, N=9, d=24, K=5):
-    case = make_case(N, d, K, torch.float32, seed=1, strided=True)
+def _op_args(name, N=9, d=24, K=5, active=None):
+    case = make_case(N, d, K, torch.float32, seed=1, strided=True, active=active)
     P = torch.empty(N, K)
     if name.startswith("project_and_steer"):
         return (case.h, case.V, case.row, *case.tables, P)
@@ -23,10 +23,11 @@ def _op_args(name, N=9, d=24, K=5):
 
 
 @pytest.mark.parametrize("backend, name", OPS)
-def test_opcheck(backend, name):
+@pytest.mark.parametrize("K, active", [(5, None), (171, 2)], ids=["all-modes", "2-of-171-steered"])
+def test_opcheck(backend, name, K, active):
     require_backend(backend, "cpu")
     op = getattr(torch.ops.emokern, name).default
-    torch.library.opcheck(op, _op_args(name))
+    torch.library.opcheck(op, _op_args(name, K=K, active=active))
 
 
 def _steer(h, V, row, a, b, lo, hi, P):
@@ -34,18 +35,19 @@ def _steer(h, V, row, a, b, lo, hi, P):
     return P.sum()
 
 
-def test_compile_fullgraph_matches_eager_and_does_not_copy_h():
+@pytest.mark.parametrize("K, active", [(6, None), (171, 2)], ids=["all-modes", "2-of-171-steered"])
+def test_compile_fullgraph_matches_eager_and_does_not_copy_h(K, active):
     require_backend("cpu", "cpu")
     from torch._inductor.utils import run_and_get_code
 
-    case = make_case(16, 40, 6, torch.float32, seed=4)
+    case = make_case(16, 40, K, torch.float32, seed=4, active=active)
     eager_h = case.h.clone()
-    eager_P = torch.empty(16, 6)
+    eager_P = torch.empty(16, K)
     _steer(eager_h, case.V, case.row, *case.tables, eager_P)
 
     h = case.h.clone()
     ptr = h.data_ptr()
-    P = torch.empty(16, 6)
+    P = torch.empty(16, K)
     compiled = torch.compile(_steer, fullgraph=True, dynamic=False)
     _, codes = run_and_get_code(compiled, h, case.V, case.row, *case.tables, P)
     assert torch.equal(h, eager_h) and torch.equal(P, eager_P)

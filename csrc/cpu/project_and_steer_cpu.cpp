@@ -7,7 +7,10 @@
 // own single-threaded GEMMs. For each tile, P_tile = h_tile V^T lands in an L2-resident buffer and is copied to
 // P_out; the steered rows of the tile get delta = clamp(a + b P) - P, then D = delta V (fp32, a block of columns
 // at a time), and only those rows of h are rewritten, each element once, as round(h + D) while the block of D is
-// still in cache. Unsteered rows are read by the first GEMM and never stored to. Two GEMM engines:
+// still in cache. Unsteered rows are read by the first GEMM and never stored to. When only a few vectors have a
+// nonzero delta (the patch steering a few of the K it monitors, in one call), D is instead combined from those
+// vectors' rows of V alone (the listed update, below), so V is read once, packed, for the projection. Two GEMM
+// engines:
 //
 // * F32Engine: fp32 operands and accumulation, on ATen's brgemm micro-kernel (oneDNN). Used for fp32 h, and for
 //   16-bit h on CPUs without AMX (the tile is widened to fp32 first).
@@ -33,6 +36,7 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -152,12 +156,16 @@ void dot_rows_scalar(const T* x, int64_t ldx, int64_t rows, const T* y, int64_t 
   }
 }
 
-// acc[0:cols] = sum_k coef[k] * V[k, 0:cols] (V rows ldv apart).
+// acc[0:cols] = sum_k coef[k] * V[row_k, 0:cols] over k < K, with row_k = rows[k] (rows == nullptr: row_k = k) and V
+// rows ldv apart. The listed form serves the sparse update, which combines only the vectors with a nonzero delta.
+inline int64_t listed_row(const int64_t* rows, int64_t k) { return rows ? rows[k] : k; }
+
 template <typename T>
-void combine_rows_scalar(const float* coef, const T* V, int64_t ldv, int64_t K, int64_t cols, float* acc) {
+void combine_rows_scalar(const float* coef, const T* V, int64_t ldv, int64_t K, int64_t cols, float* acc,
+                         const int64_t* rows) {
   std::fill(acc, acc + cols, 0.0f);
   for (int64_t k = 0; k < K; ++k) {
-    const T* v = V + k * ldv;
+    const T* v = V + listed_row(rows, k) * ldv;
     for (int64_t j = 0; j < cols; ++j) acc[j] += coef[k] * static_cast<float>(v[j]);
   }
 }
@@ -248,12 +256,12 @@ EMOKERN_AVX512 void dot_rows_avx512(const T* x, int64_t ldx, int64_t rows, const
 // cols <= 64: the 64-column accumulator lives in four registers across the whole k loop.
 template <typename T>
 EMOKERN_AVX512 void combine_rows_avx512(const float* coef, const T* V, int64_t ldv, int64_t K, int64_t cols,
-                                        float* acc) {
+                                        float* acc, const int64_t* rows) {
   const __mmask16 m0 = tail_mask(cols), m1 = tail_mask(cols - 16), m2 = tail_mask(cols - 32),
                   m3 = tail_mask(cols - 48);
   __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
-    const T* v = V + k * ldv;
+    const T* v = V + listed_row(rows, k) * ldv;
     const __m512 c = _mm512_set1_ps(coef[k]);
     a0 = _mm512_fmadd_ps(c, load16(v, m0), a0);
     if (cols > 16) a1 = _mm512_fmadd_ps(c, load16(v + 16, m1), a1);
@@ -384,18 +392,18 @@ EMOKERN_AVX2 void dot_rows_avx2(const T* x, int64_t ldx, int64_t rows, const T* 
 // columns beyond the last full block are summed by the scalar code.
 template <typename T>
 EMOKERN_AVX2 void combine_rows_avx2(const float* coef, const T* V, int64_t ldv, int64_t K, int64_t cols,
-                                    float* acc) {
+                                    float* acc, const int64_t* rows) {
   const int64_t nb = cols / 8;
   __m256 a[8];
   for (int b = 0; b < 8; ++b) a[b] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
-    const T* v = V + k * ldv;
+    const T* v = V + listed_row(rows, k) * ldv;
     const __m256 c = _mm256_set1_ps(coef[k]);
     for (int64_t b = 0; b < 8; ++b)
       if (b < nb) a[b] = _mm256_fmadd_ps(c, load8(v + 8 * b), a[b]);
   }
   for (int64_t b = 0; b < nb; ++b) store8(acc + 8 * b, a[b]);
-  if (nb * 8 < cols) combine_rows_scalar(coef, V + nb * 8, ldv, K, cols - nb * 8, acc + nb * 8);
+  if (nb * 8 < cols) combine_rows_scalar(coef, V + nb * 8, ldv, K, cols - nb * 8, acc + nb * 8, rows);
 }
 #endif
 
@@ -439,12 +447,13 @@ void dot_rows(const T* x, int64_t ldx, int64_t rows, const T* y, int64_t d, floa
 }
 
 template <typename T>
-void combine_rows(const float* coef, const T* V, int64_t ldv, int64_t K, int64_t cols, float* acc) {
+void combine_rows(const float* coef, const T* V, int64_t ldv, int64_t K, int64_t cols, float* acc,
+                  const int64_t* rows = nullptr) {
 #if EMOKERN_X86_AVX512
-  if (cpu_has_avx512()) return combine_rows_avx512(coef, V, ldv, K, cols, acc);
-  if (cpu_has_avx2()) return combine_rows_avx2(coef, V, ldv, K, cols, acc);
+  if (cpu_has_avx512()) return combine_rows_avx512(coef, V, ldv, K, cols, acc, rows);
+  if (cpu_has_avx2()) return combine_rows_avx2(coef, V, ldv, K, cols, acc, rows);
 #endif
-  combine_rows_scalar(coef, V, ldv, K, cols, acc);
+  combine_rows_scalar(coef, V, ldv, K, cols, acc, rows);
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -489,9 +498,60 @@ bool steer_token(const Steering& st, int64_t n, const float* p, float* out) {
 }
 
 // ------------------------------------------------------------------------------------------------------------
+// The listed (sparse) update. A caller that steers a few of the K vectors passes tables whose other columns are
+// the identity (a = 0, b = 1, lo = -inf, hi = +inf), and their delta is exactly 0: the update needs only the
+// vectors with a nonzero delta, so it reads those rows of V (in h's dtype, in place) and not all of V. This is
+// what makes monitoring onto all K and steering a few of them one call at decode: the projection reads the packed
+// V once, the update reads S rows. A NaN delta (a non-finite projection) is nonzero, so it still reaches h, as in
+// the reference.
+
+// active[k] |= (delta[k] != 0) for k < K.
+void mark_active(const float* delta, int64_t K, uint8_t* active) {
+  for (int64_t k = 0; k < K; ++k) active[k] |= static_cast<uint8_t>(delta[k] != 0.0f);
+}
+
+// The steered rows' deltas on the active vectors only: coef is S x vectors.size(), row-major.
+struct ListedDeltas {
+  std::vector<int64_t> vectors;
+  std::vector<float> coef;
+
+  // delta_row(i): the K deltas of the i-th steered row.
+  template <typename RowFn>
+  void gather(const uint8_t* active, int64_t K, int64_t S, RowFn delta_row) {
+    vectors.clear();
+    for (int64_t k = 0; k < K; ++k)
+      if (active[k]) vectors.push_back(k);
+    const int64_t U = static_cast<int64_t>(vectors.size());
+    coef.resize(S * U);
+    for (int64_t i = 0; i < S; ++i) {
+      const float* dl = delta_row(i);
+      for (int64_t u = 0; u < U; ++u) coef[i * U + u] = dl[vectors[u]];
+    }
+  }
+};
+
+constexpr int64_t kListedBlock = 64;  // columns per combine_rows call (its register-resident accumulator)
+
+// h[steered[i], c] = round(h + sum_u coef[i, u] V[vectors[u], c]) for the columns c in [c_begin, c_end), one block
+// of 64 at a time: the few listed rows of V stay in L1 across the steered rows.
+template <typename T>
+void add_listed(T* h, int64_t ldh, const int64_t* steered, int64_t S, const ListedDeltas& L, const T* V, int64_t d,
+                int64_t c_begin, int64_t c_end) {
+  const int64_t U = static_cast<int64_t>(L.vectors.size());
+  float acc[kListedBlock];
+  for (int64_t c0 = c_begin; c0 < c_end; c0 += kListedBlock) {
+    const int64_t cols = std::min(kListedBlock, c_end - c0);
+    for (int64_t i = 0; i < S; ++i) {
+      combine_rows(L.coef.data() + i * U, V + c0, d, U, cols, acc, L.vectors.data());
+      add_row(h + steered[i] * ldh + c0, acc, cols);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------
 // Direct path (few tokens). Three passes, each parallel: P (over vectors), delta (serial, N x K), then the
-// update (over 64-column blocks of h, each block of every steered row combined and written back at once).
-constexpr int64_t kDirectBlock = 64;
+// update (over 64-column blocks of h, each block of every steered row combined from the active vectors and
+// written back at once).
 
 template <typename T>
 void run_direct(const at::Tensor& h, const at::Tensor& V, const Steering& st, const at::Tensor& P_out) {
@@ -511,22 +571,23 @@ void run_direct(const at::Tensor& h, const at::Tensor& V, const Steering& st, co
 
   std::vector<int64_t> steered;
   std::vector<float> delta(N * K);
-  for (int64_t n = 0; n < N; ++n)
-    if (steer_token(st, n, P + n * ldP, delta.data() + steered.size() * K)) steered.push_back(n);
-  if (steered.empty()) return;
+  std::vector<uint8_t> active(K, 0);
+  for (int64_t n = 0; n < N; ++n) {
+    float* dl = delta.data() + steered.size() * K;
+    if (!steer_token(st, n, P + n * ldP, dl)) continue;
+    mark_active(dl, K, active.data());
+    steered.push_back(n);
+  }
+  const int64_t S = static_cast<int64_t>(steered.size());
+  ListedDeltas listed;
+  listed.gather(active.data(), K, S, [&](int64_t i) { return delta.data() + i * K; });
+  const int64_t U = static_cast<int64_t>(listed.vectors.size());
+  if (U == 0) return;  // nothing steered, or every delta is exactly zero: h is unchanged
 
   T* hm = h.mutable_data_ptr<T>();
-  const int64_t S = static_cast<int64_t>(steered.size());
-  const int64_t blocks = (d + kDirectBlock - 1) / kDirectBlock;
-  at::parallel_for(0, blocks, std::max<int64_t>(1, kGrainMacs / (S * K * kDirectBlock)), [&](int64_t b0, int64_t b1) {
-    float acc[kDirectBlock];
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t c0 = blk * kDirectBlock, cols = std::min(kDirectBlock, d - c0);
-      for (int64_t s = 0; s < S; ++s) {
-        combine_rows(delta.data() + s * K, v + c0, d, K, cols, acc);
-        add_row(hm + steered[s] * ldh + c0, acc, cols);
-      }
-    }
+  const int64_t blocks = (d + kListedBlock - 1) / kListedBlock;
+  at::parallel_for(0, blocks, std::max<int64_t>(1, kGrainMacs / (S * U * kListedBlock)), [&](int64_t b0, int64_t b1) {
+    add_listed(hm, ldh, steered.data(), S, listed, v, d, b0 * kListedBlock, std::min(d, b1 * kListedBlock));
   });
 }
 
@@ -619,13 +680,72 @@ at::Tensor widened_vectors(const at::Tensor& V) {
   });
 }
 
+// ------------------------------------------------------------------------------------------------------------
+// One-token projection (fp32, AVX-512): P[0:ldp] = a[0:d] . Vt, Vt the packed d x ldp transpose. Decoding one
+// token, V^T comes from memory (the model's weights stream past between calls) and the op waits on it. oneDNN's
+// brgemm walks it in 64-column panels, a strided read; this kernel reads it row after row, up to 12 x 16 columns
+// (all of them for K <= 192) accumulated in registers, so the read is sequential. Measured with V^T evicted between
+// calls (30 different V, 24 MB read in between, thread CPU time): 1.2x at d = 576 and 1.5x at d = 2048 over
+// brgemm. At 4 and 16 tokens a register-blocked version of it was slower than brgemm (V^T is then reused from
+// cache and brgemm's blocking wins), so it serves one token only.
+#if EMOKERN_X86_AVX512
+constexpr int kRowGemvMaxBlocks = 12;  // 12 accumulators + 12 loads + 1 broadcast fit the 32 registers
+constexpr int64_t kRowGemvChunk = 32;  // rows of Vt per pass when the columns take several passes (stays in L1)
+
+// P[0:16 NC] (+)= a[0:L] . B[0:L, 0:16 NC], B rows ldb apart.
+template <int NC>
+EMOKERN_AVX512 void row_gemv_block(const float* a, const float* B, int64_t ldb, int64_t L, float* P, bool add) {
+  __m512 acc[NC];
+  for (int c = 0; c < NC; ++c) acc[c] = add ? _mm512_loadu_ps(P + 16 * c) : _mm512_setzero_ps();
+  for (int64_t l = 0; l < L; ++l) {
+    const __m512 x = _mm512_set1_ps(a[l]);
+    for (int c = 0; c < NC; ++c) acc[c] = _mm512_fmadd_ps(x, _mm512_loadu_ps(B + l * ldb + 16 * c), acc[c]);
+  }
+  for (int c = 0; c < NC; ++c) _mm512_storeu_ps(P + 16 * c, acc[c]);
+}
+
+// The columns [0, 16 nc) in blocks of at most kRowGemvMaxBlocks x 16 columns.
+template <int NC = kRowGemvMaxBlocks>
+EMOKERN_AVX512 void row_gemv_cols(const float* a, const float* B, int64_t ldb, int64_t L, int64_t nc, float* P,
+                                  bool add) {
+  if constexpr (NC >= 1) {
+    int64_t c = 0;
+    for (; c + NC <= nc; c += NC) row_gemv_block<NC>(a, B + 16 * c, ldb, L, P + 16 * c, add);
+    if (c < nc) row_gemv_cols<NC - 1>(a, B + 16 * c, ldb, L, nc - c, P + 16 * c, add);
+  }
+}
+
+// P[0:ldp] = a . Vt (ldp a multiple of 16): in one sweep over d when the columns fit the registers, else in chunks
+// of kRowGemvChunk rows that every column block passes over while they are in L1.
+EMOKERN_AVX512 void project_row_avx512(const float* a, const float* Vt, int64_t d, int64_t ldp, float* P) {
+  const int64_t nc = ldp / 16;
+  const int64_t chunk = nc <= kRowGemvMaxBlocks ? d : kRowGemvChunk;
+  for (int64_t l0 = 0; l0 < d; l0 += chunk)
+    row_gemv_cols(a + l0, Vt + l0 * ldp, ldp, std::min(chunk, d - l0), nc, P, /*add=*/l0 > 0);
+}
+#endif
+
 // The steering half of the engines whose second GEMM is fp32 (F32Engine, Bf16DotEngine): delta rows (fp32, row
 // stride ldp) times V32, a block of columns at a time. The engines set the fields; Scratch is theirs (P, delta, D).
 struct F32Update {
   int64_t d, K;
   int64_t ldp;        // row stride of P and delta; also the column count of the first GEMM
   int64_t col_block;  // columns of D computed (and written back) at a time
-  const float* V32;   // K x d: V itself, or V widened
+  at::Tensor V;       // the caller's (K, d) vectors
+
+  // The dense update's B operand, K x d fp32: V itself, or V widened (from the cache of packed operands). Made on
+  // first use, by whichever thread needs it first: the listed update (a few steered vectors, every decode step of
+  // the patch) never does, so a 16-bit V is then never held in fp32.
+  void prepare_dense() const {
+    std::call_once(v32_once_, [&] {
+      switch (V.scalar_type()) {
+        case at::kHalf: V32_hold_ = widened_vectors<Half>(V); break;
+        case at::kBFloat16: V32_hold_ = widened_vectors<BFloat16>(V); break;
+        default: V32_hold_ = V; break;
+      }
+      V32_ = static_cast<const float*>(V32_hold_.const_data_ptr());
+    });
+  }
 
   template <typename S>
   const float* P_row(const S& s, int64_t i) const { return s.P + i * ldp; }
@@ -637,13 +757,18 @@ struct F32Update {
   // D[:, c0:c0+cols] of the S steered rows, as an S x cols block with row stride col_block.
   template <typename S>
   void update(const S& s, int64_t n, int64_t c0, int64_t cols) const {
-    cpublas::brgemm(n, cols, K, ldp, d, col_block, /*add_C=*/false, s.delta, V32 + c0, s.D);
+    cpublas::brgemm(n, cols, K, ldp, d, col_block, /*add_C=*/false, s.delta, V32_ + c0, s.D);
   }
   template <typename S>
   const float* D_row(const S& s, int64_t i) const { return s.D + i * col_block; }
 
   void begin_thread() const {}
   void finish_thread() const {}
+
+ private:
+  mutable std::once_flag v32_once_;
+  mutable at::Tensor V32_hold_;
+  mutable const float* V32_ = nullptr;
 };
 
 // fp32 engine: P = A V^T with B = V^T (d x ldp, prepared once per call), D = delta V with B = V (K x d).
@@ -657,7 +782,7 @@ struct F32Engine : F32Update {
   const float* Vt;   // d x ldp
   int64_t tile_rows;
 
-  at::Tensor Vt_hold, V32_hold;  // keep the packed operands alive for the call
+  at::Tensor Vt_hold;  // keeps the packed operand alive for the call
 
   F32Engine(const at::Tensor& h_, const at::Tensor& V, int64_t tile)
       : h(h_.const_data_ptr<T>()), ldh(h_.stride(0)), tile_rows(tile) {
@@ -668,14 +793,9 @@ struct F32Engine : F32Update {
     // faster than the ragged one.
     ldp = round_up(K, 16);
     col_block = std::min<int64_t>(kF32ColBlock, ldw);
+    this->V = V;
     const T* v = V.const_data_ptr<T>();
     const int64_t d_ = d, K_ = K, ldp_ = ldp;
-    if constexpr (kWiden) {
-      V32_hold = widened_vectors<T>(V);
-      V32 = static_cast<const float*>(V32_hold.const_data_ptr());
-    } else {
-      V32 = v;
-    }
     Vt_hold = cpu::packed_operand(V, cpu::PackKind::kTransposedF32, d * ldp * 4, [&](void* buf) {
       float* vt = static_cast<float*>(buf);
       at::parallel_for(0, (d_ + 15) / 16, 4, [&](int64_t b0, int64_t b1) {
@@ -720,6 +840,9 @@ struct F32Engine : F32Update {
     // The reduction over d runs in chunks: with the whole of d at once, the tile (up to 1 MB) and the panels of Vt
     // streaming past it (d x 64 floats each, 1 MB at d = 4096) overflow L2, and the tile was re-read from L3 for
     // every panel. A chunk of both stays in L2.
+#if EMOKERN_X86_AVX512
+    if (t.m == 1 && cpu_has_avx512()) return project_row_avx512(A, Vt, d, ldp, s.P);
+#endif
     const int64_t chunk = d > 2 * kF32ReduceChunk ? kF32ReduceChunk : d;  // up to d = 1024 both fit whole
     for (int64_t c0 = 0; c0 < d; c0 += chunk) {
       const int64_t dc = std::min(chunk, d - c0);
@@ -912,15 +1035,16 @@ struct Bf16DotEngine : F32Update {
   int64_t Kr;         // reduction length of the packed panels (d rounded up to 16, zero-padded); ldp: a multiple of 64
   const BFloat16* B;  // V^T in VNNI panels: element (k, n) at n/16 * Kr*16 + k/2 * 32 + n%16 * 2 + k%2
   int64_t tile_rows;
-  at::Tensor B_hold, V32_hold;
+  at::Tensor B_hold;
 
-  Bf16DotEngine(const at::Tensor& h_, const at::Tensor& V, int64_t tile, bool steering)
+  Bf16DotEngine(const at::Tensor& h_, const at::Tensor& V, int64_t tile)
       : h(h_.const_data_ptr<BFloat16>()), ldh(h_.stride(0)), tile_rows(tile) {
     d = h_.size(1);
     K = V.size(0);
     Kr = round_up(d, 16);
     ldp = round_up(K, 64);
     col_block = std::min<int64_t>(kF32ColBlock, round_up(d, 16));
+    this->V = V;
     const BFloat16* v = V.const_data_ptr<BFloat16>();
     const int64_t d_ = d, K_ = K, Kr_ = Kr, ldp_ = ldp;
     B_hold = cpu::packed_operand(V, cpu::PackKind::kVnniBf16, ldp * Kr * 2, [&](void* buf) {
@@ -935,11 +1059,6 @@ struct Bf16DotEngine : F32Update {
       std::fill(b + slices * 32 * Kr_, b + ldp_ * Kr_, BFloat16(0.0f));
     });
     B = static_cast<const BFloat16*>(B_hold.const_data_ptr());
-    V32 = nullptr;
-    if (steering) {  // the steering GEMM's operand: only packed when something may be steered
-      V32_hold = widened_vectors<BFloat16>(V);
-      V32 = static_cast<const float*>(V32_hold.const_data_ptr());
-    }
   }
 
   int64_t scratch_bytes() const { return tile_rows * (2 * ldp + col_block) * static_cast<int64_t>(sizeof(float)); }
@@ -1026,10 +1145,11 @@ struct AmxEngine {
     });
   }
 
-  // Per-thread scratch: P, D, one delta row (fp32, each a multiple of 64 bytes so that the parts stay aligned),
+  // Per-thread scratch: P, D, the delta rows (fp32, each a multiple of 64 bytes so that the parts stay aligned),
   // then the bf16 A operands of the second and first GEMMs.
+  int64_t ldd() const { return round_up(K, 16); }
   int64_t scratch_bytes() const {
-    return (tile_rows * (ldp + col_block) + round_up(K, 16)) * 4 + tile_rows * (lda2 + lda1) * 2;
+    return tile_rows * (ldp + col_block + ldd()) * 4 + tile_rows * (lda2 + lda1) * 2;
   }
 
   struct Scratch {
@@ -1044,7 +1164,7 @@ struct AmxEngine {
     s.D = f;
     f += tile_rows * col_block;
     s.delta = f;
-    f += round_up(K, 16);
+    f += tile_rows * ldd();
     s.A2 = reinterpret_cast<BFloat16*>(f);
     s.A1 = s.A2 + tile_rows * lda2;
     return s;
@@ -1066,11 +1186,12 @@ struct AmxEngine {
   }
 
   const float* P_row(const Scratch& s, int64_t i) const { return s.P + i * ldp; }
-  // delta is produced one row at a time and split at once into the bf16 operand of the second GEMM.
-  float* delta_row(const Scratch& s, int64_t) const { return s.delta; }
+  float* delta_row(const Scratch& s, int64_t i) const { return s.delta + i * ldd(); }
+  // The dense update's A operand: delta row i split into its bf16 terms.
   void pack_delta_row(const Scratch& s, int64_t i) const {
-    split_row_avx512(s.delta, K, K32, K32, kTerms.data(), 2, s.A2 + i * lda2);
+    split_row_avx512(delta_row(s, i), K, K32, K32, kTerms.data(), 2, s.A2 + i * lda2);
   }
+  void prepare_dense() const {}
 
   void update(const Scratch& s, int64_t S, int64_t c0, int64_t cols) const {
     const int64_t S32 = round_up(S, 32);
@@ -1092,33 +1213,53 @@ int64_t choose_tile_rows(int64_t N, int64_t preferred, int64_t multiple) {
   return round_up(std::max<int64_t>(1, (N + tiles - 1) / tiles), multiple);
 }
 
+// The listed update is used while the active vectors are at most this fraction of K; above it the dense GEMM over
+// all K (which reads all of V) is the faster way.
+constexpr int64_t kListedMaxFractionDenom = 4;
+
 template <typename T, typename Engine>
-void run_tiled(const Engine& eng, const at::Tensor& h, const Steering& st, const at::Tensor& P_out) {
+void run_tiled(const Engine& eng, const at::Tensor& h, const at::Tensor& V, const Steering& st,
+               const at::Tensor& P_out) {
   const int64_t N = h.size(0), d = h.size(1), K = st.K;
   const int64_t tile = eng.tile_rows;
   const int64_t ntiles = (N + tile - 1) / tile;
   const int64_t ldP = P_out.stride(0), ldh = h.stride(0);
   float* P_data = P_out.mutable_data_ptr<float>();
   T* h_data = st.row ? h.mutable_data_ptr<T>() : nullptr;
+  const T* v = V.const_data_ptr<T>();
 
   at::parallel_for(0, ntiles, 1, [&](int64_t begin, int64_t end) {
     const auto s = eng.carve(thread_buffer(kScratch, eng.scratch_bytes()));
     std::vector<int64_t> steered(tile);
+    std::vector<uint8_t> active(st.row ? K : 0);
+    ListedDeltas listed;
     eng.begin_thread();
     for (int64_t t = begin; t < end; ++t) {
       const TileArgs ta{t * tile, std::min(tile, N - t * tile)};
       eng.project(s, ta);
       int64_t S = 0;
+      std::fill(active.begin(), active.end(), 0);
       for (int64_t i = 0; i < ta.m; ++i) {
         const int64_t n = ta.n0 + i;
         const float* p = eng.P_row(s, i);
         std::memcpy(P_data + n * ldP, p, K * sizeof(float));
         if (!steer_token(st, n, p, eng.delta_row(s, S))) continue;
-        eng.pack_delta_row(s, S);
+        mark_active(eng.delta_row(s, S), K, active.data());
         steered[S++] = n;
       }
-      // D in column blocks, each written back while it is still in cache.
-      for (int64_t c0 = 0; S > 0 && c0 < d; c0 += eng.col_block) {
+      if (S == 0) continue;
+      const int64_t U = std::count(active.begin(), active.end(), uint8_t{1});
+      if (U == 0) continue;  // every delta is exactly zero: h is unchanged
+      if (U * kListedMaxFractionDenom <= K) {
+        // A few vectors: their rows of V, in place, combined per block of columns.
+        listed.gather(active.data(), K, S, [&](int64_t i) { return eng.delta_row(s, i); });
+        add_listed(h_data, ldh, steered.data(), S, listed, v, d, 0, d);
+        continue;
+      }
+      // D = delta V over all K in column blocks, each written back while it is still in cache.
+      eng.prepare_dense();
+      for (int64_t i = 0; i < S; ++i) eng.pack_delta_row(s, i);
+      for (int64_t c0 = 0; c0 < d; c0 += eng.col_block) {
         const int64_t cols = std::min(eng.col_block, d - c0);
         eng.update(s, S, c0, cols);
         for (int64_t i = 0; i < S; ++i) add_row(h_data + steered[i] * ldh + c0, eng.D_row(s, i), cols);
@@ -1146,17 +1287,16 @@ void dispatch(const at::Tensor& h, const at::Tensor& V, const Steering& st, cons
   if constexpr (!std::is_same_v<T, float>) {
     if (amx) {
       const int64_t row_bytes = (std::is_same_v<T, BFloat16> ? 1 : 2) * round_up(d, 32) * 2;
-      return run_tiled<T>(AmxEngine<T>(h, V, choose_tile_rows(N, tile_rows_for(row_bytes, 32), 32)), h, st, P_out);
+      return run_tiled<T>(AmxEngine<T>(h, V, choose_tile_rows(N, tile_rows_for(row_bytes, 32), 32)), h, V, st, P_out);
     }
   }
   if constexpr (std::is_same_v<T, BFloat16>) {
     if (Bf16DotEngine::usable(h)) {
-      return run_tiled<T>(Bf16DotEngine(h, V, choose_tile_rows(N, tile_rows_for(d * 2, 6), 1), st.row != nullptr),
-                          h, st, P_out);
+      return run_tiled<T>(Bf16DotEngine(h, V, choose_tile_rows(N, tile_rows_for(d * 2, 6), 1)), h, V, st, P_out);
     }
   }
 #endif
-  run_tiled<T>(F32Engine<T>(h, V, choose_tile_rows(N, tile_rows_for(d * 4, 16), 1)), h, st, P_out);
+  run_tiled<T>(F32Engine<T>(h, V, choose_tile_rows(N, tile_rows_for(d * 4, 16), 1)), h, V, st, P_out);
 }
 
 void project_and_steer_impl(const char* op, const at::Tensor& h, const at::Tensor& V, const Steering& st,
