@@ -21,9 +21,11 @@ and its appendix)?
    *rise* of a word is its steered minus its unsteered log-probability, averaged over the probes; the *rank* of an
    emotion is the place of its own word's rise among the N candidates' rises (1 = its own word rose most).
    Reported at each strength: top-1 / top-5 / mean rank (chance 1/N, min(5, N)/N, (N+1)/2), the rank distribution,
-   a sweep over layers at the middle strength, and the leak check: greedy answers to a neutral question steered
-   (every token) toward each emotion at the middle strength, and the share that name the steered emotion (any form,
-   :func:`emokern.emotion_words.find_emotion_word`) against the share of emotions named in the unsteered answer.
+   a sweep over up to :data:`MAX_SWEEP_LAYERS` layers at the middle strength, and the leak check: greedy answers to
+   a neutral question steered (every token) toward each scenario emotion in the bank (chosen to spread over valence
+   and arousal; generation is the costly part, so not all K) at the middle strength, and the share that name the
+   steered emotion (any form, :func:`emokern.emotion_words.find_emotion_word`) against the share of those emotions
+   named in the unsteered answer.
 
 Scenarios and intensity prompts are read at the report's layer with curves over all bank layers; steering uses
 the bank's two-thirds layer (:meth:`VectorBank.two_thirds_layer`, where the demo steers: at the last layers, where
@@ -74,8 +76,9 @@ PathLike = Union[str, os.PathLike]
 STEERING_STRENGTHS = (0.1, 0.25, 0.5)
 SCENARIO_TOP = 3
 STEERING_TOP = 5
-#: At most this many layers (the steering layer included) in the steering sweep; each costs a few batched forwards.
-MAX_SWEEP_LAYERS = 8
+#: At most this many layers (the steering layer included) in the steering sweep; each costs a few batched forwards
+#: (measured on SmolLM2-135M on 2 shared CPU cores: about 7 s per batch of 64 steered rows).
+MAX_SWEEP_LAYERS = 4
 #: Rows per batched steered forward.
 STEER_BATCH = 64
 MIN_INTENSITY_VALUES = 4
@@ -442,7 +445,10 @@ def _plot_intensity(templates: List[IntensityTemplate], pairs: List[Dict], layer
                     label=f"{p['emotion']} ({p['expected']}) ρ={_fmt(p['rho'], 2)} {ok}")
         values = next(q["values"] for q in pairs if q["template"] == name)
         if values[0] > 0 and values[-1] / values[0] >= 20:
+            from matplotlib.ticker import NullFormatter
+
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a short log axis overlap
         ax.axhline(0, color="grey", lw=0.5)
         ax.set_title(name, fontsize=8)
         ax.tick_params(labelsize=6)
@@ -545,7 +551,7 @@ def _sweep_layers(bank: VectorBank, steer_layer: int) -> List[int]:
 
 
 def _steering(model, tokenizer, bank: VectorBank, prompts: SanityPrompts, strengths: Sequence[float],
-              steer_layer: int, out_dir: Path, progress: bool) -> Dict:
+              steer_layer: int, leak_emotions: List[str], out_dir: Path, progress: bool) -> Dict:
     import emokern
     from emokern.emotion_words import find_emotion_word
 
@@ -562,7 +568,7 @@ def _steering(model, tokenizer, bank: VectorBank, prompts: SanityPrompts, streng
     middle = strengths[len(strengths) // 2]
     sweep = _sweep_layers(bank, steer_layer)
     chunks = [list(range(a, min(a + STEER_BATCH, N))) for a in range(0, N, STEER_BATCH)]
-    leak_rows = [list(range(a, min(a + STEER_BATCH, len(bank.names)))) for a in range(0, len(bank.names), STEER_BATCH)]
+    leak_rows = [leak_emotions[a:a + STEER_BATCH] for a in range(0, len(leak_emotions), STEER_BATCH)]
     runs = [(s, steer_layer) for s in strengths] + [(middle, layer) for layer in sweep if layer != steer_layer]
     bar = progress_bar(len(runs) * len(prompts.probes) * len(chunks) + len(leak_rows) + 1, desc="steering sanity",
                        enabled=progress, unit="batch")
@@ -591,7 +597,7 @@ def _steering(model, tokenizer, bank: VectorBank, prompts: SanityPrompts, streng
                         rise[rows] += (logp[:, ids] - base_logp[p][ids]).double()
                         bar.update(1)
                 rises[(strength, layer)] = rise / len(split)
-            # leak check: every bank emotion, every token steered (prompt and answer), greedy
+            # leak check: every token steered (prompt and answer), greedy
             leak_text = chat_text(tokenizer, [{"role": "user", "content": prompts.leak_user}])
             handle.clear_steering()
             unsteered = handle.generate([leak_text], max_new_tokens=prompts.leak_tokens, do_sample=False).texts[0]
@@ -599,8 +605,8 @@ def _steering(model, tokenizer, bank: VectorBank, prompts: SanityPrompts, streng
             steered = []
             for rows in leak_rows:
                 handle.clear_steering()
-                for r, k in enumerate(rows):
-                    handle.steer({bank.names[k]: middle}, sequences=[r], layers=[steer_layer])
+                for r, emotion in enumerate(rows):
+                    handle.steer({emotion: middle}, sequences=[r], layers=[steer_layer])
                 steered += handle.generate([leak_text] * len(rows), max_new_tokens=prompts.leak_tokens,
                                            do_sample=False).texts
                 bar.update(1)
@@ -619,8 +625,8 @@ def _steering(model, tokenizer, bank: VectorBank, prompts: SanityPrompts, streng
                             "other_rise_mean": float(rise[off].mean()),
                             "ranks": dict(zip(names, ranks.tolist()))})
     sweep_ranks = {layer: _rank_rises(rises[(middle, layer)]) for layer in sweep}
-    named = [bool(find_emotion_word(text, e)) for e, text in zip(bank.names, steered)]
-    named_unsteered = [bool(find_emotion_word(unsteered, e)) for e in bank.names]
+    named = [bool(find_emotion_word(text, e)) for e, text in zip(leak_emotions, steered)]
+    named_unsteered = [bool(find_emotion_word(unsteered, e)) for e in leak_emotions]
     out.update({
         "chance_top1": 1 / N, f"chance_top{STEERING_TOP}": min(STEERING_TOP, N) / N, "chance_mean_rank": (N + 1) / 2,
         "rise": "steered minus unsteered next-token log-probability of the word's first token, mean over the probes",
@@ -630,12 +636,13 @@ def _steering(model, tokenizer, bank: VectorBank, prompts: SanityPrompts, streng
                       f"top{STEERING_TOP}": [float((sweep_ranks[x] <= min(STEERING_TOP, N)).double().mean())
                                              for x in sweep]},
         "leak": {"user": prompts.leak_user, "strength": middle, "layer": steer_layer, "scope": "every token",
-                 "max_new_tokens": prompts.leak_tokens, "decoding": "greedy", "n": len(bank.names),
-                 "steered_share_naming_own_emotion": float(np.mean(named)),
-                 "unsteered_share_of_emotions_named": float(np.mean(named_unsteered)),
+                 "max_new_tokens": prompts.leak_tokens, "decoding": "greedy", "emotions": leak_emotions,
+                 "n": len(leak_emotions),
+                 "steered_share_naming_own_emotion": float(np.mean(named)) if named else None,
+                 "unsteered_share_of_emotions_named": float(np.mean(named_unsteered)) if named else None,
                  "unsteered_text": unsteered,
-                 "steered_naming_own_emotion": [e for e, hit in zip(bank.names, named) if hit],
-                 "steered_texts": dict(zip(bank.names, steered))},
+                 "steered_naming_own_emotion": [e for e, hit in zip(leak_emotions, named) if hit],
+                 "steered_texts": dict(zip(leak_emotions, steered))},
     })
     out["plot"] = _plot_steering(out, out_dir / "steering_ranks.png")
     return out
@@ -652,7 +659,8 @@ def _plot_steering(s: Dict, path: Path) -> str:
         ax.step(grid, share, where="post", color=f"C{i}",
                 label=f"strength {row['strength']:g}: top-1 {_fmt(row['top1'])}, mean rank {row['mean_rank']:.1f}")
     ax.plot(grid, grid / N, color="grey", ls=":", lw=1, label=f"chance (mean rank {(N + 1) / 2:.1f})")
-    ax.set_xscale("log")
+    if N > 20:
+        ax.set_xscale("log")
     ax.set_xlabel(f"rank of the steered emotion's own word among {N} emotion words (1 = rose most)")
     ax.set_ylabel("share of steered emotions with rank ≤ x")
     ax.set_ylim(0, 1.02)
@@ -699,6 +707,9 @@ def _plot_layers(scenarios: Dict, intensity: Dict, steering: Dict, layer: int, p
                        label=f"chance top-{STEERING_TOP}")
             ax.axvline(sec["layer"], color="crimson", ls="--", lw=1, label=f"steering layer {sec['layer']}")
             ax.set_title(f"Steering sanity (strength {curve['strength']:g}), by steered layer", fontsize=9)
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("layer", fontsize=8)
         ax.set_ylim(-0.3 if name == "intensity" else 0, 1.02)
         ax.tick_params(labelsize=7)
@@ -743,7 +754,8 @@ def validation_sections(bank: VectorBank, model, tokenizer, out_dir: Path, *, la
         at += len(t.values)
     scen = _scenarios(bank, scenarios, cos[:n], slot, layer, out_dir)
     inten = _intensity(bank, templates, per_template, slot, layer, out_dir)
-    steer = _steering(model, tokenizer, bank, sanity, strengths, steer_layer, out_dir, progress)
+    leak_emotions = list(dict.fromkeys(s.emotion for s in scenarios if s.emotion in bank.names))
+    steer = _steering(model, tokenizer, bank, sanity, strengths, steer_layer, leak_emotions, out_dir, progress)
     return {"scenarios": scen, "intensity": inten, "steering": steer,
             "layers_plot": _plot_layers(scen, inten, steer, layer, out_dir / "validation_layers.png")}
 
@@ -857,9 +869,10 @@ def validation_html(report: Dict, out_dir: Path) -> str:
                      f"{leak['strength']:g}, greedy, {leak['max_new_tokens']} tokens: "
                      f"{_fmt(leak['steered_share_naming_own_emotion'])} of the {leak['n']} steered answers name "
                      f"their steered emotion; the unsteered answer names "
-                     f"{_fmt(leak['unsteered_share_of_emotions_named'])} of the emotions. "
+                     f"{_fmt(leak['unsteered_share_of_emotions_named'])} of those emotions. "
                      f"Unsteered: <i>{_e(leak['unsteered_text'])}</i></p>")
-        featured = [e for e in report.get("featured", []) if e in leak["steered_texts"]]
-        parts.append(_table(["steered toward", "answer"], [[_e(e), _e(leak["steered_texts"][e])] for e in featured]))
+        parts.append(_table(["steered toward", "names it", "answer"],
+                            [[_e(e), "yes" if e in leak["steered_naming_own_emotion"] else "no", _e(text)]
+                             for e, text in leak["steered_texts"].items()]))
     parts.append(_img(out_dir, report.get("validation_layers_plot"), "Sections 5-7 over layers"))
     return "\n".join(parts)

@@ -211,7 +211,8 @@ def test_planted_word_directions_rank_first(sections):
     assert set(strongest["ranks"]) == set(NAMES)
     assert steer["per_layer"]["layers"] == list(range(LAYERS)) and len(steer["per_layer"]["top1"]) == LAYERS
     leak = steer["leak"]
-    assert leak["n"] == len(NAMES) and set(leak["steered_texts"]) == set(NAMES)
+    scenario_emotions = sorted({s.emotion for s in load_scenarios()})
+    assert leak["n"] == 18 and sorted(leak["steered_texts"]) == sorted(leak["emotions"]) == scenario_emotions
     assert 0 <= leak["steered_share_naming_own_emotion"] <= 1
 
 
@@ -293,3 +294,18 @@ def test_report_command_refuses_a_malformed_file_before_any_output(model_and_tok
 
 def test_emotion_words_are_real():
     assert set(NAMES) <= set(EMOTIONS)
+
+
+def test_demo_prints_the_new_numbers_beside_the_old(sections):
+    from emokern.pipeline import _key_numbers, _number_lines
+
+    result, _, _ = sections
+    report = {"layer": {"index": 3}, "classification": {"chance_top1": 0.05, "chance_top5": 0.25,
+                                                        "quality_curve": {"top1_at_layer": 0.5}},
+              "scenarios": result["scenarios"], "intensity": result["intensity"], "steering": result["steering"]}
+    numbers = _key_numbers(report)
+    assert numbers["held_out_top1"] == 0.5 and numbers["scenario_top1"] == result["scenarios"]["top1"]
+    lines = _number_lines(numbers, report)
+    assert lines[0].startswith("layer 3: held-out story top-1 0.500 / top-5 — (0.050 / 0.250)")
+    assert lines[2].startswith("implicit scenarios top-1") and "chance" in lines[2]
+    assert lines[3].startswith("intensity ") and lines[4].startswith("steering own-word top-1 1.000")
