@@ -577,10 +577,10 @@ def _steering(model, tokenizer, bank: VectorBank, prompts: SanityPrompts, streng
     with torch.inference_mode():
         base_logp, caches = [], []
         for head, turn in split:
-            out_base = model(input_ids=torch.tensor([head + turn], device=device), logits_to_keep=1)
-            base_logp.append(out_base.logits[0, -1].float().log_softmax(-1).cpu())
             first = model(input_ids=torch.tensor([head], device=device), use_cache=True, logits_to_keep=1)
             caches.append(getattr(first, _cache_arg(model)))
+            # unsteered by the same cached path as the steered rows, so that a rise is the steering's alone
+            base_logp.append(_next_logprobs(model, caches[-1], turn, 1)[0])
         rises: Dict[Tuple[float, int], torch.Tensor] = {}
         handle = emokern.patch(model, bank, layers=sorted(set(sweep) | {steer_layer}), monitor=False,
                                tokenizer=tokenizer)
