@@ -711,7 +711,7 @@ def _plot_layers(scenarios: Dict, intensity: Dict, steering: Dict, layer: int, p
 
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("layer", fontsize=8)
-        ax.set_ylim(-0.3 if name == "intensity" else 0, 1.02)
+        ax.set_ylim(-1.02 if name == "intensity" else 0, 1.02)  # a signed rho spans [-1, 1]
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=6, loc="best")
     return _save(fig, path)
