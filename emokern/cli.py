@@ -95,8 +95,8 @@ def _report_arguments(parser: argparse.ArgumentParser) -> None:
     add_report_arguments(parser)
 
 
-@command("report", help="validation report for a bank: accuracy, geometry, logit lens, external text (JSON, PNG, HTML)",
-         arguments=_report_arguments)
+@command("report", help="validation report for a bank: accuracy, geometry, logit lens, external text, implicit "
+                        "scenarios, intensity, steering sanity (JSON, PNG, HTML)", arguments=_report_arguments)
 def _report(args: argparse.Namespace) -> int:
     from emokern.report import report_command
 

@@ -224,10 +224,32 @@ def demo(out_dir="emokern_out", *, model_name: str = "smollm2-135m-instruct", pr
                "report_numbers": _key_numbers(report), "generations": columns}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     outputs["summary"] = out_dir / "summary.json"
-    _say(f"done in {summary['seconds']:.0f} s. Outputs:")
+    _say(f"done in {summary['seconds']:.0f} s. Report numbers (chance in brackets):")
+    for line in _number_lines(summary["report_numbers"], report):
+        _say(f"  {line}")
+    _say("Outputs:")
     for name, path in outputs.items():
         _say(f"  {name:<22} {path}")
     return outputs
+
+
+def _number_lines(numbers: dict, report: dict) -> List[str]:
+    """The key numbers as the demo prints them, each beside its chance level."""
+    from emokern.validation import summary_line
+
+    def f(key: str, digits: int = 3) -> str:
+        value = numbers.get(key)
+        return "—" if value is None else f"{value:.{digits}f}"
+
+    return [
+        f"layer {numbers.get('layer')}: held-out story top-1 {f('held_out_top1')} / top-5 {f('held_out_top5')} "
+        f"({f('chance_top1')} / {f('chance_top5')}); probe top-1 {f('probe_top1')}; valence AUROC "
+        f"{f('held_out_valence_auroc')} (0.5)",
+        f"PC1 / PC2 variance {f('pc1_variance')} / {f('pc2_variance')}; PC1~valence r {f('pc1_valence_r')}, "
+        f"PC2~arousal r {f('pc2_arousal_r')} (0); GoEmotions mean AUROC {f('goemotions_mean_auroc')} (0.5); "
+        f"EmoBank valence r {f('emobank_valence_r')} (0)",
+        *summary_line(report).split("; "),
+    ]
 
 
 def _key_numbers(report: dict) -> dict:
@@ -255,4 +277,7 @@ def _key_numbers(report: dict) -> dict:
         "goemotions_mean_auroc": get("goemotions", "mean_auroc"),
         "emobank_valence_r": get("emobank", "r"),
     }
+    from emokern.validation import key_numbers
+
+    picks.update(key_numbers(report))
     return {k: v for k, v in picks.items() if v is not None}

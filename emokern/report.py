@@ -4,7 +4,7 @@
 
 * ``report.json`` — every number below;
 * PNG plots — ``quality_curve.png`` (when the bank records a quality curve), ``pca_scatter.png``,
-  ``cosine_matrix.png``, ``goemotions_auroc.png``, ``emobank_valence.png``;
+  ``cosine_matrix.png``, ``goemotions_auroc.png``, ``emobank_valence.png`` and those of sections 5-7;
 * ``report.html`` — one self-contained page (inline CSS, the PNGs embedded as ``data:`` URIs, no external resource)
   that shows the numbers and the plots.
 
@@ -28,6 +28,9 @@ Sections:
    :data:`GOEMOTIONS_TO_EMOTION` whose emotion is in the bank, and the top-5 comments per featured emotion.
    EmoBank test sentences: Pearson r between the valence readout (projection on the oriented PC1 direction) and
    human valence.
+5-7. **Implicit scenarios, intensity templates, steering sanity check**, with chance levels and per-layer curves:
+   see :mod:`emokern.validation` (plots ``scenario_matrix.png``, ``intensity.png``, ``steering_ranks.png``,
+   ``validation_layers.png``).
 
 Activations come from :func:`emokern.extract.story_activations` at the chosen layer: held-out stories as the bank
 was built (its recorded ``fmt`` and ``first_token``), external texts in the bank's format too (with ``fmt="chat"``,
@@ -626,7 +629,10 @@ def _plot_emobank(readout: np.ndarray, human: List[float], r: Optional[float], p
 
 def validation_report(bank: VectorBank, model, tokenizer, out_dir: PathLike, *, layer: Optional[int] = None,
                       corpus=None, goemotions_limit: Optional[int] = None, emobank_limit: Optional[int] = None,
-                      progress: bool = True, batch_size: int = 32, data_dir: Optional[PathLike] = None) -> Dict:
+                      progress: bool = True, batch_size: int = 32, data_dir: Optional[PathLike] = None,
+                      scenarios: Optional[PathLike] = None, intensity: Optional[PathLike] = None,
+                      steering_prompts: Optional[PathLike] = None,
+                      steering_strengths: Optional[Sequence[float]] = None) -> Dict:
     """Validate ``bank`` on ``model`` at one layer and write ``report.json``, the PNG plots and ``report.html``.
 
     Args:
@@ -650,17 +656,24 @@ def validation_report(bank: VectorBank, model, tokenizer, out_dir: PathLike, *, 
             runs several times faster on a CPU than extraction's 8; lower it for long corpus stories on a big model).
         data_dir: folder holding ``norms/``, ``goemotions/`` and ``emobank/`` (default: the package's data; see
             :mod:`emokern.datasets`).
+        scenarios, intensity, steering_prompts: JSON files replacing the packaged implicit scenarios, intensity
+            templates and steering sanity prompts of sections 5-7 (see :mod:`emokern.validation` for their shapes).
+        steering_strengths: the sanity check's strengths (default :data:`emokern.validation.STEERING_STRENGTHS`).
 
     Returns:
         The report as a dict (exactly what ``report.json`` holds): ``bank``, ``model``, ``layer``,
-        ``classification``, ``geometry``, ``logit_lens``, ``goemotions``, ``emobank``, ``files``. Numbers that
+        ``classification``, ``geometry``, ``logit_lens``, ``goemotions``, ``emobank``, ``scenarios``,
+        ``intensity``, ``steering``, ``validation_layers_plot``, ``files``. Numbers that
         cannot be computed (e.g. an AUROC for a label with no positive text) are ``None`` with a ``note``.
 
     Raises:
         ValueError: too few emotions, a layer outside the model or the bank, a bad limit or corpus.
         emokern.bank.BankMismatchError: the bank belongs to another model.
         emokern.datasets.DataFileMissingError: a data file is missing (checked before any model forward).
+        emokern.experiments.common.InputFileError: a scenario, intensity or steering-prompt file is missing or
+            malformed (also checked before any forward).
     """
+    from emokern import validation
     from emokern import __version__
     from emokern.datasets import load_emobank, load_goemotions, load_norms
 
@@ -680,6 +693,9 @@ def validation_report(bank: VectorBank, model, tokenizer, out_dir: PathLike, *, 
     norms = {n.word: n for n in load_norms(data_dir=data_dir)}
     goemotions = load_goemotions("test", data_dir=data_dir)
     emobank = load_emobank("test", data_dir=data_dir)
+    scenario_list = validation.load_scenarios(scenarios)
+    templates = validation.load_intensity(intensity)
+    sanity = validation.load_sanity_prompts(steering_prompts)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -708,8 +724,16 @@ def validation_report(bank: VectorBank, model, tokenizer, out_dir: PathLike, *, 
         "goemotions": _goemotions(bank, layer, featured, goemotions, goemotions_limit, read, out_dir, external_fmt),
         "emobank": _emobank(valence_direction, emobank, emobank_limit, read, out_dir, external_fmt),
     }
+    sections = validation.validation_sections(
+        bank, model, tokenizer, out_dir, layer=layer, scenarios=scenario_list, templates=templates, sanity=sanity,
+        strengths=validation.STEERING_STRENGTHS if steering_strengths is None else steering_strengths,
+        progress=progress)
+    report.update(scenarios=sections["scenarios"], intensity=sections["intensity"], steering=sections["steering"],
+                  validation_layers_plot=sections["layers_plot"])
     plots = [p for p in (classification.get("plot"), *geometry["plots"].values(), report["goemotions"].get("plot"),
-                         report["emobank"].get("plot")) if p]
+                         report["emobank"].get("plot"), report["scenarios"].get("plot"),
+                         report["intensity"].get("plot"), report["steering"].get("plot"),
+                         report["validation_layers_plot"]) if p]
     report["files"] = {"json": "report.json", "html": "report.html", "plots": plots}
     (out_dir / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
     (out_dir / "report.html").write_text(_html(report, out_dir), encoding="utf-8")
@@ -876,6 +900,11 @@ def _html(report: Dict, out_dir: Path) -> str:
                  f"{_corr(eb)}.</p>")
     parts.append(_img(out_dir, eb.get("plot"), "EmoBank valence readout vs human valence"))
 
+    # 5-7. Implicit scenarios, intensity, steering sanity check
+    from emokern.validation import validation_html
+
+    parts.append(validation_html(report, out_dir))
+
     parts.append("<h2>Data sources</h2><ul class='note'>"
                  "<li>Glasgow Norms © Scott, Keitel, Becirspahic, Yao &amp; Sereno (2019), CC BY 4.0; subset "
                  "extracted, values unchanged.</li>"
@@ -893,7 +922,7 @@ def _html(report: Dict, out_dir: Path) -> str:
 
 def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``emokern report``: ``BANK [--model NAME_OR_PATH] [--out DIR] [--layer N] [--limit N]
-    [--batch-size N]``."""
+    [--batch-size N] [--scenarios FILE] [--intensity FILE] [--steering-prompts FILE]``."""
     parser.add_argument("bank", metavar="BANK", help="the vector bank: NAME, NAME.json or NAME.safetensors")
     parser.add_argument("--model", default=None, metavar="NAME_OR_PATH",
                         help="model to load with emokern.models.load_model (default: the bank's model_id if it is an "
@@ -905,6 +934,13 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, metavar="N",
                         help="evaluate only the first N GoEmotions comments and N EmoBank sentences (default: all)")
     parser.add_argument("--batch-size", type=int, default=32, metavar="N", help="texts per forward pass (default: 32)")
+    parser.add_argument("--scenarios", default=None, metavar="FILE.json",
+                        help="implicit scenarios replacing emokern/data/validation/implicit_scenarios.json "
+                             "(same shape: see emokern.validation)")
+    parser.add_argument("--intensity", default=None, metavar="FILE.json",
+                        help="intensity templates replacing emokern/data/validation/intensity_templates.json")
+    parser.add_argument("--steering-prompts", default=None, metavar="FILE.json",
+                        help="steering sanity prompts replacing emokern/data/validation/steering_sanity.json")
 
 
 def report_command(args: argparse.Namespace) -> int:
@@ -918,11 +954,15 @@ def report_command(args: argparse.Namespace) -> int:
     meta_path = bank_paths(args.bank)[1]
     out_dir = Path(args.out) if args.out else meta_path.with_name(meta_path.stem + "_report")
     report = validation_report(bank, model, tokenizer, out_dir, layer=args.layer, goemotions_limit=args.limit,
-                               emobank_limit=args.limit, batch_size=args.batch_size)
+                               emobank_limit=args.limit, batch_size=args.batch_size, scenarios=args.scenarios,
+                               intensity=args.intensity, steering_prompts=args.steering_prompts)
     g = report["geometry"]
     print(f"layer {report['layer']['index']}: PC1 {_fmt(g['variance_explained']['pc1'])} / PC2 "
           f"{_fmt(g['variance_explained']['pc2'])} of variance; PC1~valence r = {_fmt(g['pc1_valence']['r'])}, "
           f"PC2~arousal r = {_fmt(g['pc2_arousal']['r'])}; GoEmotions mean AUROC "
           f"{_fmt(report['goemotions']['mean_auroc'])}; EmoBank valence r = {_fmt(report['emobank']['r'])}")
+    from emokern.validation import summary_line
+
+    print(summary_line(report))
     print(f"report: {out_dir / 'report.html'}")
     return 0

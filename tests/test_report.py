@@ -120,7 +120,9 @@ def test_files_and_json(report):
     assert on_disk["geometry"]["pc1_valence"] == result["geometry"]["pc1_valence"]
     assert set(result) >= {"bank", "layer", "classification", "geometry", "logit_lens", "goemotions", "emobank"}
     assert result["files"]["plots"] == ["quality_curve.png", "pca_scatter.png", "cosine_matrix.png",
-                                        "goemotions_auroc.png", "emobank_valence.png"]
+                                        "goemotions_auroc.png", "emobank_valence.png", "scenario_matrix.png",
+                                        "intensity.png", "steering_ranks.png", "validation_layers.png"]
+    assert set(result) >= {"scenarios", "intensity", "steering"}
     for name in result["files"]["plots"]:
         _check_png(out / name)
     assert result["layer"]["index"] == 1  # the bank's default_layer["two_thirds"]
@@ -275,3 +277,4 @@ def test_command(model_and_tokenizer, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"report: {out / 'report.html'}" in printed
     assert f"PC1~valence r = {result['geometry']['pc1_valence']['r']:.3f}" in printed
+    assert f"implicit scenarios top-1 {result['scenarios']['top1']:.3f}" in printed
