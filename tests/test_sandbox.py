@@ -1083,8 +1083,8 @@ def test_no_stage_directory_or_mount_is_left_on_the_host():
     assert "emokern-stage" not in Path("/proc/self/mounts").read_text()
 
 
-# The driver of the run as an unprivileged user: the sandbox's two modules loaded from a copy (they need only the
-# standard library), the attacks above run through them, the findings printed as JSON.
+# The driver of the run as an unprivileged user: the sandbox's two modules and its child programs loaded from a copy
+# (they need only the standard library), the attacks above run through them, the findings printed as JSON.
 _UNPRIVILEGED_DRIVER = r'''
 import json, os, sys, time, types
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -1127,6 +1127,7 @@ def test_the_walls_hold_when_run_as_an_unprivileged_user():
         (package / "__init__.py").write_text("")
         for name in ("bwrap.py", "sandbox.py"):
             shutil.copy(source / name, package / name)
+        shutil.copytree(source / "sandboxed", package / "sandboxed", ignore=shutil.ignore_patterns("__pycache__"))
         (root / "driver.py").write_text(_UNPRIVILEGED_DRIVER)
         for path in [root, *root.rglob("*")]:
             path.chmod(0o755 if path.is_dir() else 0o644)

@@ -121,6 +121,7 @@ from emokern.experiments.bwrap import (_GUARD_WARNING, _INSTALL, _NEEDS_UTIL_LIN
                                        SANDBOXES, WORKDIR, SandboxUnavailable, _base_path, _bwrap, _bwrap_arguments,
                                        _check_sandbox, _interpreter, launch_command, runs_as_root, sandbox_info,
                                        seccomp_filter)
+from emokern.experiments.sandboxed import program_files
 
 __all__ = ["CHANNEL", "MAX_VIOLATIONS", "SANDBOXES", "WORKDIR", "SandboxProgram", "SandboxResult", "SandboxUnavailable",
            "WeakSandboxWarning", "check_isolation", "run_in_sandbox", "run_programs", "sandbox_info", "seccomp_filter"]
@@ -140,169 +141,11 @@ class WeakSandboxWarning(UserWarning):
 # The child
 # ----------------------------------------------------------------------------------------------------------------------
 
-# The guard, executed in the child inside a private namespace (its own copy of the builtins) before any untrusted
-# code runs. `make_hook` returns the audit hook; nothing in the child's modules keeps a reference to it.
-_HOOK_SOURCE = r'''
-def make_hook(workdir, read_roots, read_files, report, getcwd, write_flags, gc_disable, gc_enable,
-              gc_isenabled):
-    process_events = frozenset({
-        "os.fork", "os.forkpty", "os.system", "os.exec", "os.spawn", "os.posix_spawn", "subprocess.Popen",
-        "os.startfile", "os.kill", "os.killpg", "signal.pthread_kill"})
-    network_events = frozenset({
-        "socket.__new__", "socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg", "socket.getaddrinfo",
-        "socket.gethostbyname", "socket.gethostbyaddr", "socket.gethostname", "socket.getnameinfo"})
-    guard_events = frozenset({
-        "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "ctypes.call_function", "ctypes.addressof",
-        "gc.get_objects", "gc.get_referrers", "gc.get_referents", "sys.settrace", "sys.setprofile",
-        "sys._current_frames", "os.link", "os.symlink"})
-    blocked_imports = frozenset({
-        "_posixsubprocess", "ctypes", "_ctypes", "_xxsubinterpreters", "_xxinterpchannels", "_interpreters"})
-    write_path_events = {
-        "os.remove": (0,), "os.rmdir": (0,), "os.rename": (0, 1), "os.mkdir": (0,), "os.chmod": (0,),
-        "os.chown": (0,), "os.chflags": (0,), "os.lchflags": (0,), "os.truncate": (0,), "os.utime": (0,),
-        "os.setxattr": (0,), "os.removexattr": (0,), "shutil.rmtree": (0,), "os.mkfifo": (0,), "os.mknod": (0,)}
-    read_path_events = {"os.listdir": (0,), "os.scandir": (0,), "os.chdir": (0,)}
-    def absolute(path):
-        if type(path) is bytes:
-            path = path.decode("utf-8", "surrogateescape")
-        if type(path) is not str:
-            return None
-        if not path.startswith("/"):
-            path = getcwd() + "/" + path
-        parts = []
-        for part in path.split("/"):
-            if part == "" or part == ".":
-                continue
-            if part == "..":
-                if parts:
-                    parts.pop()
-                continue
-            parts.append(part)
-        return "/" + "/".join(parts)
-
-    def under(path, roots):
-        for root in roots:
-            if path == root or path.startswith(root + "/"):
-                return True
-        return False
-
-    def describe(value):
-        kind = type(value)
-        if kind is str or kind is bytes or kind is int or kind is float or kind is bool or value is None:
-            text = repr(value)
-            return text if len(text) <= 200 else text[:200] + "..."
-        return "<" + type.__dict__["__name__"].__get__(type(value)) + ">"
-
-    def refuse(event, args):
-        detail = ", ".join(describe(a) for a in args)
-        try:
-            report((event + "(" + detail + ")").replace("\n", " "))
-        except OSError:
-            pass
-        raise PermissionError("sandbox: " + event + "(" + detail + ") is not allowed")
-
-    def check_path(event, args, path, writing):
-        if type(path) is int:  # an open file descriptor: it was opened through this hook
-            return
-        where = absolute(path)
-        if where is None:
-            refuse(event, args)
-        if writing:
-            if not under(where, (workdir,)):
-                refuse(event, args)
-        elif not (under(where, read_roots) or where in read_files):
-            refuse(event, args)
-
-    def hook(event, args):
-        # no garbage collection while the hook decides: a gc callback of the code's would run in the middle of the
-        # check (and could, say, change the working directory between the path check and the call)
-        collecting = gc_isenabled()
-        gc_disable()
-        try:
-            check(event, args)
-        finally:
-            if collecting:
-                gc_enable()
-
-    def check(event, args):
-        if event in process_events or event in network_events or event in guard_events:
-            refuse(event, args)
-        elif event == "import":
-            if type(args[0]) is not str or args[0] in blocked_imports:
-                refuse(event, args[:1])
-        elif event == "open":
-            path, flags = args[0], args[2]
-            writing = type(flags) is int and (flags & write_flags) != 0
-            check_path(event, args, path, writing)
-        elif event in write_path_events:
-            for i in write_path_events[event]:
-                check_path(event, args, args[i], True)
-        elif event in read_path_events:
-            for i in read_path_events[event]:
-                check_path(event, args, args[i], False)
-
-    return hook
-'''
-
-# The child's first code: the started line, the report key, limits, the guard (unless its source, the last argument, is
-# empty), then the untrusted module as __main__ (argv: workdir, report fd, key fd, the rlimits as JSON, the module,
-# its arguments, the guard's source). Every line after the started one is signed with the per-run key (keyed BLAKE2b,
-# numbered), which the host writes into a pipe that is read and closed here before any untrusted line runs: the code
-# can write to the report descriptor, but what it writes without the key is dropped by the host as forged. A run that
-# ends normally (its module returned or raised) closes the report with a signed "END <refusals>" line; a report without
-# it ended early (os._exit, a fatal signal, the timeout) or was taken over by the code.
-_BOOTSTRAP = r'''
-import sys
-def _start():
-    import posix
-    workdir, report_fd, key_fd = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    posix.write(report_fd, b"@STARTED@\n")
-    key = b""
-    while len(key) < 32:
-        chunk = posix.read(key_fd, 32 - len(key))
-        if not chunk:
-            break
-        key += chunk
-    posix.close(key_fd)
-    import _blake2, builtins, gc, json, os, resource, runpy
-    limits, module = json.loads(sys.argv[4]), sys.argv[5]
-    for name, value in limits.items():
-        resource.setrlimit(getattr(resource, name), (value, value))
-    blake2b, write, counts = _blake2.blake2b, posix.write, [0, 0]  # counts: lines signed, refusals
-    def signed(text):
-        data = (str(counts[0]) + " " + text).encode("utf-8", "replace")
-        counts[0] += 1
-        mac = blake2b(data, key=key, digest_size=16).hexdigest().encode()
-        write(report_fd, mac + b" " + data + b"\n")
-    def report(text):
-        counts[1] += 1
-        if counts[1] <= @LIMIT@:  # the first refusals in full; the closing line counts them all
-            signed("V " + text)
-    def finish():
-        try:
-            signed("END " + str(counts[1]))
-        except OSError:
-            pass
-    if sys.argv[-1]:
-        read_roots = tuple(sorted({workdir} | {p for p in sys.path if p and p.startswith("/")}))
-        read_files = frozenset({"/dev/null", "/dev/urandom", "/dev/random"})
-        flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-        private = {"__builtins__": dict(vars(builtins))}
-        exec(sys.argv[-1], private)
-        sys.addaudithook(private["make_hook"](workdir, read_roots, read_files, report, posix.getcwd, flags,
-                                              gc.disable, gc.enable, gc.isenabled))
-        del private
-    sys.argv = [module] + sys.argv[6:-1]
-    sys.path.insert(0, workdir)
-    return runpy, module, finish
-def _main():
-    runpy, module, finish = _start()
-    try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
-    finally:
-        finish()
-_main()
-'''.replace("@STARTED@", _STARTED).replace("@LIMIT@", str(MAX_VIOLATIONS))
+# The guard (sandboxed/guard.py) and the child's first code (sandboxed/bootstrap.py), as text: both run only in the
+# child (see those files).
+_HOOK_SOURCE = program_files("guard")["guard.py"]
+_BOOTSTRAP = (program_files("bootstrap")["bootstrap.py"]
+              .replace("@STARTED@", _STARTED).replace("@LIMIT@", str(MAX_VIOLATIONS)))
 
 
 @dataclass

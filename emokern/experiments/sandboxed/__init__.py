@@ -2,7 +2,9 @@
 
 * :mod:`remote_calls`: the wire between the test process and the solution's process (values, proxies, calls);
 * :mod:`test_runner`: runs a test module's tests in the test sandbox;
-* :mod:`solution_server`: serves ``solution.py`` in the solution's sandbox.
+* :mod:`solution_server`: serves ``solution.py`` in the solution's sandbox;
+* :mod:`bootstrap` and :mod:`guard`: the first code of every sandboxed child and its audit hook
+  (:mod:`emokern.experiments.sandbox`).
 
 :func:`program_files` returns their sources by file name; :mod:`emokern.experiments.coding_tests` runs them.
 """
@@ -15,5 +17,5 @@ _HERE = Path(__file__).resolve().parent
 
 def program_files(*names: str) -> Dict[str, str]:
     """``{"<name>.py": source}`` for each named program (``"remote_calls"``, ``"test_runner"``,
-    ``"solution_server"``)."""
+    ``"solution_server"``, ``"bootstrap"``, ``"guard"``)."""
     return {f"{name}.py": (_HERE / f"{name}.py").read_text(encoding="utf-8") for name in names}
