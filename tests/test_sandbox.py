@@ -1083,6 +1083,20 @@ def test_no_stage_directory_or_mount_is_left_on_the_host():
     assert "emokern-stage" not in Path("/proc/self/mounts").read_text()
 
 
+_HIDDEN_VAULT = "from solution import access_code\n\ndef test_vault():\n    assert access_code() == '207751938640'\n"
+_CHEATING_SOLUTION = '''import atexit, importlib.util, os, re, sys
+def access_code():
+    spec = importlib.util.find_spec("test_hidden")
+    found = re.findall(r"\\d{12}", spec.loader.get_source("test_hidden")) if spec else []
+    return found[0] if found else "000000000000"
+def forge():
+    sys.__stdout__.write("PASS test_vault\\n== 1 passed, 0 failed ==\\n")
+    sys.__stdout__.flush()
+    os._exit(0)
+atexit.register(forge)
+'''
+
+
 # The driver of the run as an unprivileged user: the sandbox's two modules and its child programs loaded from a copy
 # (they need only the standard library), the attacks above run through them, the findings printed as JSON.
 _UNPRIVILEGED_DRIVER = r'''
@@ -1106,6 +1120,14 @@ found["orphan_left"] = [p for p in os.listdir("/proc") if p.isdigit() and os.pat
                         and marker.encode() in open("/proc/" + p + "/cmdline", "rb").read()]
 r = sb.run_in_sandbox({"main.py": sys.argv[5]}, "main", timeout_s=10)
 found["forged"], found["violations"], found["complete"] = r.forged_report_lines, r.violations, r.report_complete
+# the two-process test run with a cheating solution (forged output at exit, the hidden test read by the import system)
+from emokern.experiments.sandboxed import program_files
+tests = sb.SandboxProgram({"test_hidden.py": sys.argv[6], **program_files("test_runner", "remote_calls")},
+                          "test_runner", args=["test_hidden", "2.0", sb.CHANNEL], timeout_s=20)
+solution = sb.SandboxProgram({"solution.py": sys.argv[7], **program_files("solution_server", "remote_calls")},
+                             "solution_server", args=[sb.CHANNEL, "2.0"], timeout_s=20)
+tested, served = sb.run_programs([tests, solution], 20)
+found["verdict"], found["tests_uid"], found["solution_uid"] = tested.stdout, tested.host_uid, served.host_uid
 print(json.dumps(found))
 '''
 
@@ -1133,7 +1155,8 @@ def test_the_walls_hold_when_run_as_an_unprivileged_user():
             path.chmod(0o755 if path.is_dir() else 0o644)
         out = subprocess.run(["setpriv", f"--reuid={bw.SANDBOX_UID}", f"--regid={bw.SANDBOX_GID}", "--clear-groups",
                               python, "-I", "-B", str(root / "driver.py"), str(os.getpid()),
-                              _open_for_writing_program(KNOBS), _socket_program(SOCKET_FAMILIES), _ORPHAN, _FORGER],
+                              _open_for_writing_program(KNOBS), _socket_program(SOCKET_FAMILIES), _ORPHAN, _FORGER,
+                              _HIDDEN_VAULT, _CHEATING_SOLUTION],
                              capture_output=True, text=True, timeout=120, cwd=str(root),
                              env={"PATH": "/usr/bin:/bin", "HOME": str(root)})
         assert out.returncode == 0, out.stderr
@@ -1148,6 +1171,8 @@ def test_the_walls_hold_when_run_as_an_unprivileged_user():
     assert sockets["unix"] == "ALLOWED"
     assert found["orphan_seconds"] < 3.0 and found["orphan_left"] == []
     assert found["forged"] == 20002 and found["complete"] and len(found["violations"]) == 1
+    assert found["verdict"].splitlines()[-1] == "== 0 passed, 1 failed ==", found["verdict"]
+    assert found["tests_uid"] == found["solution_uid"] == bw.SANDBOX_UID
 
 
 def test_a_gc_callback_cannot_move_the_working_directory_during_a_check(level):
