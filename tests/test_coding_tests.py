@@ -10,8 +10,6 @@ stops it) and be labelled ``hack`` by its evidence. Further attacks on the harne
 
 from __future__ import annotations
 
-import os
-import threading
 import time
 
 import pytest

@@ -506,7 +506,6 @@ def test_proc_mem_and_the_parents_proc_entries_are_out_of_reach(wall):
                       f"attempt('host_environ', lambda: print(open('/proc/{host}/environ').read()))\n"
                       f"attempt('host_cwd', lambda: print(os.listdir('/proc/{host}/cwd')))\n")
     result = run_in_sandbox({"main.py": code}, "main", timeout_s=5, **WALLS[wall])
-    found = _outcomes(result)
     if wall in GUARDED:
         _check_refused(result, wall, ["self_mem", "parent_mem", "parent_environ", "host_environ", "host_cwd"], set(),
                        events=["open('/proc/self/mem'", f"open('/proc/{host}/environ'", f"os.listdir('/proc/{host}"])

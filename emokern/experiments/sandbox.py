@@ -413,6 +413,9 @@ class _Sandboxed:
         self.stage_dir: Optional[str] = None
         self.pidfd: Optional[int] = None
         self.host_uid: Optional[int] = None
+        self.proc: Optional[subprocess.Popen] = None
+        self.report_read: Optional[int] = None
+        self.info: Optional[_ChildInfo] = None
         self.key = os.urandom(32)
         self.started = time.perf_counter()
         args = [",".join(map(str, channel)) if a == CHANNEL and channel else a for a in program.args]
@@ -420,8 +423,7 @@ class _Sandboxed:
         extra = tuple(channel) if channel else ()
         fds: List[int] = []  # the host's copies of what the command inherits, closed once it has started
         try:
-            report_read, report_write = os.pipe()
-            self.report_read = report_read
+            self.report_read, report_write = os.pipe()
             key_read, key_write = os.pipe()
             fds += [report_write, key_read]
             _write_all(key_write, self.key)
@@ -472,18 +474,15 @@ class _Sandboxed:
         except BaseException:
             for fd in fds:
                 os.close(fd)
-            if "report_read" in vars(self):
-                os.close(self.report_read)
             self.cleanup()
             raise
         for fd in fds:
             os.close(fd)
         self.readers = [_CappedReader(self.proc.stdout.fileno(), program.max_output),
                         _CappedReader(self.proc.stderr.fileno(), program.max_output),
-                        _ReportReader(report_read, self.key)]
+                        _ReportReader(self.report_read, self.key)]
         for reader in self.readers:
             reader.start()
-        self.info = None
         if info_read is not None:
             self.info = _ChildInfo(info_read, self)
             self.info.start()
@@ -539,9 +538,9 @@ class _Sandboxed:
             report_complete=report.complete, forged_report_lines=report.forged, host_uid=self.host_uid)
 
     def cleanup(self) -> None:
-        if "proc" in vars(self) and self.proc.poll() is None:  # an error left it running: it dies here
+        if self.proc is not None and self.proc.poll() is None:  # an error left it running: it dies here
             self.stop()
-        if "report_read" in vars(self) and self.report_read is not None:
+        if self.report_read is not None:
             try:
                 os.close(self.report_read)
             except OSError:

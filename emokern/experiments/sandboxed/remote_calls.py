@@ -77,10 +77,6 @@ _OPAQUE = (types.ModuleType, type, types.FunctionType, types.BuiltinFunctionType
            classmethod, property, BaseException)
 
 
-def _plain(value) -> bool:
-    return type(value) in (type(None), bool, int, float, complex, str, bytes, bytearray, range)
-
-
 class Proxy:
     """An object of the other side. Its operators, attributes and calls are carried out there; ``isinstance``
     sees only this class."""
