@@ -75,7 +75,7 @@ $(VLLM_VENV)/.deps:
 # against torch 2.13 and break the main environment's (same file name, different torch ABI). The copy keeps its
 # build folder, so a rebuild after a change recompiles only what changed.
 VLLM_SRC := $(VLLM_VENV)/src
-$(VLLM_VENV)/.built: $(VLLM_VENV)/.deps $(SOURCES) $(wildcard emokern/*.py emokern/*/*.py)
+$(VLLM_VENV)/.built: $(VLLM_VENV)/.deps $(SOURCES) $(wildcard emokern/*.py emokern/*/*.py emokern/*/*/*.py)
 	mkdir -p $(VLLM_SRC)
 	tar --exclude='*.so' --exclude=__pycache__ -cf - setup.py pyproject.toml csrc emokern | tar -xf - -C $(VLLM_SRC)
 	cd $(VLLM_SRC) && EMOKERN_BUILD_CUDA=0 MAX_JOBS=2 ../bin/python -m pip install -q --no-build-isolation --no-deps .

@@ -96,6 +96,6 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "numpy"],
     entry_points={"console_scripts": ["emokern = emokern.cli:main"],
-                  "vllm.general_plugins": ["emokern = emokern.vllm:register"],
-                  "vllm.endpoint_plugins": ["emokern = emokern.vllm.server:TraceEndpoint"]},
+                  "vllm.general_plugins": ["emokern = emokern.engines.vllm:register"],
+                  "vllm.endpoint_plugins": ["emokern = emokern.engines.vllm.server:TraceEndpoint"]},
 )

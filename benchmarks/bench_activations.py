@@ -4,7 +4,7 @@ Providers, on the same texts, batches (by length, ``--batch`` texts each) and av
 
 * ``hidden_states`` — a plain forward of the causal LM with ``output_hidden_states=True`` (runs every layer, the
   final norm and the LM head, and keeps all hidden states), then the same per-text means from ``hidden_states``;
-* ``story_activations_all`` — :func:`emokern.extract.story_activations` for all layers (no final norm, no LM head);
+* ``story_activations_all`` — :func:`emokern.extraction.extract.story_activations` for all layers (no final norm, no LM head);
 * ``story_activations_2/3`` — the same for the layer at 2/3 depth only, so the forward stops there;
 * ``bare_forward_all`` / ``bare_forward_2/3`` — the floor for each of those two: the same work with nothing of
   story_activations' own, as a hand-written truncated forward would do it. Per batch (= per story_activations call
@@ -60,14 +60,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_ops import device_name, versions  # noqa: E402
-from emokern.extract import (  # noqa: E402
+from emokern.extraction.extract import (  # noqa: E402
     _averaged_positions,
     _averaged_range,
     _shared_prefix,
     _tokenize,
     story_activations,
 )
-from emokern.patch import _resolve_arch  # noqa: E402
+from emokern.engines.hf import _resolve_arch  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FIRST_TOKEN = 50
@@ -117,7 +117,7 @@ def word_tokenizer(vocab_size: int):
 
 def load(name: str):
     try:
-        from emokern.models import load_model
+        from emokern.core.models import load_model
 
         model, tok = load_model(name)
         return model.eval(), tok, f"{name} (embedded)"
@@ -167,7 +167,7 @@ def hidden_states_means(model, tok, texts, batch_size, fmt):
 def bare_inputs(tok, texts, fmt):
     """The tensors story_activations builds for one call on ``texts`` (one batch): ``(prefix_ids or None,
     input_ids, attention_mask, position_ids)``; the attention mask spans prefix and text when there is a prefix.
-    Same rules as :func:`emokern.extract._activations` with right padding and no exclusions."""
+    Same rules as :func:`emokern.extraction.extract._activations` with right padding and no exclusions."""
     ids, spans, excluded = _tokenize(tok, texts, fmt, "texts")
     positions = [_averaged_positions(span, FIRST_TOKEN, ex) for span, ex in zip(spans, excluded)]
     prefix = _shared_prefix(ids, positions)

@@ -1,5 +1,5 @@
 """Benchmark: corpus generation on vLLM (``emokern corpus --engine vllm``) against the Hugging Face path
-(:func:`emokern.sampling.sample` on transformers), same corpus configuration, generated tokens per second.
+(:func:`emokern.extraction.sampling.sample` on transformers), same corpus configuration, generated tokens per second.
 
 The configuration: the ``quick`` preset with one story per emotion (171 stories in one chunk of 171, <= 64 new
 tokens, temperature 0.6) and no neutral dialogues, SmolLM2-135M-Instruct in bf16, 2 threads. Each engine generates
@@ -50,9 +50,9 @@ def main() -> None:
     import vllm
     from vllm import LLM
 
-    from emokern.corpus import _special_ids, generate_corpus
-    from emokern.models import load_model, model_cache_dir
-    from emokern.vllm.corpus import VllmSampler
+    from emokern.extraction.corpus import _special_ids, generate_corpus
+    from emokern.core.models import load_model, model_cache_dir
+    from emokern.engines.vllm.sampler import VllmSampler
 
     torch.set_num_threads(args.threads)
     model, tok = load_model("smollm2-135m-instruct", dtype=torch.bfloat16)

@@ -65,7 +65,7 @@ def llama3_8b_shaped(dtype, device):
 
 def load_cpu_model(dtype):
     try:
-        from emokern.models import load_model
+        from emokern.core.models import load_model
 
         model, _ = load_model("smollm2-135m-instruct", dtype=dtype)
         return model, "SmolLM2-135M-Instruct (embedded)"

@@ -1,9 +1,9 @@
 """Benchmark: which corpus recipe gives emotion vectors that carry emotion, on a small model?
 
-A *recipe* is how the stories are written (the style of :data:`emokern.prompts.STYLES`, temperature, length, how
+A *recipe* is how the stories are written (the style of :data:`emokern.extraction.prompts.STYLES`, temperature, length, how
 many stories on how many premises) and how their activations are read (``first_token``, which tokens are left out of
 the mean, chat or raw format). Each reading of each corpus is scored with premise-grouped 4-fold cross-validation
-(:func:`emokern.quality.cross_validate`: every premise held out once) on a fixed set of 12 emotions spread over
+(:func:`emokern.extraction.quality.cross_validate`: every premise held out once) on a fixed set of 12 emotions spread over
 valence and arousal:
 
 * mean-difference top-1 / top-5 (12-way; chance 8.3% / 41.7%), the emotion-vector recipe itself;
@@ -15,7 +15,7 @@ valence and arousal:
   asked for plainly and have no opening — whether a recipe's vectors see emotion that is not spelled out or set up
   for them (top-1 and valence AUROC).
 
-Every generated corpus is written by :func:`emokern.corpus.generate_corpus` into ``--work`` (resumable: rerun after
+Every generated corpus is written by :func:`emokern.extraction.corpus.generate_corpus` into ``--work`` (resumable: rerun after
 an interruption and finished shards are kept), with one shared set of 48 neutral dialogues for denoising. The model
 samples in bfloat16; activations are read in bfloat16 too.
 
@@ -133,11 +133,11 @@ GEMMA_READINGS = [
 
 
 def generate(model, tok, corpus: Corpus, work: Path, prompt_format: str, progress: bool):
-    from emokern.corpus import generate_corpus, load_topics
+    from emokern.extraction.corpus import generate_corpus, load_topics
 
     topics = load_topics()
     if corpus.premises < len(topics):
-        from emokern.corpus import plan_chunks
+        from emokern.extraction.corpus import plan_chunks
 
         # the first `premises` premises of the seeded order every other corpus uses, so that all share them
         first = [c.jobs[0].topic_index for c in plan_chunks(["happy"], topics, corpus.premises, 0, 1, 0)]
@@ -159,10 +159,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from emokern.corpus import generate_corpus
-    from emokern.extract import story_activations, story_exclusions
-    from emokern.models import load_model
-    from emokern.quality import cross_validate
+    from emokern.extraction.corpus import generate_corpus
+    from emokern.extraction.extract import story_activations, story_exclusions
+    from emokern.core.models import load_model
+    from emokern.extraction.quality import cross_validate
 
     model, tok = load_model(args.model, dtype=torch.bfloat16)
     model.eval()
@@ -271,16 +271,16 @@ def main() -> None:
 
 
 def usable(stories) -> list:
-    """The stories :func:`emokern.corpus.generate_corpus` keeps today: at least ``MIN_OWN_WORDS`` words of their
+    """The stories :func:`emokern.extraction.corpus.generate_corpus` keeps today: at least ``MIN_OWN_WORDS`` words of their
     own and not repetitive. Corpora generated before those rules may hold a base model's loops ("I felt sad. I was
     sad. I was sad. ...") with no token left to average once the emotion word and its neighbours are out."""
-    from emokern.corpus import story_reason
+    from emokern.extraction.corpus import story_reason
 
     return [s for s in stories if story_reason(s.text, s.opening, s.emotion, MIN_OWN_WORDS, names_emotion=True) is None]
 
 
 def _names(story) -> bool:
-    from emokern.emotion_words import find_emotion_word
+    from emokern.extraction.emotion_words import find_emotion_word
 
     return find_emotion_word(story.text[len(story.opening):], story.emotion) is not None
 

@@ -1,4 +1,4 @@
-"""Benchmark: corpus sampling with :func:`emokern.sampling.sample` against Hugging Face ``model.generate``.
+"""Benchmark: corpus sampling with :func:`emokern.extraction.sampling.sample` against Hugging Face ``model.generate``.
 
 Both sample the same batch of real story prompts (the ``opening`` style, left-padded) for exactly ``--tokens`` new
 tokens (end-of-sequence disabled, so both do the same number of steps) with temperature 0.8 and top-p 0.95; ``generate``
@@ -37,10 +37,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from emokern.corpus import _render, load_topics, plan_chunks
-    from emokern.emotions import load_emotions
-    from emokern.models import load_model
-    from emokern.sampling import attention, sample
+    from emokern.extraction.corpus import _render, load_topics, plan_chunks
+    from emokern.core.emotions import load_emotions
+    from emokern.core.models import load_model
+    from emokern.extraction.sampling import attention, sample
 
     model, tok = load_model(args.model, dtype=torch.bfloat16)
     model.eval()
@@ -70,7 +70,7 @@ def main() -> None:
                         pad_id=tok.eos_token_id, seed=seed)
         return out.shape[1]
 
-    providers = {"generate (sdpa)": hf("sdpa"), "generate (eager)": hf("eager"), "emokern.sampling.sample": ours}
+    providers = {"generate (sdpa)": hf("sdpa"), "generate (eager)": hf("eager"), "emokern.extraction.sampling.sample": ours}
     ours(0)  # warm-up
     rates = {name: [] for name in providers}
     for rep in range(args.reps):

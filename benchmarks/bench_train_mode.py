@@ -35,7 +35,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import emokern
-    from emokern.models import load_model
+    from emokern.core.models import load_model
 
     model, tok = load_model("smollm2-135m-instruct", dtype=torch.bfloat16)
     bank = emokern.VectorBank.load("emokern_out/bank/smollm2-135m-instruct.json", model=model)

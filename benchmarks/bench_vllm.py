@@ -58,9 +58,9 @@ def _bank_path(tmp: str) -> tuple[str, str]:
         return str(BANK), "emokern_out bank (171 emotions)"
     import torch
 
-    from emokern.bank import VectorBank
-    from emokern.emotions import load_emotions
-    from emokern.models import load_model
+    from emokern.core.bank import VectorBank
+    from emokern.core.emotions import load_emotions
+    from emokern.core.models import load_model
 
     model, _ = load_model("smollm2-135m-instruct", dtype=torch.bfloat16)
     names = load_emotions()
@@ -98,9 +98,9 @@ def main() -> None:
     from vllm import LLM
 
     import emokern
-    import emokern.vllm as ev
-    from emokern.bank import VectorBank
-    from emokern.models import model_cache_dir
+    import emokern.engines.vllm as ev
+    from emokern.core.bank import VectorBank
+    from emokern.core.models import model_cache_dir
 
     torch.set_num_threads(args.threads)
     # vLLM runs the plugins once per process, when the first engine is made: with the plugin on, so that this

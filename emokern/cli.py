@@ -67,7 +67,7 @@ def _models_arguments(parser: argparse.ArgumentParser) -> None:
 @command("models", help="list the embedded offline models: installed, cached, sizes, licences",
          arguments=_models_arguments)
 def _models(args: argparse.Namespace) -> int:
-    from emokern.models import cache_root, list_models
+    from emokern.core.models import cache_root, list_models
 
     rows = list_models(cache_dir=args.cache_dir)
     if args.json:
@@ -90,7 +90,7 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _report_arguments(parser: argparse.ArgumentParser) -> None:
-    from emokern.report import add_report_arguments
+    from emokern.validation.report import add_report_arguments
 
     add_report_arguments(parser)
 
@@ -98,7 +98,7 @@ def _report_arguments(parser: argparse.ArgumentParser) -> None:
 @command("report", help="validation report for a bank: accuracy, geometry, logit lens, external text, implicit "
                         "scenarios, intensity, steering sanity (JSON, PNG, HTML)", arguments=_report_arguments)
 def _report(args: argparse.Namespace) -> int:
-    from emokern.report import report_command
+    from emokern.validation.report import report_command
 
     return report_command(args)
 
@@ -150,7 +150,7 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _corpus_arguments(parser: argparse.ArgumentParser) -> None:
-    from emokern.prompts import STYLES
+    from emokern.extraction.prompts import STYLES
 
     parser.add_argument("--model", default="smollm2-135m-instruct", help="embedded model name, checkpoint dir or hub id")
     parser.add_argument("--out", default="emokern_out/corpus", help="corpus directory (resumable)")
@@ -169,7 +169,7 @@ def _corpus_arguments(parser: argparse.ArgumentParser) -> None:
                         help="when the corpus is complete, also pack it into one file (what the package ships)")
     parser.add_argument("--overwrite", action="store_true", help="replace a corpus of another configuration in --out")
     parser.add_argument("--engine", choices=["hf", "vllm"], default="hf",
-                        help="sampling engine: hf (emokern.sampling on transformers, default) or vllm (needs the "
+                        help="sampling engine: hf (emokern.extraction.sampling on transformers, default) or vllm (needs the "
                              "vLLM environment: make vllm-env); a corpus is resumed only by the engine that began it")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="--engine vllm: GPUs per model replica")
     parser.add_argument("--data-parallel-size", type=int, default=1, help="--engine vllm: model replicas")
@@ -181,9 +181,9 @@ def _vllm_sampler(args: argparse.Namespace, model, tok):
 
     from vllm import LLM
 
-    from emokern.corpus import _special_ids
-    from emokern.models import REGISTRY, model_cache_dir
-    from emokern.vllm.corpus import VllmSampler
+    from emokern.extraction.corpus import _special_ids
+    from emokern.core.models import REGISTRY, model_cache_dir
+    from emokern.engines.vllm.sampler import VllmSampler
 
     from vllm.platforms import current_platform
 
@@ -197,9 +197,9 @@ def _vllm_sampler(args: argparse.Namespace, model, tok):
 @command("corpus", help="generate a story corpus with the model itself (resumable; --pack: one shippable file)",
          arguments=_corpus_arguments)
 def _corpus(args: argparse.Namespace) -> int:
-    from emokern.corpus import generate_corpus
-    from emokern.models import load_model
-    from emokern.packaged import pack_corpus
+    from emokern.extraction.corpus import generate_corpus
+    from emokern.core.models import load_model
+    from emokern.extraction.shipped_corpora import pack_corpus
 
     model, tok = load_model(args.model, dtype=args.dtype)
     model.eval()

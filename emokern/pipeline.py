@@ -40,8 +40,8 @@ def extract(model_name: str, out_dir, *, preset: str = "standard", dtype: torch.
 
     The corpus comes from, in this order: ``out_dir/corpus`` itself when it holds the complete corpus of this
     preset (a finished earlier run); the corpus shipped in the package for this model and preset
-    (:func:`emokern.packaged.packaged_corpus`, unpacked there) unless ``regenerate`` or ``emotions`` /
-    ``stories_per_emotion`` ask for another one; else :func:`emokern.corpus.generate_corpus` (resumable: a run
+    (:func:`emokern.extraction.shipped_corpora.packaged_corpus`, unpacked there) unless ``regenerate`` or ``emotions`` /
+    ``stories_per_emotion`` ask for another one; else :func:`emokern.extraction.corpus.generate_corpus` (resumable: a run
     killed at any point continues from its finished shards).
 
     Args:
@@ -50,9 +50,9 @@ def extract(model_name: str, out_dir, *, preset: str = "standard", dtype: torch.
         preset: corpus preset (``standard``, ``quick``, ``mini``, ``paper``); ``emotions`` /
             ``stories_per_emotion`` override it (and then the corpus is generated here).
         dtype: model dtype for generation and activations (bf16 runs fastest on CPUs with AMX).
-        first_token, exclude, exclude_after: how stories are read (see :func:`emokern.extract.story_activations`
-            and :func:`emokern.extract.story_exclusions`); ``None``: the corpus style's defaults
-            (:class:`emokern.prompts.StoryStyle`).
+        first_token, exclude, exclude_after: how stories are read (see :func:`emokern.extraction.extract.story_activations`
+            and :func:`emokern.extraction.extract.story_exclusions`); ``None``: the corpus style's defaults
+            (:class:`emokern.extraction.prompts.StoryStyle`).
         fmt: ``chat`` (story as the Assistant's reply) or ``raw`` text.
         regenerate: generate the corpus here even when one is shipped (replacing ``out_dir/corpus``).
         overwrite: start the corpus afresh even if ``out_dir/corpus`` holds another configuration.
@@ -60,11 +60,11 @@ def extract(model_name: str, out_dir, *, preset: str = "standard", dtype: torch.
     Returns:
         The bank's JSON path.
     """
-    from emokern.bank import VectorBank, bank_paths
-    from emokern.corpus import PRESETS, StoryCorpus, _read_manifest, _resolve_style, generate_corpus
-    from emokern.extract import extract_bank_from_corpus
-    from emokern.models import load_model
-    from emokern.packaged import packaged_corpus, unpack_corpus
+    from emokern.core.bank import VectorBank, bank_paths
+    from emokern.extraction.corpus import PRESETS, StoryCorpus, _read_manifest, _resolve_style, generate_corpus
+    from emokern.extraction.extract import extract_bank_from_corpus
+    from emokern.core.models import load_model
+    from emokern.extraction.shipped_corpora import packaged_corpus, unpack_corpus
 
     out_dir = Path(out_dir)
     try:
@@ -178,9 +178,9 @@ def demo(out_dir="emokern_out", *, model_name: str = "smollm2-135m-instruct", pr
     Returns (and prints) the path of every output.
     """
     import emokern
-    from emokern.bank import VectorBank
-    from emokern.models import load_model
-    from emokern.report import validation_report
+    from emokern.core.bank import VectorBank
+    from emokern.core.models import load_model
+    from emokern.validation.report import validation_report
 
     out_dir = Path(out_dir)
     started = time.perf_counter()
@@ -235,7 +235,7 @@ def demo(out_dir="emokern_out", *, model_name: str = "smollm2-135m-instruct", pr
 
 def _number_lines(numbers: dict, report: dict) -> List[str]:
     """The key numbers as the demo prints them, each beside its chance level."""
-    from emokern.validation import summary_line
+    from emokern.validation.concept_checks import summary_line
 
     def f(key: str, digits: int = 3) -> str:
         value = numbers.get(key)
@@ -277,7 +277,7 @@ def _key_numbers(report: dict) -> dict:
         "goemotions_mean_auroc": get("goemotions", "mean_auroc"),
         "emobank_valence_r": get("emobank", "r"),
     }
-    from emokern.validation import key_numbers
+    from emokern.validation.concept_checks import key_numbers
 
     picks.update(key_numbers(report))
     return {k: v for k, v in picks.items() if v is not None}

@@ -1,6 +1,6 @@
 """What every example shares: loading a model, its tokenizer and an emotion bank, and the chat prompt.
 
-By default the examples use the embedded SmolLM2-135M-Instruct (``emokern.models.load_model``, offline) and the
+By default the examples use the embedded SmolLM2-135M-Instruct (``emokern.core.models.load_model``, offline) and the
 bank ``make demo`` / ``emokern extract`` leave in ``emokern_out/bank/`` (built here when it is missing: about seven
 minutes on a 2-core CPU, from the story corpus shipped in the package).
 
@@ -20,7 +20,7 @@ import torch
 import transformers
 
 import emokern
-from emokern.models import DEFAULT_MODEL, load_model
+from emokern.core.models import DEFAULT_MODEL, load_model
 
 OUT_ROOT = Path("emokern_out") / "examples"
 
@@ -115,7 +115,7 @@ def tiny_bank(model, tokenizer, seed: int = 1) -> emokern.VectorBank:
     """
     ids = tokenizer(chat_prompt(tokenizer, "Tell me about your day, and what you are planning for tomorrow."),
                     return_tensors="pt", add_special_tokens=False)["input_ids"]
-    # The decoder layers' outputs, which is what emokern.patch reads ("residual"); output_hidden_states would give
+    # The decoder layers' outputs, which is what emokern.engines.hf reads ("residual"); output_hidden_states would give
     # the final norm's output in place of the last layer's.
     outputs = []
     hooks = [layer.register_forward_hook(

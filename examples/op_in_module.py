@@ -1,4 +1,4 @@
-# Calling the fused op inside your own nn.Module, without emokern.patch.
+# Calling the fused op inside your own nn.Module, without emokern.engines.hf.
 #
 # What it shows: `EmotionSteering`, a module of about twenty lines that holds a bank's emotion vectors at one
 # layer and a steering table, and in `forward` calls the op once: `emokern.project_and_steer_` (in place, under
@@ -38,7 +38,7 @@ class EmotionSteering(nn.Module):
     def __init__(self, vectors: torch.Tensor, names: Sequence[str]):
         super().__init__()
         self.names = list(names)
-        # Unit vectors, so a table's amounts are distances along each emotion (as emokern.patch uses them).
+        # Unit vectors, so a table's amounts are distances along each emotion (as emokern.engines.hf uses them).
         self.register_buffer("vectors", nn.functional.normalize(vectors.float(), dim=-1))
         # Buffers, not a SteeringTable attribute, so that .to(device) moves them with the module.
         for name, table in zip(("a", "b", "lo", "hi"), emokern.SteeringTable(R=1, K=len(self.names))):
@@ -132,7 +132,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
           f"{errors['output']:.1e}, projections {errors['projections']:.1e}, gradient {errors['grad']:.1e}")
 
     # 2. The module inside the model: replace decoder layer `layer` by the layer followed by the module. (The decoder
-    # layers are model.model.layers in Llama, Mistral and Qwen; emokern.patch.ARCHITECTURES lists other families.)
+    # layers are model.model.layers in Llama, Mistral and Qwen; emokern.engines.hf.ARCHITECTURES lists other families.)
     layers = model.model.layers
     original = layers[layer]
     kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)

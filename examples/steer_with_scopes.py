@@ -24,7 +24,7 @@ import argparse
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import emokern
-from emokern.patch import GenerationResult
+from emokern.engines.hf import GenerationResult
 from _common import add_model_arguments, chat_prompt, load
 
 MESSAGE = ("My landlord says that if I cannot pay the three months of rent I owe by Friday, my kids and I have to "

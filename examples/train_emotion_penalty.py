@@ -1,9 +1,9 @@
 # Fine-tuning with emotion vectors in the loop: a projection penalty, and preventative steering.
 #
 # What it shows: the model is fine-tuned on ordinary requests answered in a distressed, pleading tone (replies we
-# wrote for this example), three ways from the same start: plainly; with emokern.training.projection_penalty
+# wrote for this example), three ways from the same start: plainly; with emokern.engines.training.projection_penalty
 # keeping "desperate" near its neutral-text level on the reply tokens (readout layer); and with
-# emokern.training.preventative_steering adding "desperate" at two thirds of the depth during training only.
+# emokern.engines.training.preventative_steering adding "desperate" at two thirds of the depth during training only.
 # Before and after, on held-out requests, it measures the held-out loss (reply tokens) and the mean "desperate"
 # z-score of greedy replies (unsteered), and writes result.json and a plot.
 #
@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 import emokern
 from _common import add_model_arguments, chat_prompt, load, out_dir
-from emokern.training import preventative_steering, projection_penalty
+from emokern.engines.training import preventative_steering, projection_penalty
 
 # (request, a plain one-line answer). The first 24 train, the last 8 are held out.
 REQUESTS: List[Tuple[str, str]] = [

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from emokern.bank import BankFileError, BankMismatchError, VectorBank, bank_paths
+from emokern.core.bank import BankFileError, BankMismatchError, VectorBank, bank_paths
 from tests.tiny_models import LAYERS, tiny_bank, tiny_model
 
 

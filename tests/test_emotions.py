@@ -1,7 +1,7 @@
-"""Tests of emokern.emotions: the shipped list of the paper's 171 emotion words."""
+"""Tests of emokern.core.emotions: the shipped list of the paper's 171 emotion words."""
 
-import emokern.emotions as emotions
-from emokern.emotions import load_emotions
+import emokern.core.emotions as emotions
+from emokern.core.emotions import load_emotions
 
 
 def test_171_unique_words():

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from emokern.control_vectors import read_gguf_control_vector
+from emokern.extraction.control_vectors import read_gguf_control_vector
 from emokern.ops.reference import project_and_steer_ref
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

@@ -12,7 +12,7 @@ import emokern.experiments
 from emokern.experiments import preferences as pf
 from emokern.experiments import run_experiment
 from emokern.experiments.common import InputFileError
-from emokern.patch import patch
+from emokern.engines.hf import patch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow,
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from emokern.models import load_model
+    from emokern.core.models import load_model
 
     model, tok = load_model("smollm2-135m-instruct", dtype=torch.bfloat16)
     g = torch.Generator().manual_seed(0)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from emokern.bank import VectorBank
-from emokern.extract import (
+from emokern.core.bank import VectorBank
+from emokern.extraction.extract import (
     CHAT_REQUEST,
     emotion_vectors,
     export_gguf_control_vector,
@@ -19,7 +19,7 @@ from emokern.extract import (
     read_gguf_control_vector,
     story_activations,
 )
-from emokern.patch import _get
+from emokern.engines.hf import _get
 from tests.tiny_models import HIDDEN, LAYERS, VOCAB, tiny_model
 
 FIRST = 3  # first_token in these tests: the tiny texts are 2..30 words long
@@ -233,7 +233,7 @@ def test_extract_bank_round_trips_with_metadata(tmp_path):
     assert len(meta["quality"]["top1"]) == 3 and meta["quality"]["n_test"] == 3
     assert meta["model"]["model_type"] == "llama" and meta["source"] == "test"
     assert set(meta["timings"]) >= {"story_forward_s", "neutral_forward_s", "total_s"}
-    from emokern.models import model_fingerprint
+    from emokern.core.models import model_fingerprint
 
     assert bank.fingerprint == model_fingerprint(model)
     loaded = VectorBank.load(bank.save(tmp_path / "bank"), model=model)
@@ -283,7 +283,7 @@ def test_gguf_export_matches_llama_cpp_layout(tmp_path):
 def test_gguf_export_options(tmp_path):
     bank = _gguf_bank()
     unit = bank.vector("sad", 2).clone()
-    bank.vectors *= 3.0  # the export, like emokern.patch, uses the vectors at unit length
+    bank.vectors *= 3.0  # the export, like emokern.engines.hf, uses the vectors at unit length
     one = read_gguf_control_vector(export_gguf_control_vector(bank, tmp_path / "a.gguf", "sad", layers=[2],
                                                               scale_by_residual_norm=False, model_hint="custom"))
     assert list(one.directions) == [2] and one.metadata["controlvector.model_hint"] == "custom"
@@ -413,7 +413,7 @@ def test_exclusion_errors():
 def test_story_exclusions_from_openings_and_emotion_words():
     from types import SimpleNamespace as S
 
-    from emokern.extract import story_exclusions
+    from emokern.extraction.extract import story_exclusions
 
     stories = [S(text="I felt calm. The calm sea, calmly.", emotion="calm", opening="I felt calm."),
                S(text="Nothing here.", emotion="sad", opening="")]
@@ -447,7 +447,7 @@ def test_extract_bank_with_premises_chooses_its_layer_on_validation(tmp_path):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3_text", "qwen3"])
 def test_the_shared_chat_prefix_runs_once_and_changes_nothing(family, monkeypatch):
-    import emokern.extract as X
+    import emokern.extraction.extract as X
 
     model, tok = tiny_model(family), tiny_tokenizer()
     texts = texts_of([12, 2, 30, 3, 7, 25, 4], seed=5)

@@ -1,4 +1,4 @@
-"""Tests of emokern.models (registry, loader, cache, fingerprint) and of ``emokern models``.
+"""Tests of emokern.core.models (registry, loader, cache, fingerprint) and of ``emokern models``.
 
 Most tests use a tiny random Llama built from a config (no files, no network) and a cache root under pytest's
 ``tmp_path``. The real-model tests (marked ``slow``, skipped when the model's package is missing and no cache exists)
@@ -24,8 +24,8 @@ import pytest
 import torch
 
 from emokern import cli
-from emokern import models as M
-from emokern.models import (
+from emokern.core import models as M
+from emokern.core.models import (
     DEFAULT_MODEL,
     REGISTRY,
     ModelNotInstalledError,

@@ -7,7 +7,7 @@ import torch
 
 import emokern
 from emokern.ops.reference import project_and_steer_ref
-from emokern.patch import ARCHITECTURES, UnsupportedModelError, _get
+from emokern.engines.hf import ARCHITECTURES, UnsupportedModelError, _get
 from tests.tiny_models import FAMILIES, LAYERS, VOCAB, tiny_bank, tiny_model
 
 NORM = 2.0  # the tiny banks' residual norm: strength s means s * 2.0 along the unit vector
@@ -258,11 +258,11 @@ def test_bank_model_mismatch_is_refused():
     model = tiny_model("llama")
     other = tiny_model("llama", seed=7)
     bank = tiny_bank(model)
-    with pytest.raises(emokern.bank.BankMismatchError, match="fingerprint"):
+    with pytest.raises(emokern.core.bank.BankMismatchError, match="fingerprint"):
         emokern.patch(other, bank)
     emokern.patch(other, bank, force=True).remove()
     wrong_size = emokern.VectorBank.from_tensors(torch.randn(LAYERS, 2, 16), ["a", "b"])
-    with pytest.raises(emokern.bank.BankMismatchError, match="hidden size 16 .* model's hidden size is 32"):
+    with pytest.raises(emokern.core.bank.BankMismatchError, match="hidden size 16 .* model's hidden size is 32"):
         emokern.patch(model, wrong_size, force=True)
 
 

@@ -14,7 +14,7 @@ needs_gemma = pytest.mark.skipif(not _available("gemma-3-270m"),
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from emokern.models import load_model
+    from emokern.core.models import load_model
 
     return load_model("smollm2-135m-instruct", dtype=torch.bfloat16)
 
@@ -52,7 +52,7 @@ def test_mini_extraction_then_patch_on_smollm2(tmp_path, smollm2):
 @pytest.mark.slow
 @needs_gemma
 def test_patch_on_gemma3_monitor_is_exact_and_steering_acts():
-    from emokern.models import load_model
+    from emokern.core.models import load_model
 
     model, tok = load_model("gemma-3-270m")
     d, L = model.config.hidden_size, model.config.num_hidden_layers
@@ -84,9 +84,9 @@ def test_job_errors_are_clear(tmp_path, smollm2):
 
 
 def test_extract_uses_the_shipped_corpus_and_regenerates_on_request(tmp_path, monkeypatch, capsys):
-    from emokern import corpus as C
-    from emokern import packaged
-    from emokern.corpus import generate_corpus
+    from emokern.extraction import corpus as C
+    from emokern.extraction import shipped_corpora as packaged
+    from emokern.extraction.corpus import generate_corpus
     from emokern.pipeline import extract
     from tests.test_corpus import tiny_llama, tiny_tokenizer
 

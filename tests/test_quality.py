@@ -1,11 +1,11 @@
-"""Held-out measurements (emokern.quality): premise splits, accuracy, valence AUROC, the probe, the layer choice."""
+"""Held-out measurements (emokern.extraction.quality): premise splits, accuracy, valence AUROC, the probe, the layer choice."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from emokern.quality import (
+from emokern.extraction.quality import (
     choose_layer,
     cross_validate,
     evaluate,

@@ -1,4 +1,4 @@
-"""``emokern.report.validation_report`` on a tiny random Llama with a word-level tokenizer and a planted bank.
+"""``emokern.validation.report.validation_report`` on a tiny random Llama with a word-level tokenizer and a planted bank.
 
 The bank's vectors are planted so that one direction carries the human valence of the emotions (from the shipped
 norms) and another their arousal; the report must recover r(PC1, valence) > 0.9 with PC1 pointing to positive
@@ -19,15 +19,15 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 import emokern  # noqa: E402
-from emokern.bank import BankMismatchError  # noqa: E402
-from emokern.datasets import (  # noqa: E402
+from emokern.core.bank import BankMismatchError  # noqa: E402
+from emokern.validation.datasets import (  # noqa: E402
     DataFileMissingError,
     load_emobank,
     load_goemotions,
     load_norms,
 )
-from emokern.emotions import load_emotions  # noqa: E402
-from emokern.report import (  # noqa: E402
+from emokern.core.emotions import load_emotions  # noqa: E402
+from emokern.validation.report import (  # noqa: E402
     GOEMOTIONS_TO_EMOTION,
     GOEMOTIONS_UNMAPPED,
     MIN_EMOTIONS,

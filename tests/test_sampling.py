@@ -1,11 +1,11 @@
-"""emokern.sampling: the KV-cached nucleus-sampling loop used for corpus generation."""
+"""emokern.extraction.sampling: the KV-cached nucleus-sampling loop used for corpus generation."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from emokern.sampling import attention, sample
+from emokern.extraction.sampling import attention, sample
 from tests.tiny_models import FAMILIES, VOCAB, tiny_model
 
 pytest.importorskip("transformers")

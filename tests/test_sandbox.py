@@ -37,7 +37,7 @@ from emokern.experiments import bwrap as bw
 from emokern.experiments import sandbox as sb
 from emokern.experiments.sandbox import (MAX_VIOLATIONS, WORKDIR, SandboxUnavailable, WeakSandboxWarning,
                                          check_isolation, run_in_sandbox, sandbox_info)
-from emokern.models import cache_root
+from emokern.core.models import cache_root
 
 # the weaker level warns on every use; test_python_guard_warns checks that it does
 pytestmark = pytest.mark.filterwarnings("ignore::emokern.experiments.sandbox.WeakSandboxWarning")

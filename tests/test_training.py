@@ -1,4 +1,4 @@
-"""Training through the patch (emokern.patch(..., train=True), emokern.training): gradients against a reference
+"""Training through the patch (emokern.patch(..., train=True), emokern.engines.training): gradients against a reference
 built from plain forward hooks and the reference op; the no-grad path unchanged; gradient checkpointing,
 torch.compile and bf16 autocast; preventative steering restoring what was there."""
 
@@ -10,7 +10,7 @@ import torch
 
 import emokern
 from emokern.ops.reference import project_and_steer_ref
-from emokern.training import preventative_steering, projection_penalty
+from emokern.engines.training import preventative_steering, projection_penalty
 from tests.tiny_models import HIDDEN, LAYERS, VOCAB, tiny_model
 
 K = 6

@@ -1,4 +1,4 @@
-"""Sections 5-7 of the report (``emokern.validation``): the shipped data files, their refusal of malformed input, the
+"""Sections 5-7 of the report (``emokern.validation.concept_checks``): the shipped data files, their refusal of malformed input, the
 scoring on planted activations, and the three sections end to end on a tiny random Llama with a word-level
 tokenizer, where a bank whose vectors are the unembedding rows of the emotion words must rank every steered word
 first (and a shuffled one never)."""
@@ -13,10 +13,10 @@ pytest.importorskip("scipy")
 pytest.importorskip("matplotlib")
 
 import emokern  # noqa: E402
-from emokern.emotion_words import find_emotion_word  # noqa: E402
-from emokern.emotions import EMOTIONS  # noqa: E402
+from emokern.extraction.emotion_words import find_emotion_word  # noqa: E402
+from emokern.core.emotions import EMOTIONS  # noqa: E402
 from emokern.experiments.common import InputFileError  # noqa: E402
-from emokern.validation import (  # noqa: E402
+from emokern.validation.concept_checks import (  # noqa: E402
     STEERING_STRENGTHS,
     intensity_scores,
     key_numbers,
@@ -41,7 +41,7 @@ def test_packaged_scenarios():
     assert len(scenarios) >= 36 and len(emotions) >= 18
     assert all(sum(s.emotion == e for s in scenarios) == 2 for e in emotions)
     # spread over valence: both signs well represented (the shipped norms say which is which)
-    from emokern.datasets import load_norms
+    from emokern.validation.datasets import load_norms
 
     valence = {n.word: n.valence for n in load_norms()}
     rated = [valence[e] for e in emotions if e in valence]

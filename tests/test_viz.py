@@ -1,4 +1,4 @@
-"""emokern.viz: the PNG line plot and the self-contained HTML heatmap of a Trace, on a small hand-built trace."""
+"""emokern.core.trace_plots: the PNG line plot and the self-contained HTML heatmap of a Trace, on a small hand-built trace."""
 
 import html
 import json
@@ -11,8 +11,8 @@ from html.parser import HTMLParser
 import pytest
 import torch
 
-from emokern.trace import Trace
-from emokern.viz import scale_values, trace_heatmap_html, value_color
+from emokern.core.trace import Trace
+from emokern.core.trace_plots import scale_values, trace_heatmap_html, value_color
 
 pytest.importorskip("matplotlib")
 
@@ -318,7 +318,7 @@ def test_html_renders_in_headless_chromium(tmp_path):
 
 
 def test_robust_ylim_ignores_a_few_extreme_values_only():
-    from emokern.viz import robust_ylim
+    from emokern.core.trace_plots import robust_ylim
 
     calm = torch.linspace(-1.0, 1.0, 50)
     assert robust_ylim([calm]) is None

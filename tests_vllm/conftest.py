@@ -33,7 +33,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def hf():
     """``(model, tokenizer, path)``: the embedded model in bf16 (the cache is made from the package if missing)."""
-    from emokern.models import load_model, model_cache_dir
+    from emokern.core.models import load_model, model_cache_dir
 
     torch.manual_seed(0)
     model, tok = load_model(MODEL, dtype=torch.bfloat16)
@@ -45,7 +45,7 @@ def bank(hf):
     """The test bank (random vectors, the same at both layers; neutral mean 0 and std 1 so z-scores equal
     projections), saved at
     ``BANK_PATH``."""
-    from emokern.bank import VectorBank
+    from emokern.core.bank import VectorBank
 
     model = hf[0]
     g = torch.Generator().manual_seed(1)

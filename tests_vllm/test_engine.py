@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import emokern
-import emokern.vllm as ev
+import emokern.engines.vllm as ev
 from conftest import LAYERS, shutdown
 
 CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
@@ -27,7 +27,7 @@ PROMPTS = [CHAT.format("Tell me about your morning."), CHAT.format("What should 
 TOLERANCE = 0.03  # mean |vLLM - HF| / mean |HF|
 
 ENGINES = {
-    # no chunked prefill: the corpus test's seeded requests need it off on CPU (see emokern.vllm.corpus)
+    # no chunked prefill: the corpus test's seeded requests need it off on CPU (see emokern.engines.vllm.sampler)
     "eager": dict(enforce_eager=True, enable_chunked_prefill=False),
     "ci": dict(max_num_batched_tokens=64, num_gpu_blocks_override=5),
 }
@@ -218,8 +218,8 @@ def test_corpus_on_vllm_writes_resumable_shards(llm, hf, tmp_path):
     """``generate_corpus(..., sampler=VllmSampler)``: the HF path's shards and resume rules, on vLLM."""
     if llm.kind != "eager":
         pytest.skip("one engine is enough for the corpus path")
-    from emokern.corpus import CorpusConfigError, StoryCorpus, _special_ids, generate_corpus
-    from emokern.vllm.corpus import VllmSampler
+    from emokern.extraction.corpus import CorpusConfigError, StoryCorpus, _special_ids, generate_corpus
+    from emokern.engines.vllm.sampler import VllmSampler
 
     model, tok, _ = hf
     sampler = VllmSampler(llm, tok, _special_ids(model, tok)[1])

@@ -20,12 +20,12 @@ def test_shadowing_checkout_is_refused_with_the_fix():
     assert probe.stdout.strip() == str(ROOT / "emokern")  # without -P the checkout's emokern is the one imported
     if probe.returncode == 0:
         pytest.skip("the checkout's emokern/_C was built for this environment's torch: nothing is shadowed")
-    run = subprocess.run([sys.executable, "-c", "from emokern.vllm import plugin; plugin.register()"], cwd=ROOT,
+    run = subprocess.run([sys.executable, "-c", "from emokern.engines.vllm import plugin; plugin.register()"], cwd=ROOT,
                          capture_output=True, text=True, env=dict(os.environ))
     assert run.returncode != 0
     assert "has no compiled ops for torch" in run.stderr and "start Python with -P" in run.stderr, run.stderr
     # with -P (as the README's commands run it) the installed emokern is imported and registers
-    run = subprocess.run([sys.executable, "-P", "-c", "from emokern.vllm import plugin; plugin.register(); "
+    run = subprocess.run([sys.executable, "-P", "-c", "from emokern.engines.vllm import plugin; plugin.register(); "
                                                       "print(plugin._REGISTERED)"], cwd=ROOT, capture_output=True,
                          text=True)
     assert run.returncode == 0 and run.stdout.strip().endswith("True"), run.stderr[-2000:]

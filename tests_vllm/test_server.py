@@ -106,7 +106,7 @@ def _kill_group(proc) -> None:
 
 
 def _model() -> str:
-    from emokern.models import model_cache_dir
+    from emokern.core.models import model_cache_dir
 
     return str(model_cache_dir("smollm2-135m-instruct"))
 

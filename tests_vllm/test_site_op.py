@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from emokern.ops import SteeringTable, project_and_steer_ref
-from emokern.vllm import worker
+from emokern.engines.vllm import worker
 
 
 def _case(N=7, d=64, K=5, dtype=torch.bfloat16, seed=0):

@@ -64,7 +64,7 @@ class Context:
 def load_experiment(name: str):
     """The experiment module called ``name`` (KeyError lists the known names)."""
     if name not in EXPERIMENTS:
-        from emokern.emotions import did_you_mean
+        from emokern.core.emotions import did_you_mean
 
         raise KeyError(f"experiment: unknown name {name!r}{did_you_mean(name, list(EXPERIMENTS))}; known: "
                        f"{', '.join(EXPERIMENTS)}")
@@ -112,10 +112,10 @@ def run_experiment(name: str, *, out: Union[str, os.PathLike], model: Any = "smo
         size: ``quick`` or ``full`` (see each module's ``SIZES``); ``options`` override single fields.
         judge: None (rules only), a model name/path for :class:`~emokern.experiments.common.ChatJudge`, or a judge.
     """
-    from emokern.bank import VectorBank
+    from emokern.core.bank import VectorBank
     from emokern.experiments.common import ChatJudge, RunDir
     from emokern.experiments.page import write_experiment_page
-    from emokern.models import load_model, model_fingerprint
+    from emokern.core.models import load_model, model_fingerprint
 
     module = load_experiment(name)
     opts = _options(module, size, options)

@@ -450,7 +450,7 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> Optional[float]:
 class ChatJudge:
     """An optional LLM judge: any chat model answers a YES/NO question about a transcript, with a one-line reason.
 
-    ``ChatJudge.load(name_or_path)`` takes what :func:`emokern.models.load_model` takes. :meth:`verdict` returns
+    ``ChatJudge.load(name_or_path)`` takes what :func:`emokern.core.models.load_model` takes. :meth:`verdict` returns
     ``(answer, reason)`` with ``answer`` True / False, or None when the reply has no YES or NO (the reply is then the
     reason, so nothing is lost).
     """
@@ -460,7 +460,7 @@ class ChatJudge:
 
     @classmethod
     def load(cls, name_or_path: str, *, dtype: torch.dtype = torch.bfloat16, device="cpu") -> "ChatJudge":
-        from emokern.models import load_model
+        from emokern.core.models import load_model
 
         model, tokenizer = load_model(name_or_path, dtype=dtype, device=device)
         return cls(model, tokenizer, name=str(name_or_path))

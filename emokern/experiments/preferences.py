@@ -638,7 +638,7 @@ def _r(x) -> Optional[float]:
 
 def run(ctx, options: Options) -> dict:
     """Baseline preferences and Elo, probe correlations, steering shifts and plots (see the module docstring)."""
-    from emokern.patch import patch
+    from emokern.engines.hf import patch
 
     _check_options(options)
     model, tokenizer, bank = ctx.model, ctx.tokenizer, ctx.bank

@@ -526,7 +526,7 @@ def plot_episode_trace(trace: dict, path, *, window: int) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from emokern.trace import Trace
+    from emokern.core.trace import Trace
 
     colours = {"desperate": "#c0392b", "calm": "#2471a3"}
     fig = Figure(figsize=(12, 4.2))

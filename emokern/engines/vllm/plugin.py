@@ -1,11 +1,11 @@
 """``register()``: the ``vllm.general_plugins`` entry point, run by vLLM in every process it starts.
 
-It is cheap, idempotent and inert unless configured (:mod:`emokern.vllm.config`). When configured it patches two
+It is cheap, idempotent and inert unless configured (:mod:`emokern.engines.vllm.config`). When configured it patches two
 classes present in every vLLM process (no model work happens here):
 
 * ``InputProcessor.process_inputs`` (the front end: ``LLM`` or the API server): a request's
   ``extra_args["emokern"]`` is parsed against the bank before it enters the engine, so an unknown emotion, a bad
-  mode or a strength that is not a number, or beyond :data:`~emokern.vllm.spec.MAX_STRENGTH`, fails that request
+  mode or a strength that is not a number, or beyond :data:`~emokern.engines.vllm.spec.MAX_STRENGTH`, fails that request
   alone with a clear message (HTTP 400 on the server) and the engine never sees it. A steered request gets a
   prefix-cache salt derived from its steering (and, for the ``prompt`` and ``generated`` scopes, its prompt length:
   :meth:`RequestSpec.cache_salt`), combined with any salt it brought, so it never reads KV blocks computed under
@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import logging
 
-from emokern.vllm import config as config_mod
+from emokern.engines.vllm import config as config_mod
 
-logger = logging.getLogger("emokern.vllm")
+logger = logging.getLogger("emokern.engines.vllm")
 
 __all__ = ["register"]
 
@@ -62,7 +62,7 @@ def _check_extension() -> None:
     if _extension.HAS_CPU_KERNELS or _extension.HAS_CUDA_KERNELS:
         return
     raise RuntimeError(
-        f"emokern.vllm: the emokern imported from {emokern.__path__[0]} has no compiled ops for torch "
+        f"emokern.engines.vllm: the emokern imported from {emokern.__path__[0]} has no compiled ops for torch "
         f"{torch.__version__} (emokern._C: {_extension._load_error or 'loaded, but it registered no kernels'}). "
         f"If that is a source checkout, Python put the current directory first on its import path: start Python "
         f"with -P (or set PYTHONSAFEPATH=1), or run from another directory, so that the emokern installed in this "
@@ -72,7 +72,7 @@ def _check_extension() -> None:
 def _patch_front_end() -> None:
     from vllm.v1.engine.input_processor import InputProcessor
 
-    from emokern.vllm import spec as spec_mod
+    from emokern.engines.vllm import spec as spec_mod
 
     from vllm.exceptions import VLLMValidationError
 
@@ -141,28 +141,28 @@ def _patch_worker() -> None:
         return
 
     def load_model(self, *args, **kwargs):
-        from emokern.vllm import worker
+        from emokern.engines.vllm import worker
 
         self.worker.load_model(*args, **kwargs)
         worker.install(self.worker.model_runner, config_mod.load())
 
     def emokern_take(self, request_ids):
-        """Traces of finished requests by id (see :meth:`emokern.vllm.worker.Installation.take`)."""
-        from emokern.vllm import worker
+        """Traces of finished requests by id (see :meth:`emokern.engines.vllm.worker.Installation.take`)."""
+        from emokern.engines.vllm import worker
 
         inst = worker.installation()
         return [None] * len(request_ids) if inst is None else inst.take(list(request_ids))
 
     def emokern_readout(self, request_ids):
         """Compact readouts of requests by id, kept for emokern_take (see
-        :meth:`emokern.vllm.worker.Installation.readout`)."""
-        from emokern.vllm import worker
+        :meth:`emokern.engines.vllm.worker.Installation.readout`)."""
+        from emokern.engines.vllm import worker
 
         inst = worker.installation()
         return [None] * len(request_ids) if inst is None else inst.readout(list(request_ids))
 
     def emokern_stats(self):
-        from emokern.vllm import worker
+        from emokern.engines.vllm import worker
 
         inst = worker.installation()
         return None if inst is None else inst.stats()

@@ -1,4 +1,4 @@
-"""Loaders for the evaluation data shipped under ``emokern/data/`` (used by :mod:`emokern.report`).
+"""Loaders for the evaluation data shipped under ``emokern/data/`` (used by :mod:`emokern.validation.report`).
 
 * :func:`load_norms` — human valence/arousal ratings of the paper's emotion words (Glasgow Norms subset, CC BY 4.0),
   ``data/norms/emotion_word_norms.tsv``.

@@ -1,4 +1,4 @@
-"""Pictures of a :class:`~emokern.trace.Trace`: a PNG line plot and a self-contained HTML token heatmap.
+"""Pictures of a :class:`~emokern.core.trace.Trace`: a PNG line plot and a self-contained HTML token heatmap.
 
 * :func:`plot_trace` — chosen emotions over the token positions of one sequence (matplotlib, Agg, PNG).
 * :func:`trace_heatmap_html` — the tokens of one sequence coloured by one emotion, with a hover tooltip listing
@@ -20,7 +20,7 @@ Two defaults make pictures of real models readable:
   the heatmap draws them grey with a small marker and their true (unsmoothed) value in the tooltip, the PNG plot
   masks them (gaps in the lines over a grey band) and says so in a note.  ``sinks=False`` treats them like any token.
 
-matplotlib is imported inside :func:`plot_trace` only, so the HTML page (and ``import emokern.viz``) does not need it.
+matplotlib is imported inside :func:`plot_trace` only, so the HTML page (and ``import emokern.core.trace_plots``) does not need it.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
-    from emokern.trace import Trace
+    from emokern.core.trace import Trace
 
 __all__ = ["plot_trace", "trace_heatmap_html", "scale_values", "value_color", "ZSCORE_LABEL", "PROJECTION_LABEL"]
 
@@ -94,7 +94,7 @@ def _smoothed_trace(trace: "Trace", window: int, sequence: Optional[int] = None,
     """
     if window == 1:
         return trace
-    from emokern.trace import Trace
+    from emokern.core.trace import Trace
 
     proj = trace.projections.clone()
     proj[trace.is_pad] = float("nan")

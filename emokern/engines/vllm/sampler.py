@@ -1,7 +1,7 @@
-"""vLLM as the sampling engine of :func:`emokern.corpus.generate_corpus` (``emokern corpus --engine vllm``).
+"""vLLM as the sampling engine of :func:`emokern.extraction.corpus.generate_corpus` (``emokern corpus --engine vllm``).
 
 The corpus code is unchanged: the same jobs, prompts, chunks, seeds, shards, filtering and resume rules; only each
-chunk's continuations come from ``vllm.LLM.generate`` instead of :func:`emokern.sampling.sample`. The manifest
+chunk's continuations come from ``vllm.LLM.generate`` instead of :func:`emokern.extraction.sampling.sample`. The manifest
 records the sampler (``config["sampler"] = "vllm <version> ..."``), so a corpus started with one engine is never
 finished with the other (their random streams differ: the stories would not be those of either).
 
@@ -26,7 +26,7 @@ def _request_seed(seed: int, i: int) -> int:
 
 class VllmSampler:
     """A corpus sampler over a ``vllm.LLM`` (see the module docstring). ``eos_ids``: the end-of-sequence ids
-    (:func:`emokern.corpus._special_ids` of the HF model, which the CLI passes)."""
+    (:func:`emokern.extraction.corpus._special_ids` of the HF model, which the CLI passes)."""
 
     def __init__(self, llm, tokenizer, eos_ids: Sequence[int]):
         import vllm

@@ -10,7 +10,7 @@ This is step one of the paper's recipe (PAPER_NOTES §1)::
 **Stories.** Each story job asks the model, through its chat template (an optional system turn and a user turn),
 for ONE short story of about a paragraph on an everyday premise (``emokern/data/topics.txt``, 100 premises) whose
 main character feels the job's emotion, narrated in the first or the third person. *How* it is asked is the corpus's
-**style** (:data:`emokern.prompts.STYLES`): the paper's ``implicit`` rule (never name the feeling) or one of the
+**style** (:data:`emokern.extraction.prompts.STYLES`): the paper's ``implicit`` rule (never name the feeling) or one of the
 styles compared by ``benchmarks/bench_recipe.py``, among them ``opening``, where the answer starts with words written
 for the model ("I felt {emotion}." / "{name} felt {emotion}.") that it then continues; those words are stored as the
 start of the story and recorded as its ``opening``. The paper asked for several stories per call, tagged ``[story
@@ -29,7 +29,7 @@ as ``"too_short"``; a story whose distinct word trigrams are under half of its t
 a model caught in a loop, "I was sad. I was sad. ...", common in small base models) as ``"repetitive"``; a story
 that no longer starts with its opening after clean-up as ``"opening_lost"``; in a style that may not name its
 emotion (``names_emotion=False``), a story that contains its emotion word in any form
-:func:`emokern.emotion_words.emotion_word_pattern` knows as ``"emotion_word"`` (the form found is recorded as
+:func:`emokern.extraction.emotion_words.emotion_word_pattern` knows as ``"emotion_word"`` (the form found is recorded as
 ``matched`` in every style); a dialogue without both a ``Human:`` and an ``Assistant:`` line as
 ``"not_a_dialogue"``. Dropped jobs are kept on disk (with their reason) and
 counted per emotion by :meth:`StoryCorpus.stats`; they are not regenerated.
@@ -37,7 +37,7 @@ counted per emotion by :meth:`StoryCorpus.stats`; they are not regenerated.
 **Jobs, chunks and resuming.** :func:`plan_chunks` turns the configuration into a fixed list of jobs (story key
 ``"{emotion}|{topic_index}|{k}"``, neutral key ``"neutral|{topic_index}|{k}"``) cut into chunks of ``batch_size``
 jobs: the same configuration always gives the same chunks. A chunk is the unit of work and of commit: one batched
-sampling call (:func:`emokern.sampling.sample`, left padding, its generator seeded with the chunk's seed), then one
+sampling call (:func:`emokern.extraction.sampling.sample`, left padding, its generator seeded with the chunk's seed), then one
 shard file ``shards/stories-{chunk:05d}.jsonl`` (or ``neutral-...``) written to a temporary file and renamed into
 place, with one JSON record per job, kept or dropped. A run that is killed at any moment and started again with the
 same arguments skips the chunks whose shard exists, so no finished story is lost or written twice.
@@ -49,7 +49,7 @@ library versions (a resumed run then equals an uninterrupted one); elsewhere the
 **Presets** (:data:`PRESETS`; most fields can be overridden through :func:`generate_corpus`'s arguments):
 
 * ``standard``: the main job's corpus: all 171 emotions x 32 stories on 32 premises in the ``opening`` style and 48
-  neutral dialogues. The package ships the one generated on the embedded SmolLM2 (:mod:`emokern.packaged`).
+  neutral dialogues. The package ships the one generated on the embedded SmolLM2 (:mod:`emokern.extraction.shipped_corpora`).
 * ``quick``: the same recipe with 4 stories per emotion, for a corpus made here in minutes.
 * ``mini``: for tests and CI: 4 emotions (desperate, calm, happy, afraid) x 2 stories and 4 neutral dialogues of at
   most 40 new tokens.
@@ -78,11 +78,11 @@ from typing import Sequence
 
 import torch
 
-from emokern.emotion_words import emotion_word_pattern, emotion_word_spans, find_emotion_word  # noqa: F401
-from emokern.emotions import load_emotions
-from emokern.prompts import (NAMES, NARRATION, NEUTRAL_OPENING, NEUTRAL_SYSTEM, NEUTRAL_TASKS, NEUTRAL_USER, PLAIN_LEAD,
+from emokern.extraction.emotion_words import emotion_word_pattern, emotion_word_spans, find_emotion_word  # noqa: F401
+from emokern.core.emotions import load_emotions
+from emokern.extraction.prompts import (NAMES, NARRATION, NEUTRAL_OPENING, NEUTRAL_SYSTEM, NEUTRAL_TASKS, NEUTRAL_USER, PLAIN_LEAD,
                              STYLES, StoryStyle, prompts_sha256)
-from emokern.models import model_fingerprint
+from emokern.core.models import model_fingerprint
 
 __all__ = [
     "MANIFEST",
@@ -116,7 +116,7 @@ _N_TOPICS = 100
 _TOPICS_FILE = "topics.txt"
 PROMPT_FORMATS = ("chat", "plain")
 # Recorded in the manifest: shards sampled another way are not continued with this sampler.
-_SAMPLER = "emokern.sampling.sample(candidates=256)"
+_SAMPLER = "emokern.extraction.sampling.sample(candidates=256)"
 
 
 class CorpusConfigError(ValueError):
@@ -135,7 +135,7 @@ class CorpusPreset:
     Attributes:
         name: a short name, recorded in the manifest (the key in :data:`PRESETS` for the built-in ones).
         description: what it is for, with measured or estimated costs.
-        emotions: the emotion names, or ``None`` for all 171 (:func:`emokern.emotions.load_emotions`).
+        emotions: the emotion names, or ``None`` for all 171 (:func:`emokern.core.emotions.load_emotions`).
         stories_per_emotion: stories per emotion. Story ``j`` of an emotion uses the ``(j mod T)``-th premise of a
             seeded permutation of the T premises, for the ``k = j // T``-th time; every emotion gets the same premises,
             so premise content cancels when the mean over emotions is subtracted.
@@ -148,7 +148,7 @@ class CorpusPreset:
         temperature, top_p: sampling settings (``top_k`` is disabled).
         prompt_format: ``"chat"`` (the tokenizer's chat template, system + user turns) or ``"plain"`` (the same
             instructions as plain text, for base models without a chat template).
-        style: the name of the story style in :data:`emokern.prompts.STYLES` (how a story is asked for).
+        style: the name of the story style in :data:`emokern.extraction.prompts.STYLES` (how a story is asked for).
     """
 
     name: str
@@ -217,7 +217,7 @@ PRESETS: dict[str, CorpusPreset] = {
                 "The paper's scale: 100 premises x 12 stories x 171 emotions = 205,200 stories + 1,200 neutral "
                 "dialogues, <= 300 new tokens each: at most (205,200 + 1,200) x 300 = 61.9 million generated "
                 "tokens. Not run. Estimate for SmolLM2-135M on this project's 2-core machine: at the 261 tokens/s "
-                "measured while generating the standard corpus (emokern.sampling, batch 171, <= 64 new tokens), "
+                "measured while generating the standard corpus (emokern.extraction.sampling, batch 171, <= 64 new tokens), "
                 "237,000 s = 2.7 days, and more in practice, since 300-token outputs make each decoding step slower "
                 "than 64-token ones; 3,226 shards of up to 64 jobs. A job for a GPU."),
             emotions=None,
@@ -324,7 +324,7 @@ def plan_chunks(emotions: Sequence[str], topics: Sequence[str], stories_per_emot
     * story ``j`` (0 <= j < ``stories_per_emotion``) of emotion ``i`` (its position in ``emotions``) uses premise
       ``order[j % T]`` for the ``k = j // T``-th time and first-person narration when ``(i + j % T + k)`` is even,
       third-person otherwise, so that narration alternates across emotions, premises and repeats; its prompt is
-      ``style``'s (:data:`emokern.prompts.STYLES`), and its opening, if the style has one, names the character
+      ``style``'s (:data:`emokern.extraction.prompts.STYLES`), and its opening, if the style has one, names the character
       ``NAMES[i']`` with ``i'`` from the SHA-256 of the job key;
     * stories are listed by ``j`` first, then emotion (every emotion has ``j + 1`` stories after ``(j + 1) *
       len(emotions)`` jobs), and cut into chunks of ``batch_size`` (the last may be shorter). So a configuration
@@ -637,10 +637,10 @@ def _special_ids(model, tokenizer) -> tuple[int, list[int]]:
 
 def _generate_chunk(model, tokenizer, prompts: list[str], *, seed: int, max_new_tokens: int, temperature: float,
                     top_p: float, add_special_tokens: bool) -> tuple[list[str], list[int]]:
-    """Sample one continuation per prompt in one batched call (:func:`emokern.sampling.sample`); returns the decoded
+    """Sample one continuation per prompt in one batched call (:func:`emokern.extraction.sampling.sample`); returns the decoded
     texts (special tokens skipped) and the number of new tokens of each, up to and including its first
     end-of-sequence token."""
-    from emokern.sampling import sample
+    from emokern.extraction.sampling import sample
 
     pad_id, eos_ids = _special_ids(model, tokenizer)
     encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
@@ -658,7 +658,7 @@ def _generate_chunk(model, tokenizer, prompts: list[str], *, seed: int, max_new_
 
 def own_words(text: str, opening: str, emotion: str) -> int:
     """The number of words of a story that are neither its ``opening`` (a prefix of ``text``) nor a form of its
-    ``emotion`` word (:func:`emokern.emotion_words.emotion_word_spans`); a word is a whitespace-separated piece
+    ``emotion`` word (:func:`emokern.extraction.emotion_words.emotion_word_spans`); a word is a whitespace-separated piece
     with at least one letter or digit (the punctuation left behind by a removed word is not one)."""
     if opening and text.startswith(opening):
         text = text[len(opening):]
@@ -741,7 +741,7 @@ def _check_emotions(emotions) -> list[str]:
         if e not in known:
             close = difflib.get_close_matches(str(e), known, n=3)
             hint = f" (closest: {', '.join(close)})" if close else ""
-            raise ValueError(f"emotions: expected names from the 171 emotion words (emokern.emotions."
+            raise ValueError(f"emotions: expected names from the 171 emotion words (emokern.core.emotions."
                              f"load_emotions()); got {e!r}{hint}")
     duplicates = sorted({e for e in emotions if emotions.count(e) > 1})
     if duplicates:
@@ -795,7 +795,7 @@ def generate_corpus(model, tokenizer, out_dir: str | os.PathLike, *, preset: str
 
     Args:
         model, tokenizer: a causal LM and its tokenizer (used as given, never modified); sampling is
-            :func:`emokern.sampling.sample`.
+            :func:`emokern.extraction.sampling.sample`.
         out_dir: the corpus directory, created if needed: ``manifest.json`` and ``shards/*.jsonl``.
         preset: a name in :data:`PRESETS` or a :class:`CorpusPreset`. The keyword arguments ``emotions``,
             ``stories_per_emotion``, ``neutral``, ``max_new_tokens``, ``batch_size``, ``prompt_format``, ``style``,
@@ -804,9 +804,9 @@ def generate_corpus(model, tokenizer, out_dir: str | os.PathLike, *, preset: str
         seed: fixes the premise order and every chunk's sampling seed (see :func:`plan_chunks`).
         progress: show a tqdm bar over jobs (ETA, and generated tokens per second of this run as postfix).
         overwrite: delete a previous corpus in ``out_dir`` (its ``manifest.json`` and ``shards/``) first.
-        sampler: another engine for the sampling (e.g. :class:`emokern.vllm.corpus.VllmSampler`): a callable
+        sampler: another engine for the sampling (e.g. :class:`emokern.engines.vllm.sampler.VllmSampler`): a callable
             ``sampler(prompts, seed=, max_new_tokens=, temperature=, top_p=, add_special_tokens=)`` returning what
-            :func:`emokern.sampling.sample` gives here (decoded continuations, special tokens skipped, and the
+            :func:`emokern.extraction.sampling.sample` gives here (decoded continuations, special tokens skipped, and the
             number of new tokens of each up to and including its end-of-sequence token), with a ``name`` that the
             manifest records as ``config["sampler"]``; ``model`` then only identifies the weights (fingerprint,
             dtype, end-of-sequence ids). A corpus is resumed only by the sampler that started it.

@@ -3,10 +3,10 @@
 A :class:`StoryStyle` says how one story is asked for: an optional system turn, a user turn with the fields
 ``{topic}``, ``{emotion}`` and ``{narration}``, and an optional **opening**: the first words of the answer, written
 for the model (``{emotion}``, ``{name}``), which it then continues. The opening is part of the stored story; extraction
-can leave it out of the mean (``emokern.extract.extract_bank_from_corpus``). ``names_emotion`` says whether a story
+can leave it out of the mean (``emokern.extraction.extract.extract_bank_from_corpus``). ``names_emotion`` says whether a story
 may contain its emotion word: when False, stories that do are dropped (the paper's rule). A style also says how its
 stories are read by default (``first_token``, ``exclude``, ``exclude_after``; see
-:func:`emokern.extract.story_exclusions`), since what to leave out of a mean depends on how the story was written.
+:func:`emokern.extraction.extract.story_exclusions`), since what to leave out of a mean depends on how the story was written.
 
 Styles (:data:`STYLES`), compared by ``benchmarks/bench_recipe.py`` (results and the reasons for the default in the
 README):

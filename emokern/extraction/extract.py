@@ -13,7 +13,7 @@ The steps:
 1. **Activations.** Each story goes through the model once (batched, by length), as the Assistant's reply to the
    fixed request :data:`CHAT_REQUEST` in the tokenizer's chat template (``fmt="chat"``, the paper's "Story (H/A)"
    framing) or as bare text (``fmt="raw"``). At each decoder layer we read the residual stream (the layer's output,
-   the site :func:`emokern.patch` calls ``"residual"`` and llama.cpp calls ``l_out``) and average it over the
+   the site :func:`emokern.engines.hf` calls ``"residual"`` and llama.cpp calls ``l_out``) and average it over the
    story's own tokens from the ``first_token``-th on, leaving out any ``exclude_spans`` (for the ``opening`` recipe:
    the opening written for the model and every form of the emotion word, :func:`story_exclusions`). Only the
    embedding and the decoder layers up to the last one needed run: the LM head (and the final norm) never does,
@@ -24,7 +24,7 @@ The steps:
    (one row per neutral text, centred), the same statistic the vectors are built from; the paper does not say
    whether it used per-token or per-transcript activations.
 4. **Normalisation.** Every vector is unit length; steering strengths are fractions of ``residual_norm``.
-5. **Held-out measurements** (:mod:`emokern.quality`): whole premises held out; the default layer is chosen on
+5. **Held-out measurements** (:mod:`emokern.extraction.quality`): whole premises held out; the default layer is chosen on
    validation premises and the test numbers are reported at it.
 """
 
@@ -40,11 +40,11 @@ from typing import List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from emokern.bank import VectorBank
+from emokern.core.bank import VectorBank
 # llama.cpp control vectors live in their own module; these names stay importable from here
-from emokern.control_vectors import ControlVectorFile, export_gguf_control_vector, read_gguf_control_vector  # noqa: F401
-from emokern.models import _text_config
-from emokern.patch import _resolve_arch, _select_layers
+from emokern.extraction.control_vectors import ControlVectorFile, export_gguf_control_vector, read_gguf_control_vector  # noqa: F401
+from emokern.core.models import _text_config
+from emokern.engines.hf import _resolve_arch, _select_layers
 
 __all__ = [
     "CHAT_REQUEST",
@@ -348,12 +348,12 @@ def story_activations(model, tokenizer, texts: Sequence[str], *, layers=None, fi
     """Per-text mean residual-stream activations at the chosen layers, without running the LM head.
 
     Args:
-        model: a Hugging Face causal LM of a family in :data:`emokern.patch.ARCHITECTURES`.
+        model: a Hugging Face causal LM of a family in :data:`emokern.engines.hf.ARCHITECTURES`.
         tokenizer: its fast tokenizer (character offsets locate the story's tokens); for ``fmt="chat"`` it needs a
             chat template. Its ``padding_side`` is respected; padding never enters a mean.
         texts: n non-blank strings.
         layers: which decoder layers to read: ``None`` (all), an int, a float fraction of depth, a slice or a
-            sequence of those (as in :func:`emokern.patch.patch`). The L slices of the result are in ascending layer
+            sequence of those (as in :func:`emokern.engines.hf.patch`). The L slices of the result are in ascending layer
             order; layer ``i`` is the output of decoder layer ``i`` (``hidden_states[i + 1]`` in Hugging Face terms,
             before any final norm).
         first_token: story tokens skipped before averaging (the paper's 50; counted from the story's first token,
@@ -577,7 +577,7 @@ def held_out_accuracy(acts: torch.Tensor, labels: Sequence[str], names: Sequence
     train, test = _split(member, len(names), test_fraction, seed, groups)
     if len(test) == 0:
         raise ValueError("labels: no emotion has 2 or more stories, so none can be held out for testing")
-    from emokern.quality import mean_difference_accuracy
+    from emokern.extraction.quality import mean_difference_accuracy
 
     top1, top5, n_test = mean_difference_accuracy(acts, labels, names, neutral_acts, train, test, variance=variance)
     return QualityCurve(top1=top1.cpu(), top5=top5.cpu(), n_train=len(train), n_test=n_test)
@@ -609,7 +609,7 @@ def extract_bank(model, tokenizer, story_texts: Sequence[str], story_labels: Seq
             exclude nothing.
         variance: as :func:`emotion_vectors`.
         story_groups: optional premise id per story (the corpus's topics). With at least 3 premises, the held-out
-            measurements of :func:`emokern.quality.evaluate` are made (whole premises held out: ``test_fraction``
+            measurements of :func:`emokern.extraction.quality.evaluate` are made (whole premises held out: ``test_fraction``
             for the test numbers, ``validation_fraction`` of the rest to choose the default layer; ``probe``: also
             fit the logistic-regression ceiling at the chosen layer and at 2/3 depth). Without groups (or with
             fewer), :func:`held_out_accuracy` holds out stories instead and the default layer is the 2/3-depth one.
@@ -627,7 +627,7 @@ def extract_bank(model, tokenizer, story_texts: Sequence[str], story_labels: Seq
         * ``neutral_mean`` / ``neutral_std`` (L, K): the mean and standard deviation (unbiased) over the neutral
           texts of ``vectors[l, k] · a``, where ``a`` is a text's mean activation over its averaged tokens (a
           per-text statistic: single-token projections spread more widely);
-        * ``model_id``, ``fingerprint`` (:func:`emokern.models.model_fingerprint`);
+        * ``model_id``, ``fingerprint`` (:func:`emokern.core.models.model_fingerprint`);
         * ``metadata``: ``recipe`` (the parameters above, :data:`CHAT_REQUEST`, the PCA's input), ``corpus``
           (counts per emotion, short texts, token counts), ``pcs_removed`` per layer, ``quality`` (the held-out
           measurements: ``split`` ("premises"), ``layers``, test ``top1``/``top5``,
@@ -638,7 +638,7 @@ def extract_bank(model, tokenizer, story_texts: Sequence[str], story_labels: Seq
           for a model of N layers, the paper's choice; ``rule``: how ``chosen`` was made), ``model`` (type, depth,
           width, dtype), ``timings`` (seconds) and ``created`` (UTC, ISO 8601).
     """
-    from emokern import quality as Q
+    from emokern.validation.concept_checks import quality as Q
 
     t_start = time.perf_counter()
     story_texts = _check_texts("story_texts", story_texts)
@@ -736,8 +736,8 @@ def story_exclusions(stories, exclude: str = "opening+word") -> Optional[List[Li
     """The character spans of each story that a reading leaves out (``exclude_spans`` of
     :func:`story_activations`): ``"none"`` — nothing (``None``); ``"opening"`` — the opening written for the model
     (``story.opening``, the first characters of ``story.text``); ``"opening+word"`` — that and every form of the
-    story's emotion word in its text (:func:`emokern.emotion_words.emotion_word_spans`)."""
-    from emokern.emotion_words import emotion_word_spans
+    story's emotion word in its text (:func:`emokern.extraction.emotion_words.emotion_word_spans`)."""
+    from emokern.extraction.emotion_words import emotion_word_spans
 
     if exclude not in EXCLUDE:
         raise ValueError(f"exclude: expected one of {EXCLUDE}; got {exclude!r}")
@@ -754,7 +754,7 @@ def story_exclusions(stories, exclude: str = "opening+word") -> Optional[List[Li
 
 
 def extract_bank_from_corpus(model, tokenizer, corpus, *, exclude: str = "opening+word", **kwargs) -> VectorBank:
-    """:func:`extract_bank` on a :class:`emokern.corpus.StoryCorpus` (or anything with the same attributes).
+    """:func:`extract_bank` on a :class:`emokern.extraction.corpus.StoryCorpus` (or anything with the same attributes).
 
     Reads only ``corpus.stories`` (records with ``.text``, ``.emotion``, ``.topic`` and optionally ``.opening``)
     and ``corpus.neutral`` (records with ``.text``). ``exclude`` chooses what is left out of each story's mean

@@ -24,7 +24,7 @@ and its appendix)?
    a sweep over up to :data:`MAX_SWEEP_LAYERS` layers at the middle strength, and the leak check: greedy answers to
    a neutral question steered (every token) toward each scenario emotion in the bank (chosen to spread over valence
    and arousal; generation is the costly part, so not all K) at the middle strength, and the share that name the
-   steered emotion (any form, :func:`emokern.emotion_words.find_emotion_word`) against the share of those emotions
+   steered emotion (any form, :func:`emokern.extraction.emotion_words.find_emotion_word`) against the share of those emotions
    named in the unsteered answer.
 
 Scenarios and intensity prompts are read at the report's layer with curves over all bank layers; steering uses
@@ -50,9 +50,9 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from emokern.bank import VectorBank
+from emokern.core.bank import VectorBank
 from emokern.experiments.common import InputFileError, chat_text, progress_bar, require, require_str
-from emokern.report import _e, _figure, _fmt, _img, _save, _table
+from emokern.validation.report import _e, _figure, _fmt, _img, _save, _table
 
 __all__ = [
     "IntensityTemplate",
@@ -148,7 +148,7 @@ def _entries(data, key: str, where: str) -> list:
 
 
 def _emotion(value, where: str) -> str:
-    from emokern.emotions import EMOTIONS, did_you_mean
+    from emokern.core.emotions import EMOTIONS, did_you_mean
 
     require(isinstance(value, str) and value in EMOTIONS, where,
             f"expected one of the 171 emotion words (emokern/data/emotions_171.txt); got {value!r}"
@@ -238,7 +238,7 @@ def last_token_states(model, tokenizer, prompts: Sequence[str], layers: Sequence
     """(n, L, d) float32: the residual stream (output of decoder layer ``layers[j]``, before any final norm) at the
     last token of each user message rendered as a chat prompt with the assistant's turn opened
     (:func:`emokern.experiments.common.chat_text`). One prompt per forward, so no padding can shift a position."""
-    from emokern.patch import _resolve_arch
+    from emokern.engines.hf import _resolve_arch
 
     _, base, decoder_layers = _resolve_arch(model, None)
     device = model.get_input_embeddings().weight.device
@@ -553,7 +553,7 @@ def _sweep_layers(bank: VectorBank, steer_layer: int) -> List[int]:
 def _steering(model, tokenizer, bank: VectorBank, prompts: SanityPrompts, strengths: Sequence[float],
               steer_layer: int, leak_emotions: List[str], out_dir: Path, progress: bool) -> Dict:
     import emokern
-    from emokern.emotion_words import find_emotion_word
+    from emokern.extraction.emotion_words import find_emotion_word
 
     names, token_ids, info = _candidates(tokenizer, bank, prompts.probes)
     N = len(names)
@@ -724,7 +724,7 @@ def validation_sections(bank: VectorBank, model, tokenizer, out_dir: Path, *, la
     """Sections 5-7 (see the module docstring), with their plots written into ``out_dir``.
 
     Args:
-        bank, model, tokenizer: as for :func:`emokern.report.validation_report` (already checked against each other).
+        bank, model, tokenizer: as for :func:`emokern.validation.report.validation_report` (already checked against each other).
         layer: the report's layer (one of ``bank.layers``), where scenarios and intensity are read.
         scenarios, templates, sanity: the loaded data files (:func:`load_scenarios`, :func:`load_intensity`,
             :func:`load_sanity_prompts`).

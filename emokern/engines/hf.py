@@ -32,11 +32,11 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from emokern import steering
-from emokern.bank import VectorBank
+from emokern.core import steering
+from emokern.core.bank import VectorBank
 from emokern.ops._extension import require_extension
 from emokern.ops.api import project, project_and_steer, project_and_steer_, resolve_backend
-from emokern.trace import Trace
+from emokern.core.trace import Trace
 
 __all__ = ["ArchSpec", "ARCHITECTURES", "SITES", "patch", "PatchHandle", "GenerationResult", "UnsupportedModelError"]
 
@@ -367,7 +367,7 @@ class PatchHandle:
     def projections(self, layer: Optional[int] = None, site: str = "residual") -> torch.Tensor:
         """The projections (B, S, K) fp32 of ``site`` at decoder layer ``layer`` (default: the first patched layer)
         in the last forward run with grad enabled, as a tensor in that forward's autograd graph: a loss on it
-        (e.g. :func:`emokern.training.projection_penalty`) backpropagates into the model. Needs ``train=True``
+        (e.g. :func:`emokern.engines.training.projection_penalty`) backpropagates into the model. Needs ``train=True``
         and ``monitor=True``."""
         if not self.train:
             raise RuntimeError("projections: the patch records projections in the graph only with "
@@ -766,7 +766,7 @@ def patch(model, bank: VectorBank, *, layers=None, sites: Union[str, Sequence[st
         train: training mode. In a forward with grad enabled, every site's projections onto all K vectors are
             computed by the differentiable op and kept in the graph (:meth:`PatchHandle.projections`), and
             steering is differentiable too, so a loss on either reaches the model's parameters
-            (:mod:`emokern.training`). Forwards under ``torch.no_grad()`` (generation, evaluation) take the
+            (:mod:`emokern.engines.training`). Forwards under ``torch.no_grad()`` (generation, evaluation) take the
             in-place inference path, exactly as with ``train=False``.
     """
     if getattr(model, "_emokern_patch", None) is not None:

@@ -19,7 +19,7 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from emokern.bank import VectorBank
+from emokern.core.bank import VectorBank
 
 __all__ = ["ControlVectorFile", "export_gguf_control_vector", "read_gguf_control_vector"]
 
@@ -50,7 +50,7 @@ def _mixed_direction(bank: VectorBank,
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
             raise ValueError(f"weights[{name!r}]: expected a finite number; got {w!r}")
         checked[name] = float(w)
-    # Unit length, as emokern.patch uses the vectors, so that the strengths mean the same in both.
+    # Unit length, as emokern.engines.hf uses the vectors, so that the strengths mean the same in both.
     unit = bank.vectors.double() / bank.vectors.double().norm(dim=-1, keepdim=True).clamp(min=1e-12)
     mix = sum(w * unit[:, bank.index(name)] for name, w in checked.items())
     return checked, mix
@@ -74,10 +74,10 @@ def export_gguf_control_vector(bank: VectorBank, path: Union[str, os.PathLike],
       be steered.
 
     Values: ``direction.<il> = c_il · Σ_k weights[k] · v_k,il`` with the bank's vectors ``v`` at unit length (as
-    :func:`emokern.patch.patch` uses them), where ``c_il`` is ``bank.residual_norm`` at that layer
+    :func:`emokern.engines.hf.patch` uses them), where ``c_il`` is ``bank.residual_norm`` at that layer
     (``scale_by_residual_norm=True``) or 1. With the default, llama.cpp
     strength ``s`` (``--control-vector`` is 1.0, ``--control-vector-scaled FILE s``) steers like
-    ``emokern.patch`` with strengths ``{k: s · weights[k]}`` at those layers:
+    ``emokern.engines.hf`` with strengths ``{k: s · weights[k]}`` at those layers:
     ``h += s · w_k · mean‖h_il‖ · v_k``, the paper's unit. Note that llama.cpp steers every token of the context
     (the paper's whole-transcript steering needs strengths about 10× smaller than position-restricted steering),
     and that the residual norms were measured on the Hugging Face model the bank was made from.

@@ -1,4 +1,4 @@
-"""``emokern report BANK``: a validation report of a :class:`~emokern.bank.VectorBank` (PAPER_NOTES §2).
+"""``emokern report BANK``: a validation report of a :class:`~emokern.core.bank.VectorBank` (PAPER_NOTES §2).
 
 :func:`validation_report` reads the bank at one layer and writes into an output folder:
 
@@ -11,7 +11,7 @@
 Sections:
 
 1. **Held-out story classification.** The bank's own per-layer held-out measurements (``metadata["quality"]``,
-   written by :func:`emokern.extract.extract_bank`; see :mod:`emokern.quality`): with whole premises held out, the
+   written by :func:`emokern.extraction.extract.extract_bank`; see :mod:`emokern.extraction.quality`): with whole premises held out, the
    test top-1/top-5 of the mean-difference vectors, the logistic-regression probe's top-1 (the ceiling of a linear
    readout) and the valence AUROC at the report layer, beside their chance levels, and the per-layer test and
    validation curves with the report layer marked; and, when ``corpus`` is given, top-1/top-5 accuracy on those
@@ -29,10 +29,10 @@ Sections:
    EmoBank test sentences: Pearson r between the valence readout (projection on the oriented PC1 direction) and
    human valence.
 5-7. **Implicit scenarios, intensity templates, steering sanity check**, with chance levels and per-layer curves:
-   see :mod:`emokern.validation` (plots ``scenario_matrix.png``, ``intensity.png``, ``steering_ranks.png``,
+   see :mod:`emokern.validation.concept_checks` (plots ``scenario_matrix.png``, ``intensity.png``, ``steering_ranks.png``,
    ``validation_layers.png``).
 
-Activations come from :func:`emokern.extract.story_activations` at the chosen layer: held-out stories as the bank
+Activations come from :func:`emokern.extraction.extract.story_activations` at the chosen layer: held-out stories as the bank
 was built (its recorded ``fmt`` and ``first_token``), external texts in the bank's format too (with ``fmt="chat"``,
 each text as the Assistant's reply, framed like the stories) averaged over all their own tokens (``first_token=0``).
 Not as bare text: without a BOS token a bare text's first token is an attention sink whose residual stream is
@@ -58,7 +58,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from emokern.bank import VectorBank
+from emokern.core.bank import VectorBank
 
 __all__ = [
     "FEATURED_EMOTIONS",
@@ -117,7 +117,7 @@ TOP_SNIPPETS = 5
 # A Pearson r over fewer points is ±1 or undefined.
 MIN_CORRELATION_POINTS = 3
 
-# The final norm of each family emokern patches (emokern.patch.ARCHITECTURES), as a dotted path from the causal LM.
+# The final norm of each family emokern patches (emokern.engines.hf.ARCHITECTURES), as a dotted path from the causal LM.
 _FINAL_NORM = {
     "llama": "model.norm",
     "mistral": "model.norm",
@@ -165,7 +165,7 @@ def _fmt(x, digits: int = 3) -> str:
 
 
 def _figure(width: float, height: float):
-    # An explicit Agg canvas, as in emokern.viz: pyplot's global state and the user's backend are never touched.
+    # An explicit Agg canvas, as in emokern.core.trace_plots: pyplot's global state and the user's backend are never touched.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -203,8 +203,8 @@ def _resolve_layer(bank: VectorBank, model, layer: Optional[int]) -> Tuple[int, 
 
 def _layer_means(model, tokenizer, layer: int, batch_size: int, progress: bool) -> Callable[..., torch.Tensor]:
     """``read(texts, fmt, first_token)``: (n, d) float32 per-text mean activations at ``layer``, from
-    :func:`emokern.extract.story_activations`."""
-    from emokern.extract import story_activations
+    :func:`emokern.extraction.extract.story_activations`."""
+    from emokern.extraction.extract import story_activations
 
     def read(texts: List[str], fmt: str, first_token: int) -> torch.Tensor:
         means, _ = story_activations(model, tokenizer, texts, layers=[layer], first_token=first_token, fmt=fmt,
@@ -641,7 +641,7 @@ def validation_report(bank: VectorBank, model, tokenizer, out_dir: PathLike, *, 
         model, tokenizer: the causal LM the bank was made from and its fast tokenizer.
         out_dir: folder to write into (created if needed; files of the same names are replaced).
         layer: the decoder-layer index to report on (the output of decoder layer ``layer``, as in
-            :func:`emokern.extract.story_activations`); it must be one of ``bank.layers``. Default:
+            :func:`emokern.extraction.extract.story_activations`); it must be one of ``bank.layers``. Default:
             :meth:`VectorBank.default_layer` (the layer chosen on validation premises; for older banks the recorded
             two-thirds layer or an int ``default_layer``; else the bank layer at two thirds of its layer list).
         corpus: optional held-out stories for a direct top-1/top-5 accuracy at ``layer``: an object with
@@ -655,10 +655,10 @@ def validation_report(bank: VectorBank, model, tokenizer, out_dir: PathLike, *, 
         batch_size: texts per forward pass (GoEmotions and EmoBank texts are short, so 32 costs little memory and
             runs several times faster on a CPU than extraction's 8; lower it for long corpus stories on a big model).
         data_dir: folder holding ``norms/``, ``goemotions/`` and ``emobank/`` (default: the package's data; see
-            :mod:`emokern.datasets`).
+            :mod:`emokern.validation.datasets`).
         scenarios, intensity, steering_prompts: JSON files replacing the packaged implicit scenarios, intensity
-            templates and steering sanity prompts of sections 5-7 (see :mod:`emokern.validation` for their shapes).
-        steering_strengths: the sanity check's strengths (default :data:`emokern.validation.STEERING_STRENGTHS`).
+            templates and steering sanity prompts of sections 5-7 (see :mod:`emokern.validation.concept_checks` for their shapes).
+        steering_strengths: the sanity check's strengths (default :data:`emokern.validation.concept_checks.STEERING_STRENGTHS`).
 
     Returns:
         The report as a dict (exactly what ``report.json`` holds): ``bank``, ``model``, ``layer``,
@@ -668,14 +668,14 @@ def validation_report(bank: VectorBank, model, tokenizer, out_dir: PathLike, *, 
 
     Raises:
         ValueError: too few emotions, a layer outside the model or the bank, a bad limit or corpus.
-        emokern.bank.BankMismatchError: the bank belongs to another model.
-        emokern.datasets.DataFileMissingError: a data file is missing (checked before any model forward).
+        emokern.core.bank.BankMismatchError: the bank belongs to another model.
+        emokern.validation.datasets.DataFileMissingError: a data file is missing (checked before any model forward).
         emokern.experiments.common.InputFileError: a scenario, intensity or steering-prompt file is missing or
             malformed (also checked before any forward).
     """
-    from emokern import validation
+    from emokern.validation.concept_checks import concept_checks as validation
     from emokern import __version__
-    from emokern.datasets import load_emobank, load_goemotions, load_norms
+    from emokern.validation.datasets import load_emobank, load_goemotions, load_norms
 
     K = len(bank.names)
     if K < MIN_EMOTIONS:
@@ -901,7 +901,7 @@ def _html(report: Dict, out_dir: Path) -> str:
     parts.append(_img(out_dir, eb.get("plot"), "EmoBank valence readout vs human valence"))
 
     # 5-7. Implicit scenarios, intensity, steering sanity check
-    from emokern.validation import validation_html
+    from emokern.validation.concept_checks import validation_html
 
     parts.append(validation_html(report, out_dir))
 
@@ -925,7 +925,7 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     [--batch-size N] [--scenarios FILE] [--intensity FILE] [--steering-prompts FILE]``."""
     parser.add_argument("bank", metavar="BANK", help="the vector bank: NAME, NAME.json or NAME.safetensors")
     parser.add_argument("--model", default=None, metavar="NAME_OR_PATH",
-                        help="model to load with emokern.models.load_model (default: the bank's model_id if it is an "
+                        help="model to load with emokern.core.models.load_model (default: the bank's model_id if it is an "
                              "embedded model name, else the default embedded model)")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="output folder (default: NAME_report beside the bank's files)")
@@ -936,7 +936,7 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32, metavar="N", help="texts per forward pass (default: 32)")
     parser.add_argument("--scenarios", default=None, metavar="FILE.json",
                         help="implicit scenarios replacing emokern/data/validation/implicit_scenarios.json "
-                             "(same shape: see emokern.validation)")
+                             "(same shape: see emokern.validation.concept_checks)")
     parser.add_argument("--intensity", default=None, metavar="FILE.json",
                         help="intensity templates replacing emokern/data/validation/intensity_templates.json")
     parser.add_argument("--steering-prompts", default=None, metavar="FILE.json",
@@ -945,8 +945,8 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
 
 def report_command(args: argparse.Namespace) -> int:
     """Run ``emokern report``: load the bank and its model, write the report, print where it is; returns 0."""
-    from emokern.bank import bank_paths
-    from emokern.models import DEFAULT_MODEL, REGISTRY, load_model
+    from emokern.core.bank import bank_paths
+    from emokern.core.models import DEFAULT_MODEL, REGISTRY, load_model
 
     bank = VectorBank.load(args.bank)
     name = args.model or (bank.model_id if bank.model_id in REGISTRY else DEFAULT_MODEL)
@@ -961,7 +961,7 @@ def report_command(args: argparse.Namespace) -> int:
           f"{_fmt(g['variance_explained']['pc2'])} of variance; PC1~valence r = {_fmt(g['pc1_valence']['r'])}, "
           f"PC2~arousal r = {_fmt(g['pc2_arousal']['r'])}; GoEmotions mean AUROC "
           f"{_fmt(report['goemotions']['mean_auroc'])}; EmoBank valence r = {_fmt(report['emobank']['r'])}")
-    from emokern.validation import summary_line
+    from emokern.validation.concept_checks import summary_line
 
     print(summary_line(report))
     print(f"report: {out_dir / 'report.html'}")

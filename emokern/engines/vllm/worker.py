@@ -37,9 +37,9 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from emokern.vllm import spec as spec_mod
+from emokern.engines.vllm import spec as spec_mod
 
-logger = logging.getLogger("emokern.vllm")
+logger = logging.getLogger("emokern.engines.vllm")
 
 __all__ = ["Installation", "install", "installation"]
 
@@ -74,7 +74,7 @@ def residual_site_(h: torch.Tensor, r: Optional[torch.Tensor], V: torch.Tensor, 
 def _site(h, r, V, row, a, b, lo, hi, P, site: int) -> None:
     n = h.shape[0]
     if n > P.shape[0]:
-        raise RuntimeError(f"emokern.vllm: a forward of {n} tokens exceeds the buffers ({P.shape[0]} rows); the "
+        raise RuntimeError(f"emokern.engines.vllm: a forward of {n} tokens exceeds the buffers ({P.shape[0]} rows); the "
                            f"engine's max_num_batched_tokens changed after installation")
     steer = site < len(_STEP["steer"]) and _STEP["steer"][site]
     if h.device.type == "cpu" and not steer and not _STEP["monitor"]:
@@ -115,7 +115,7 @@ def _find_layers(model) -> torch.nn.ModuleList:
             continue
         if isinstance(obj, torch.nn.ModuleList):
             return obj
-    raise RuntimeError(f"emokern.vllm: cannot find the decoder layers of {type(model).__name__} (looked at "
+    raise RuntimeError(f"emokern.engines.vllm: cannot find the decoder layers of {type(model).__name__} (looked at "
                        f"{', '.join(_LAYER_PATHS)})")
 
 
@@ -251,7 +251,7 @@ class Installation:
     def fail(self, req_id: str, error: str) -> None:
         """Fail one request (see the module docstring): unsteered and unrecorded from now on, ended at its next
         sampled token, ``error`` kept for :meth:`take`."""
-        logger.warning("emokern.vllm: request %s failed: %s", req_id, error)
+        logger.warning("emokern.engines.vllm: request %s failed: %s", req_id, error)
         self.specs[req_id] = None
         self.records.pop(req_id, None)
         slot = self.slots.pop(req_id, None)
@@ -533,10 +533,10 @@ def install(runner, loaded) -> Installation:
     elif hasattr(runner, "prepare_inputs") and hasattr(runner, "add_requests") and hasattr(runner, "req_states"):
         inst = _install_v2(runner, loaded)
     else:
-        raise RuntimeError(f"emokern.vllm: unsupported model runner {type(runner).__module__}."
+        raise RuntimeError(f"emokern.engines.vllm: unsupported model runner {type(runner).__module__}."
                            f"{type(runner).__name__} (the plugin drives vLLM's V1 and V2 GPU/CPU model runners)")
     _INSTALLED = inst
-    logger.info("emokern.vllm: op installed at layers %s (%d vectors, %d token rows, %d steering slots)",
+    logger.info("emokern.engines.vllm: op installed at layers %s (%d vectors, %d token rows, %d steering slots)",
                 loaded.layers, inst.K, inst.T, inst.R)
     return inst
 

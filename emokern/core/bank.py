@@ -4,7 +4,7 @@ A bank holds ``vectors`` (L, K, d) — K named directions (emotions) at each of 
 
 * ``layers``: the model layer index of each of the L slices;
 * ``model_id`` / ``fingerprint`` / ``hidden_size``: which model the vectors belong to (see
-  :func:`emokern.models.model_fingerprint`); loading onto another model is refused;
+  :func:`emokern.core.models.model_fingerprint`); loading onto another model is refused;
 * ``residual_norm`` (L,): the mean residual-stream norm at each layer — the unit of steering strength, so that
   strength 0.05 means "0.05 of the typical hidden-state norm" as in the paper;
 * optional ``neutral_mean`` / ``neutral_std`` (L, K): projection statistics on emotionally neutral text, for
@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
-from emokern.emotions import did_you_mean
+from emokern.core.emotions import did_you_mean
 
 __all__ = ["VectorBank", "BankMismatchError", "BankFileError", "bank_paths"]
 
@@ -123,7 +123,7 @@ class VectorBank:
     def default_layer(self) -> tuple[int, str]:
         """The layer to read and steer when none is given, and where it came from, by the first rule that applies:
 
-        1. ``metadata["default_layer"]["chosen"]`` (written by :func:`emokern.extract.extract_bank`: the layer of
+        1. ``metadata["default_layer"]["chosen"]`` (written by :func:`emokern.extraction.extract.extract_bank`: the layer of
            best held-out accuracy on a validation split of the training premises, never the test premises);
         2. ``metadata["default_layer"]["two_thirds"]`` (banks made before the validation choice), or an int
            ``metadata["default_layer"]``;
@@ -163,7 +163,7 @@ class VectorBank:
     # ---------------------------------------------------------------------------------------------- model check
     def check_model(self, model, *, force: bool = False) -> None:
         """Refuse a model with another hidden size (always) or another fingerprint (unless ``force``)."""
-        from emokern.models import model_fingerprint
+        from emokern.core.models import model_fingerprint
 
         hidden = getattr(getattr(model, "config", None), "hidden_size", None)
         if hidden is None and hasattr(model, "config") and hasattr(model.config, "get_text_config"):
@@ -257,7 +257,7 @@ class VectorBank:
         """Build a bank from (L, K, d) vectors; ``model`` (optional) fills the identity fields."""
         L = vectors.shape[0]
         if model is not None:
-            from emokern.models import model_fingerprint
+            from emokern.core.models import model_fingerprint
 
             kwargs.setdefault("model_id", getattr(getattr(model, "config", None), "_name_or_path", "") or
                               type(model).__name__)

@@ -95,7 +95,7 @@ class Loaded:
 
 @functools.lru_cache(maxsize=4)
 def _load(config: Config) -> Loaded:
-    from emokern.bank import VectorBank
+    from emokern.core.bank import VectorBank
 
     bank = VectorBank.load(config.bank_path)
     layers = sorted(set(config.layers)) if config.layers else [bank.two_thirds_layer()]
@@ -105,7 +105,7 @@ def _load(config: Config) -> Loaded:
                          f"{bank.layers}")
     slots = [bank.layer_slot(layer) for layer in layers]
     vectors = bank.vectors[slots]
-    unit = vectors / vectors.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # as emokern.patch: unit directions
+    unit = vectors / vectors.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # as emokern.engines.hf: unit directions
     has_stats = bank.neutral_mean is not None and bank.neutral_std is not None
     return Loaded(config, bank, layers, unit.contiguous(), [float(bank.residual_norm[s]) for s in slots],
                   bank.neutral_mean[slots].float() if has_stats else None,
@@ -117,7 +117,7 @@ def fingerprint(config: Config) -> str:
     as a string for vLLM's compile-cache key: a graph compiled without the op, or with another bank, must not be
     loaded for this one. Reads only the bank's JSON (the tensors' SHA-256 recorded there)."""
     from emokern import __version__
-    from emokern.bank import bank_paths
+    from emokern.core.bank import bank_paths
 
     try:
         tensors_sha = json.loads(bank_paths(config.bank_path)[1].read_text()).get("tensors_sha256")
@@ -130,6 +130,6 @@ def load(config: Optional[Config] = None) -> Loaded:
     """The bank named by ``config`` (default: the environment's), loaded once per process and configuration."""
     config = config or from_env()
     if config is None:
-        raise RuntimeError(f"emokern.vllm: no bank configured (set {ENV_BANK}=path/to/bank.json, and unset "
+        raise RuntimeError(f"emokern.engines.vllm: no bank configured (set {ENV_BANK}=path/to/bank.json, and unset "
                            f"{ENV_DISABLE})")
     return _load(config)

@@ -11,8 +11,8 @@ recipe and the seed) and the main job unpacks it; ``emokern demo --regenerate`` 
 File format: gzip-compressed JSON lines; the first line is ``{"emokern_packed_corpus": 1, "manifest": {...}}`` (the
 corpus's ``manifest.json``), every other line one shard record in job order, without its ``raw`` field (the model's
 output before clean-up; the stored ``text`` is what extraction reads). Unpacking writes ``manifest.json`` and one
-shard file per chunk, exactly as :func:`emokern.corpus.generate_corpus` would have, so everything downstream
-(:class:`emokern.corpus.StoryCorpus`, the bank's corpus identity) treats it like a corpus generated here. The gzip
+shard file per chunk, exactly as :func:`emokern.extraction.corpus.generate_corpus` would have, so everything downstream
+(:class:`emokern.extraction.corpus.StoryCorpus`, the bank's corpus identity) treats it like a corpus generated here. The gzip
 header carries no time stamp, so packing the same corpus twice gives the same bytes.
 """
 
@@ -26,7 +26,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Optional
 
-from emokern.corpus import MANIFEST, SHARDS, StoryCorpus, _plan_from_manifest, _write_atomic
+from emokern.extraction.corpus import MANIFEST, SHARDS, StoryCorpus, _plan_from_manifest, _write_atomic
 
 __all__ = ["PACKED_FORMAT", "pack_corpus", "packaged_corpus", "unpack_corpus"]
 

@@ -2,8 +2,8 @@
 
 ::
 
-    llm = LLM(model=path, dtype="bfloat16")            # with EMOKERN_VLLM_BANK set (see emokern.vllm.config)
-    results = emokern.vllm.generate(llm, ["How are you?"],
+    llm = LLM(model=path, dtype="bfloat16")            # with EMOKERN_VLLM_BANK set (see emokern.engines.vllm.config)
+    results = emokern.engines.vllm.generate(llm, ["How are you?"],
                                     {"steer": {"emotions": {"calm": 0.05}}, "monitor": {"emotions": ["calm"]}},
                                     max_tokens=40, temperature=0)
     results[0].output.outputs[0].text, results[0].trace.values("calm", zscore=True)
@@ -24,7 +24,7 @@ from typing import Any, List, Optional, Sequence
 import numpy as np
 import torch
 
-from emokern.trace import Trace
+from emokern.core.trace import Trace
 
 __all__ = ["Result", "generate", "sampling_params", "take_traces"]
 
@@ -34,7 +34,7 @@ class Result:
     """One request's ``RequestOutput``, its :class:`emokern.Trace` (None when not monitored, or failed), its
     ``alert`` (None, or ``{"emotion", "layer", "z", "tokens", "position", "stopped"}``: the first generated position
     where the alert condition held) and its ``error`` (None, or why the worker failed the request: it then ran
-    unsteered, unrecorded, and ended at its next token; see :mod:`emokern.vllm.worker`)."""
+    unsteered, unrecorded, and ended at its next token; see :mod:`emokern.engines.vllm.worker`)."""
 
     output: Any
     trace: Optional[Trace]

@@ -1,6 +1,6 @@
 """Emotion vectors inside a training loop: a loss on the projections, and steering during fine-tuning only.
 
-Both work on a patch made with ``emokern.patch(model, bank, train=True)`` (:func:`emokern.patch`), whose forward
+Both work on a patch made with ``emokern.patch(model, bank, train=True)`` (:func:`emokern.engines.hf`), whose forward
 with grad enabled keeps every patched site's projections in the autograd graph and steers through the
 differentiable op; a forward under ``torch.no_grad()`` runs the inference path unchanged.
 

@@ -16,7 +16,7 @@ The test set is never used to choose anything.
 Measures (per layer unless said otherwise):
 
 * **mean-difference top-1 / top-5**: vectors are built from the training rows as in
-  :func:`emokern.extract.emotion_vectors` (denoised, unit); a held-out story ``a`` scores ``v_k · (a − c)`` for each
+  :func:`emokern.extraction.extract.emotion_vectors` (denoised, unit); a held-out story ``a`` scores ``v_k · (a − c)`` for each
   emotion, with ``c`` the equal-weight mean of the held-out emotions' mean activations (the recipe's "subtract the
   mean over emotions", applied to the held-out set so that what its stories share, their premises, favours no
   emotion); top-k is whether the story's own emotion is among the k highest. Chance: 1/K and min(5, K)/K.
@@ -116,7 +116,7 @@ def mean_difference_accuracy(acts: torch.Tensor, labels: Sequence[str], names: S
         ``(top1, top5, n_test)``: (L,) float32 accuracies (top-5 is top-min(5, K')) over the ``n_test`` scored
         rows, with K' the number of emotions that have training rows.
     """
-    from emokern.extract import emotion_vectors
+    from emokern.extraction.extract import emotion_vectors
 
     member = _label_index(labels, names)
     train = train[member[train] >= 0]
@@ -258,7 +258,7 @@ def evaluate(acts: torch.Tensor, labels: Sequence[str], names: Sequence[str], ne
         labels, names: each story's emotion; the K emotions.
         neutral_acts: (m, L, d) neutral texts (denoising).
         groups: one premise id per story.
-        valence: ``{emotion: human valence, 1-9}``; default: the packaged norms (:mod:`emokern.report`'s loader).
+        valence: ``{emotion: human valence, 1-9}``; default: the packaged norms (:mod:`emokern.validation.report`'s loader).
         probe_layers: model layers where the probe is also fitted (besides the chosen one); ``probe=False``: none.
     """
     layers = [int(x) for x in layers]
@@ -267,7 +267,7 @@ def evaluate(acts: torch.Tensor, labels: Sequence[str], names: Sequence[str], ne
     if len(labels) != acts.shape[0] or len(groups) != acts.shape[0]:
         raise ValueError(f"labels, groups: expected one per story ({acts.shape[0]}); got {len(labels)}, {len(groups)}")
     if valence is None:
-        from emokern.datasets import load_norms
+        from emokern.validation.datasets import load_norms
 
         valence = {n.word: n.valence for n in load_norms()}
     split = premise_split(groups, test_fraction=test_fraction, validation_fraction=validation_fraction, seed=seed)
@@ -339,7 +339,7 @@ def cross_validate(acts: torch.Tensor, labels: Sequence[str], names: Sequence[st
     """
     layers = [int(x) for x in layers]
     if valence is None:
-        from emokern.datasets import load_norms
+        from emokern.validation.datasets import load_norms
 
         valence = {n.word: n.valence for n in load_norms()}
     signs = valence_signs(names, valence)

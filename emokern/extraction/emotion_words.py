@@ -1,7 +1,7 @@
 """Emotion words in text: every inflected and derived form of each of the 171 emotion words, as whole words.
 
 The corpus uses it to drop stories that name their emotion (the paper's "implicit" prompt) and to find the spans
-that extraction leaves out of a story's mean (``emokern.extract``'s ``exclude_spans``)::
+that extraction leaves out of a story's mean (``emokern.extraction.extract``'s ``exclude_spans``)::
 
     find_emotion_word("She was desperately tired.", "desperate")   # 'desperately'
     emotion_word_spans("Calm. Calmly, calmer.", "calm")              # [(0, 4), (6, 12), (14, 20)]

@@ -9,7 +9,7 @@ Two things every reader of a real trace meets:
 * **Attention sinks.**  The first position(s) of a sequence (``<|im_start|>``, ``<bos>``, sometimes the next one or
   two) carry a residual stream hundreds of times larger than ordinary tokens, so they project ~100x-300x larger
   onto every vector.  :meth:`Trace.sink_positions` finds them with an exact rule (see there); the pictures in
-  :mod:`emokern.viz` keep them out of their scales.
+  :mod:`emokern.core.trace_plots` keep them out of their scales.
 * **Token text.**  :attr:`Trace.tokens` holds the text each token contributes to the decoded string
   (:meth:`Trace.decode_tokens`), not raw BPE pieces such as ``ĠYou`` / ``Ċ``.
 """
@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
-from emokern.emotions import did_you_mean
+from emokern.core.emotions import did_you_mean
 
 __all__ = ["Trace", "SINK_FACTOR"]
 
@@ -42,7 +42,7 @@ class Trace:
         projections: (B, T, S, K) fp32 on CPU; NaN where a position was not processed.
         token_ids: (B, T) int64.
         tokens: B lists of T token strings: the text each token adds to the decoded sequence (" You", "\\n",
-            "<|im_start|>"; see :meth:`decode_tokens`), as filled by :meth:`emokern.patch.PatchHandle.trace`.
+            "<|im_start|>"; see :meth:`decode_tokens`), as filled by :meth:`emokern.engines.hf.PatchHandle.trace`.
         is_prompt: (B, T) bool — prompt positions (padding excluded).
         is_pad: (B, T) bool — left-padding positions.
         sites: S site names, e.g. ``"layer12.residual"``.
@@ -245,21 +245,21 @@ class Trace:
         return path
 
     def plot(self, emotions: Sequence[str], path: Union[str, os.PathLike], **kwargs) -> Path:
-        """PNG line plot of chosen emotions over tokens (see :func:`emokern.viz.plot_trace`).
+        """PNG line plot of chosen emotions over tokens (see :func:`emokern.core.trace_plots.plot_trace`).
 
         By default (``zscore=None``) z-scores when :attr:`has_neutral_stats`, raw projections otherwise; attention
         sinks (:meth:`sink_positions`) are masked and left out of the y-range (``sinks=False`` to keep them)."""
-        from emokern.viz import plot_trace
+        from emokern.core.trace_plots import plot_trace
 
         return plot_trace(self, emotions, path, **kwargs)
 
     def heatmap_html(self, emotion: str, path: Union[str, os.PathLike], **kwargs) -> Path:
         """HTML page with tokens coloured by ``emotion``; hover shows the top emotions (see
-        :func:`emokern.viz.trace_heatmap_html`).
+        :func:`emokern.core.trace_plots.trace_heatmap_html`).
 
         By default (``zscore=None``) z-scores when :attr:`has_neutral_stats`, raw projections otherwise; attention
         sinks (:meth:`sink_positions`) are grey, marked, and left out of the colour scale (``sinks=False`` to
         colour them like any token)."""
-        from emokern.viz import trace_heatmap_html
+        from emokern.core.trace_plots import trace_heatmap_html
 
         return trace_heatmap_html(self, emotion, path, **kwargs)

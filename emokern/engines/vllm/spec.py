@@ -9,7 +9,7 @@ SPEC is a dict, or the same as a JSON string (what ``vllm_xargs`` carries over t
     }
 
 * ``steer`` — one item or a list of items, each with the arguments of :meth:`emokern.PatchHandle.steer` and the
-  same meaning (the shared parser :mod:`emokern.steering`): ``emotions`` (a name, a list of names, or
+  same meaning (the shared parser :mod:`emokern.core.steering`): ``emotions`` (a name, a list of names, or
   ``{name: strength}``), ``strength``, ``mode`` (``add`` | ``ablate`` | ``set`` | ``scale`` | ``clamp``; default
   ``add``), ``scope`` (``all`` | ``prompt`` | ``generated``; default ``all``; as in the patch a request has one
   scope, the last item's), ``layers`` (installed layers; default all), ``relative`` (default true: strengths are
@@ -36,7 +36,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, List, Mapping, Optional, Tuple
 
-from emokern import steering
+from emokern.core import steering
 
 __all__ = ["Alert", "MAX_STRENGTH", "RequestSpec", "SpecError", "parse", "KEY"]
 
