@@ -1,0 +1,84 @@
+"""emokern.util: atomic writes, Agg figures, correlation, normalisation, suggestions."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from emokern.util import figures, files, names, stats
+
+
+def test_atomic_write_json_text_bytes_round_trip(tmp_path):
+    p = files.atomic_write_json(tmp_path / "a" / "x.json", {"k": [1, 2]})
+    assert json.loads(p.read_text()) == {"k": [1, 2]}
+    assert files.atomic_write_text(tmp_path / "t.txt", "héllo").read_text(encoding="utf-8") == "héllo"
+    assert files.atomic_write_bytes(tmp_path / "b.bin", b"\x00\x01").read_bytes() == b"\x00\x01"
+    assert not list(tmp_path.rglob(files.TMP_GLOB))
+
+
+def test_atomic_write_failure_keeps_old_file_and_leaves_nothing(tmp_path):
+    target = tmp_path / "x.json"
+    files.atomic_write_json(target, {"old": True})
+    with pytest.raises(ValueError):
+        files.atomic_write_json(target, {"bad": math.nan})  # strict JSON: NaN refused
+    with pytest.raises(RuntimeError):
+        with files.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert json.loads(target.read_text()) == {"old": True}
+    assert not list(tmp_path.glob(files.TMP_GLOB))
+
+
+def test_atomic_path_renames_what_a_path_writer_wrote(tmp_path):
+    target = tmp_path / "deep" / "w.bin"
+    with files.atomic_path(target) as tmp:
+        assert tmp.parent == target.parent and tmp.name.startswith(".w.bin.tmp-")
+        with open(tmp, "wb") as f:
+            f.write(b"abc")
+        assert not target.exists()
+    assert target.read_bytes() == b"abc"
+
+
+def test_atomic_write_json_default_converts():
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        p = files.atomic_write_json(os.path.join(d, "t.json"), {"t": torch.tensor([1.5])}, default=lambda x: x.tolist())
+        assert json.loads(p.read_text()) == {"t": [1.5]}
+
+
+def test_agg_figure_leaves_backend_and_pyplot_alone(tmp_path):
+    import matplotlib
+    backend = matplotlib.get_backend()
+    fig = figures.agg_figure(2, 1, dpi=50)
+    fig.add_subplot().plot([0, 1], [1, 0])
+    fig.savefig(tmp_path / "f.png", format="png")
+    assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+    assert matplotlib.get_backend() == backend
+    assert tuple(fig.get_size_inches()) == (2, 1)
+
+
+def test_pearson_values_and_undefined_cases():
+    assert stats.pearson([1, 2, 3, 4], [2, 4, 6, 8]) == pytest.approx(1.0)
+    assert stats.pearson([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    x, y = [0.1, 0.5, 0.2, 0.9, 0.4], [1.0, 2.0, 0.5, 3.0, 1.7]
+    import numpy as np
+    assert stats.pearson(x, y) == pytest.approx(float(np.corrcoef(x, y)[0, 1]), abs=1e-12)
+    assert stats.pearson([1, 2], [1, 2]) is None            # fewer than 3 points
+    assert stats.pearson([1, 1, 1], [1, 2, 3]) is None      # constant
+    with pytest.raises(ValueError, match="one length"):
+        stats.pearson([1, 2, 3], [1, 2])
+
+
+def test_unit_rows_norms_and_zero_rows():
+    v = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
+    u = stats.unit_rows(v)
+    assert torch.allclose(u[0], torch.tensor([0.6, 0.8]))
+    assert torch.equal(u[1], torch.zeros(2))
+
+
+def test_did_you_mean():
+    assert names.did_you_mean("hapy", ["happy", "sad"]) == "; did you mean 'happy'?"
+    assert names.did_you_mean("zzz", ["happy", "sad"]) == ""
+    assert names.close_names("desprate", ["desperate", "separate", "calm"], n=1) == ["desperate"]
