@@ -672,7 +672,8 @@ def test_pack_and_unpack_round_trip(model, tokenizer, tmp_path):
 
 
 def test_corpus_command_generates_and_packs(model, tokenizer, tmp_path, monkeypatch, capsys):
-    from emokern import cli, models
+    from emokern import cli
+    from emokern.core import models
 
     monkeypatch.setattr(models, "load_model", lambda name, dtype=None: (model, tokenizer))
     out, packed = tmp_path / "c", tmp_path / "c.jsonl.gz"
