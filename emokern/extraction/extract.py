@@ -638,7 +638,7 @@ def extract_bank(model, tokenizer, story_texts: Sequence[str], story_labels: Seq
           for a model of N layers, the paper's choice; ``rule``: how ``chosen`` was made), ``model`` (type, depth,
           width, dtype), ``timings`` (seconds) and ``created`` (UTC, ISO 8601).
     """
-    from emokern.validation.concept_checks import quality as Q
+    from emokern.extraction import quality as Q
 
     t_start = time.perf_counter()
     story_texts = _check_texts("story_texts", story_texts)

@@ -673,7 +673,7 @@ def validation_report(bank: VectorBank, model, tokenizer, out_dir: PathLike, *, 
         emokern.experiments.common.InputFileError: a scenario, intensity or steering-prompt file is missing or
             malformed (also checked before any forward).
     """
-    from emokern.validation.concept_checks import concept_checks as validation
+    from emokern.validation import concept_checks as validation
     from emokern import __version__
     from emokern.validation.datasets import load_emobank, load_goemotions, load_norms
 
