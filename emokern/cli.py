@@ -181,7 +181,7 @@ def _vllm_sampler(args: argparse.Namespace, model, tok):
 
     from vllm import LLM
 
-    from emokern.extraction.corpus import _special_ids
+    from emokern.extraction.corpus import special_token_ids
     from emokern.core.models import REGISTRY, model_cache_dir
     from emokern.engines.vllm.sampler import VllmSampler
 
@@ -191,7 +191,7 @@ def _vllm_sampler(args: argparse.Namespace, model, tok):
     llm = LLM(model=path, dtype=str(args.dtype).replace("torch.", ""), seed=args.seed,
               tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
               enable_chunked_prefill=not current_platform.is_cpu())  # see VllmSampler: seeded requests on CPU
-    return VllmSampler(llm, tok, _special_ids(model, tok)[1])
+    return VllmSampler(llm, tok, special_token_ids(model, tok)[1])
 
 
 @command("corpus", help="generate a story corpus with the model itself (resumable; --pack: one shippable file)",

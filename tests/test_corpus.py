@@ -334,7 +334,8 @@ def test_same_config_same_corpus(model, tokenizer, tmp_path):
 
 
 def test_shards_are_written_atomically(model, tokenizer, tmp_path, monkeypatch):
-    # a crash between writing a shard's temporary file and renaming it leaves no shard, only the temporary file
+    # a crash between writing a shard's temporary file and renaming it leaves no shard (the writer deletes its
+    # temporary file on the way out); a kill -9 at that moment leaves the temporary file, which the next run deletes
     calls = {"n": 0}
     real_replace = os.replace
 
@@ -350,10 +351,14 @@ def test_shards_are_written_atomically(model, tokenizer, tmp_path, monkeypatch):
     shards = tmp_path / "c" / "shards"
     # the manifest and stories-00000 were renamed into place; stories-00001 exists only as a temporary file
     assert sorted(p.name for p in shards.glob("*.jsonl")) == ["stories-00000.jsonl"]
-    assert [p.name for p in shards.glob(".*.tmp-*")] == [f".stories-00001.jsonl.tmp-{os.getpid()}"]
+    assert not list(shards.glob(".*.tmp-*"))
     monkeypatch.setattr(C.os, "replace", real_replace)
+    (shards / ".stories-00001.jsonl.tmp-killed").write_text('{"half": ')  # what a kill -9 before the rename leaves
+    (tmp_path / "c" / ".manifest.json.tmp-killed").write_text("{")
+    (tmp_path / "c" / ".notes.txt.tmp-other").write_text("not the corpus's")
     resumed = run(model, tokenizer, tmp_path / "c")
     assert not list(shards.glob(".*"))
+    assert sorted(p.name for p in (tmp_path / "c").glob(".*")) == [".notes.txt.tmp-other"]  # only its own files go
     assert comparable(resumed) == comparable(run(model, tokenizer, tmp_path / "ref"))
 
 

@@ -82,3 +82,38 @@ def test_did_you_mean():
     assert names.did_you_mean("hapy", ["happy", "sad"]) == "; did you mean 'happy'?"
     assert names.did_you_mean("zzz", ["happy", "sad"]) == ""
     assert names.close_names("desprate", ["desperate", "separate", "calm"], n=1) == ["desperate"]
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path):
+    import stat
+    umask = os.umask(0o022)
+    try:
+        p = files.atomic_write_text(tmp_path / "perm.txt", "x")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(p.stat().st_mode) == 0o644  # not mkstemp's 0o600
+
+
+def test_temporary_leftovers_all_or_one_target(tmp_path):
+    for name in (".a.json.tmp-1", ".a.json.tmp-2", ".b[1].txt.tmp-x", "a.json", ".hidden"):
+        (tmp_path / name).write_text("")
+    assert [p.name for p in files.temporary_leftovers(tmp_path)] == [".a.json.tmp-1", ".a.json.tmp-2", ".b[1].txt.tmp-x"]
+    assert [p.name for p in files.temporary_leftovers(tmp_path, "a.json")] == [".a.json.tmp-1", ".a.json.tmp-2"]
+    assert [p.name for p in files.temporary_leftovers(tmp_path, "b[1].txt")] == [".b[1].txt.tmp-x"]  # no glob classes
+    assert files.temporary_leftovers(tmp_path / "missing") == []
+
+
+def test_pearson_p_value_matches_scipy():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for n in (3, 5, 45, 400):
+        x = rng.normal(size=n)
+        y = 0.4 * x + rng.normal(size=n)
+        want = scipy_stats.pearsonr(x, y)
+        r = stats.pearson(x.tolist(), y.tolist())
+        assert r == pytest.approx(want.statistic, abs=1e-14)
+        assert stats.pearson_p_value(r, n) == pytest.approx(want.pvalue, rel=1e-9)
+    assert stats.pearson_p_value(0.0, 10) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="n >= 3"):
+        stats.pearson_p_value(0.5, 2)

@@ -218,11 +218,11 @@ def test_corpus_on_vllm_writes_resumable_shards(llm, hf, tmp_path):
     """``generate_corpus(..., sampler=VllmSampler)``: the HF path's shards and resume rules, on vLLM."""
     if llm.kind != "eager":
         pytest.skip("one engine is enough for the corpus path")
-    from emokern.extraction.corpus import CorpusConfigError, StoryCorpus, _special_ids, generate_corpus
+    from emokern.extraction.corpus import CorpusConfigError, StoryCorpus, special_token_ids, generate_corpus
     from emokern.engines.vllm.sampler import VllmSampler
 
     model, tok, _ = hf
-    sampler = VllmSampler(llm, tok, _special_ids(model, tok)[1])
+    sampler = VllmSampler(llm, tok, special_token_ids(model, tok)[1])
     kw = dict(preset="mini", emotions=["calm", "afraid"], stories_per_emotion=2, neutral=1, max_new_tokens=24,
               batch_size=2, progress=False)
     full = generate_corpus(model, tok, tmp_path / "c", sampler=sampler, **kw)

@@ -21,14 +21,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
-from emokern.core.emotions import did_you_mean
+from emokern.util.files import atomic_path
+from emokern.util.names import did_you_mean
 
 __all__ = ["VectorBank", "BankMismatchError", "BankFileError", "bank_paths"]
 
@@ -197,24 +197,17 @@ class VectorBank:
             tensors[f"extra.{name}"] = t.contiguous()
         from emokern import __version__
 
-        fd, tmp_tensors = tempfile.mkstemp(dir=tensors_path.parent, suffix=".safetensors.tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp_tensors)
+        # Both files are written to temporary files first; then the tensors are renamed into place, then the JSON
+        # (which records the tensors' hash), so a failure before the renames leaves the old bank whole.
+        with atomic_path(meta_path) as tmp_meta, atomic_path(tensors_path) as tmp_tensors:
+            save_file(tensors, str(tmp_tensors))
             meta = {
                 "format": "emokern.VectorBank", "format_version": FORMAT_VERSION, "emokern_version": __version__,
                 "names": self.names, "layers": self.layers, "hidden_size": self.hidden_size,
                 "model_id": self.model_id, "fingerprint": self.fingerprint, "metadata": self.metadata,
-                "tensors_file": tensors_path.name, "tensors_sha256": _sha256(Path(tmp_tensors)),
+                "tensors_file": tensors_path.name, "tensors_sha256": _sha256(tmp_tensors),
             }
-            fd, tmp_meta = tempfile.mkstemp(dir=meta_path.parent, suffix=".json.tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump(meta, f, indent=1)
-            os.replace(tmp_tensors, tensors_path)
-            os.replace(tmp_meta, meta_path)
-        finally:
-            if os.path.exists(tmp_tensors):
-                os.unlink(tmp_tensors)
+            tmp_meta.write_text(json.dumps(meta, indent=1))
         return meta_path
 
     @classmethod

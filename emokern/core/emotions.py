@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 from importlib.resources import files
 
-__all__ = ["EMOTIONS", "N_EMOTIONS", "did_you_mean", "load_emotions"]
+__all__ = ["EMOTIONS", "N_EMOTIONS", "load_emotions"]
 
 N_EMOTIONS = 171
 _FILE = "emotions_171.txt"
@@ -44,11 +44,3 @@ def __getattr__(name: str):
         return _load()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-
-def did_you_mean(name: str, names) -> str:
-    """``"; did you mean 'a', 'b'?"`` with up to five close matches of ``name`` among ``names``, or ``""``: the tail
-    of every "unknown emotion" error."""
-    import difflib
-
-    close = difflib.get_close_matches(name, list(names), n=5, cutoff=0.6)
-    return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""

@@ -64,7 +64,7 @@ class Context:
 def load_experiment(name: str):
     """The experiment module called ``name`` (KeyError lists the known names)."""
     if name not in EXPERIMENTS:
-        from emokern.core.emotions import did_you_mean
+        from emokern.util.names import did_you_mean
 
         raise KeyError(f"experiment: unknown name {name!r}{did_you_mean(name, list(EXPERIMENTS))}; known: "
                        f"{', '.join(EXPERIMENTS)}")

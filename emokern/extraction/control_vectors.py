@@ -13,13 +13,14 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
 from emokern.core.bank import VectorBank
+from emokern.util.files import atomic_path
+from emokern.util.stats import unit_rows
 
 __all__ = ["ControlVectorFile", "export_gguf_control_vector", "read_gguf_control_vector"]
 
@@ -51,7 +52,7 @@ def _mixed_direction(bank: VectorBank,
             raise ValueError(f"weights[{name!r}]: expected a finite number; got {w!r}")
         checked[name] = float(w)
     # Unit length, as emokern.engines.hf uses the vectors, so that the strengths mean the same in both.
-    unit = bank.vectors.double() / bank.vectors.double().norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    unit = unit_rows(bank.vectors.double())
     mix = sum(w * unit[:, bank.index(name)] for name, w in checked.items())
     return checked, mix
 
@@ -121,11 +122,8 @@ def export_gguf_control_vector(bank: VectorBank, path: Union[str, os.PathLike],
         model_hint = _GGUF_ARCH.get(model_type, model_type) or "unknown"
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".gguf.tmp")
-    os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(tmp, "controlvector")
+    with atomic_path(path) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), "controlvector")
         writer.add_string("controlvector.model_hint", model_hint)
         writer.add_int32("controlvector.layer_count", len(layers))
         writer.add_string("controlvector.emokern.weights", json.dumps(checked))
@@ -140,10 +138,6 @@ def export_gguf_control_vector(bank: VectorBank, path: Union[str, os.PathLike],
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

@@ -63,7 +63,6 @@ than float32. The tokenizer is never modified: padding is done here.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import hashlib
 import importlib.metadata
@@ -80,9 +79,11 @@ import torch
 
 from emokern.extraction.emotion_words import emotion_word_pattern, emotion_word_spans, find_emotion_word  # noqa: F401
 from emokern.core.emotions import load_emotions
-from emokern.extraction.prompts import (NAMES, NARRATION, NEUTRAL_OPENING, NEUTRAL_SYSTEM, NEUTRAL_TASKS, NEUTRAL_USER, PLAIN_LEAD,
-                             STYLES, StoryStyle, prompts_sha256)
+from emokern.extraction.prompts import (NAMES, NARRATION, NEUTRAL_OPENING, NEUTRAL_SYSTEM, NEUTRAL_TASKS,
+                                        NEUTRAL_USER, PLAIN_LEAD, StoryStyle, prompts_sha256, resolve_style)
 from emokern.core.models import model_fingerprint
+from emokern.util.files import atomic_write_text, temporary_leftovers
+from emokern.util.names import close_names
 
 __all__ = [
     "MANIFEST",
@@ -252,14 +253,6 @@ def load_topics() -> list[str]:
     return list(_topics())
 
 
-def _resolve_style(style) -> StoryStyle:
-    if isinstance(style, StoryStyle):
-        return style
-    if isinstance(style, str) and style in STYLES:
-        return STYLES[style]
-    raise ValueError(f"style: expected one of {', '.join(STYLES)} or a StoryStyle; got {style!r}")
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Job plan
 # ----------------------------------------------------------------------------------------------------------------------
@@ -336,7 +329,7 @@ def plan_chunks(emotions: Sequence[str], topics: Sequence[str], stories_per_emot
     Chunk ``c`` of kind ``kind`` is seeded with the first 31 bits of the SHA-256 of ``f"{seed}|{kind}|{c}"``.
     Arguments are assumed valid (:func:`generate_corpus` checks them).
     """
-    style = _resolve_style(style)
+    style = resolve_style(style)
     T = len(topics)
     order = sorted(range(T), key=lambda t: hashlib.sha256(f"{seed}|topic|{t}".encode()).digest())
     stories = []
@@ -487,12 +480,12 @@ class StoryCorpus:
         arguments to complete it).
         """
         out_dir = Path(out_dir)
-        manifest = _read_manifest(out_dir)
+        manifest = read_manifest(out_dir)
         if manifest is None:
             raise FileNotFoundError(f"out_dir: expected a corpus directory with {MANIFEST} (made by generate_corpus); "
                                     f"{out_dir} has none")
         records, missing = [], []
-        chunks = _plan_from_manifest(manifest)
+        chunks = plan_from_manifest(manifest)
         for chunk in chunks:
             path = out_dir / SHARDS / chunk.shard_name
             if not path.is_file():
@@ -564,7 +557,9 @@ class StoryCorpus:
         }
 
 
-def _read_manifest(out_dir: Path) -> dict | None:
+def read_manifest(out_dir: Path) -> dict | None:
+    """The parsed ``manifest.json`` of the corpus in ``out_dir``, or ``None`` when there is none; ``ValueError``
+    when it is unreadable or of another corpus format."""
     path = out_dir / MANIFEST
     if not path.is_file():
         return None
@@ -578,7 +573,9 @@ def _read_manifest(out_dir: Path) -> dict | None:
     return manifest
 
 
-def _plan_from_manifest(manifest: dict) -> list[Chunk]:
+def plan_from_manifest(manifest: dict) -> list[Chunk]:
+    """The chunks (:func:`plan_chunks`) that a corpus's manifest describes; ``ValueError`` when its topics do not
+    match their recorded hash."""
     config, topics = manifest["config"], manifest["topics"]
     if hashlib.sha256("\n".join(topics).encode()).hexdigest() != config["topics_sha256"]:
         raise ValueError(f"{MANIFEST}: its topics do not match its topics_sha256; the manifest was edited or damaged")
@@ -592,16 +589,6 @@ def _read_shard(path: Path) -> list[dict]:
     except (OSError, ValueError) as exc:
         raise ValueError(f"{path}: expected one JSON record a line; cannot read it ({exc}); delete the shard to "
                          f"regenerate it") from exc
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` all at once: a crash leaves either the old file (or none) or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -620,7 +607,7 @@ def _render(tokenizer, job: Job, prompt_format: str) -> str:
     return head + job.opening
 
 
-def _special_ids(model, tokenizer) -> tuple[int, list[int]]:
+def special_token_ids(model, tokenizer) -> tuple[int, list[int]]:
     """``(pad_id, eos_ids)``: the end-of-sequence ids of the model's generation config and of the tokenizer, and
     the tokenizer's pad id (its first end-of-sequence id when it has none)."""
     eos = []
@@ -642,7 +629,7 @@ def _generate_chunk(model, tokenizer, prompts: list[str], *, seed: int, max_new_
     end-of-sequence token."""
     from emokern.extraction.sampling import sample
 
-    pad_id, eos_ids = _special_ids(model, tokenizer)
+    pad_id, eos_ids = special_token_ids(model, tokenizer)
     encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
     width = max(len(ids) for ids in encoded)
     input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
@@ -739,7 +726,7 @@ def _check_emotions(emotions) -> list[str]:
     known = load_emotions()
     for e in emotions:
         if e not in known:
-            close = difflib.get_close_matches(str(e), known, n=3)
+            close = close_names(e, known, n=3)
             hint = f" (closest: {', '.join(close)})" if close else ""
             raise ValueError(f"emotions: expected names from the 171 emotion words (emokern.core.emotions."
                              f"load_emotions()); got {e!r}{hint}")
@@ -774,9 +761,7 @@ def _prepare_dir(out_dir: Path, overwrite: bool) -> None:
         probe = out_dir / SHARDS / f".probe-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
-        for leftover in (out_dir / SHARDS).glob(".*.tmp-*"):
-            leftover.unlink()
-        for leftover in out_dir.glob(f".{MANIFEST}.tmp-*"):
+        for leftover in temporary_leftovers(out_dir / SHARDS) + temporary_leftovers(out_dir, MANIFEST):
             leftover.unlink()
     except OSError as exc:
         where = exc.filename or out_dir
@@ -853,11 +838,11 @@ def generate_corpus(model, tokenizer, out_dir: str | os.PathLike, *, preset: str
         raise ValueError("prompt_format: 'chat' needs a tokenizer with a chat template, and this one has none; pass "
                          "prompt_format='plain' to write the instructions as plain text (for base models)")
     min_words = _check_int("min_words", p.min_words if min_words is None else min_words, 0)
-    story_style = _resolve_style(p.style if style is None else style)
+    story_style = resolve_style(p.style if style is None else style)
     temperature = p.temperature if temperature is None else temperature
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
         raise ValueError(f"temperature: expected a number >= 0; got {temperature!r}")
-    _special_ids(model, tokenizer)
+    special_token_ids(model, tokenizer)
 
     config = {
         "preset": p.name,
@@ -897,7 +882,7 @@ def generate_corpus(model, tokenizer, out_dir: str | os.PathLike, *, preset: str
             "versions": {"torch": torch.__version__, "transformers": importlib.metadata.version("transformers")},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        _write_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+        atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
 
     todo = [c for c in chunks if not (out_dir / SHARDS / c.shard_name).is_file()]
     n_jobs = sum(len(c.jobs) for c in chunks)
@@ -919,7 +904,7 @@ def generate_corpus(model, tokenizer, out_dir: str | os.PathLike, *, preset: str
             raws = [job.opening + text for job, text in zip(chunk.jobs, continuations)]
             records = _records(chunk, raws, new_tokens, tokenizer, min_words, round(elapsed, 3),
                                story_style.names_emotion)
-            _write_atomic(out_dir / SHARDS / chunk.shard_name,
+            atomic_write_text(out_dir / SHARDS / chunk.shard_name,
                           "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
             tokens += sum(new_tokens)
             seconds += elapsed
@@ -933,7 +918,7 @@ def generate_corpus(model, tokenizer, out_dir: str | os.PathLike, *, preset: str
 def _check_existing(out_dir: Path, config: dict, chunks: list[Chunk]) -> bool:
     """Whether ``out_dir`` holds a smaller corpus of this configuration to grow (see :func:`generate_corpus`);
     ``False`` when it is new, empty of shards, or holds this configuration; else :class:`CorpusConfigError`."""
-    manifest = _read_manifest(out_dir)
+    manifest = read_manifest(out_dir)
     if manifest is None:
         shards = sorted((out_dir / SHARDS).glob("*.jsonl")) if (out_dir / SHARDS).is_dir() else []
         if shards:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import copy
 import datetime
 import inspect
-import difflib
 import logging
 import time
 from typing import List, Mapping, NamedTuple, Optional, Sequence, Tuple
@@ -45,6 +44,8 @@ from emokern.core.bank import VectorBank
 from emokern.extraction.control_vectors import ControlVectorFile, export_gguf_control_vector, read_gguf_control_vector  # noqa: F401
 from emokern.core.models import _text_config
 from emokern.engines.hf import _resolve_arch, _select_layers
+from emokern.util.names import close_names
+from emokern.util.stats import unit_rows
 
 __all__ = [
     "CHAT_REQUEST",
@@ -430,7 +431,7 @@ def _membership(labels, names, n: int) -> Tuple[List[str], torch.Tensor]:
     missing = [names[k] for k in range(len(names)) if counts[k] == 0]
     if missing:
         unused = sorted(set(labels) - set(names))
-        close = sorted({c for m in missing for c in difflib.get_close_matches(m, unused, n=3, cutoff=0.6)})
+        close = sorted({c for m in missing for c in close_names(m, unused, n=3)})
         hint = f" (labels not in names that look close: {close})" if close else ""
         raise ValueError(f"names: expected at least one story per emotion; {missing} have none{hint}")
     return names, member
@@ -457,14 +458,15 @@ def _neutral_bases(neutral_acts: torch.Tensor, variance: float) -> List[torch.Te
 
 
 def _unit(v: torch.Tensor, what: str, names: List[str]) -> torch.Tensor:
-    norms = v.norm(dim=-1, keepdim=True)
-    bad = (norms.squeeze(-1) <= 1e-12).nonzero().tolist()
+    """``v`` (L, K, d) with unit rows; ``ValueError`` naming the emotion and layer slot of a zero row (norm <= 1e-12),
+    which has no direction to normalise."""
+    bad = (v.norm(dim=-1) <= 1e-12).nonzero().tolist()
     if bad:
         slot, k = bad[0]
         raise ValueError(f"acts: the {what} vector of emotion {names[k]!r} at layer slot {slot} is zero; expected "
                          f"its stories' mean to differ from the mean over emotions (after denoising, outside the "
                          f"removed neutral subspace)")
-    return v / norms
+    return unit_rows(v)
 
 
 def emotion_vectors(acts: torch.Tensor, labels: Sequence[str], names: Sequence[str], neutral_acts: torch.Tensor, *,

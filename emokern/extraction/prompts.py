@@ -32,7 +32,7 @@ import json
 from typing import Optional
 
 __all__ = ["NAMES", "NARRATION", "NEUTRAL_OPENING", "NEUTRAL_SYSTEM", "NEUTRAL_TASKS", "NEUTRAL_USER", "PLAIN_LEAD",
-           "STYLES", "StoryStyle", "prompts_sha256"]
+           "STYLES", "StoryStyle", "prompts_sha256", "resolve_style"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,3 +141,13 @@ def prompts_sha256(style: StoryStyle) -> str:
              json.dumps(NAMES), NEUTRAL_SYSTEM, NEUTRAL_USER, *NEUTRAL_TASKS, NEUTRAL_OPENING,
              json.dumps(PLAIN_LEAD, sort_keys=True)]
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
+
+
+def resolve_style(style) -> StoryStyle:
+    """``style`` itself when it is a :class:`StoryStyle`, else the entry of :data:`STYLES` that it names;
+    ``ValueError`` naming the known styles otherwise."""
+    if isinstance(style, StoryStyle):
+        return style
+    if isinstance(style, str) and style in STYLES:
+        return STYLES[style]
+    raise ValueError(f"style: expected one of {', '.join(STYLES)} or a StoryStyle; got {style!r}")

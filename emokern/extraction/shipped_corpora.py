@@ -26,7 +26,8 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Optional
 
-from emokern.extraction.corpus import MANIFEST, SHARDS, StoryCorpus, _plan_from_manifest, _write_atomic
+from emokern.extraction.corpus import MANIFEST, SHARDS, StoryCorpus, plan_from_manifest
+from emokern.util.files import atomic_write_bytes, atomic_write_text
 
 __all__ = ["PACKED_FORMAT", "pack_corpus", "packaged_corpus", "unpack_corpus"]
 
@@ -51,12 +52,7 @@ def pack_corpus(corpus_dir: str | os.PathLike, path: str | os.PathLike) -> Path:
     buffer = io.BytesIO()
     with gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=9, mtime=0) as f:
         f.write(("\n".join(lines) + "\n").encode("utf-8"))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, path)
-    return path
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def unpack_corpus(path: str | os.PathLike, out_dir: str | os.PathLike) -> StoryCorpus:
@@ -78,7 +74,7 @@ def unpack_corpus(path: str | os.PathLike, out_dir: str | os.PathLike) -> StoryC
     manifest, records = lines[0]["manifest"], lines[1:]
     if (out_dir / MANIFEST).exists() or any((out_dir / SHARDS).glob("*.jsonl")):
         raise FileExistsError(f"out_dir: {out_dir} already holds a corpus; unpack into an empty directory")
-    chunks = _plan_from_manifest(manifest)
+    chunks = plan_from_manifest(manifest)
     expected = [j.key for c in chunks for j in c.jobs]
     if [r.get("key") for r in records] != expected:
         raise ValueError(f"path: the records of {path} are not the jobs its manifest plans ({len(records)} records, "
@@ -88,7 +84,7 @@ def unpack_corpus(path: str | os.PathLike, out_dir: str | os.PathLike) -> StoryC
     for chunk in chunks:
         shard = records[at:at + len(chunk.jobs)]
         at += len(chunk.jobs)
-        _write_atomic(out_dir / SHARDS / chunk.shard_name,
+        atomic_write_text(out_dir / SHARDS / chunk.shard_name,
                       "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in shard))
-    _write_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
     return StoryCorpus.load(out_dir)

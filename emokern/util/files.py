@@ -11,15 +11,39 @@ found with the glob ``.*.tmp-*``.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, List, Optional, Union
 
-__all__ = ["TMP_GLOB", "atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_text"]
+__all__ = ["TMP_GLOB", "atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_text",
+           "temporary_leftovers"]
 
 TMP_GLOB = ".*.tmp-*"  # what a killed writer can leave behind in the target's folder
+
+
+def temporary_leftovers(folder: Union[str, os.PathLike], name: Optional[str] = None) -> List[Path]:
+    """The temporary files that killed writers left in ``folder`` (sorted): all of them (:data:`TMP_GLOB`), or with
+    ``name`` only those of the target ``folder / name``. A caller that owns the folder deletes them before writing
+    again; nothing else ever reads them."""
+    pattern = TMP_GLOB if name is None else f".{glob.escape(name)}.tmp-*"
+    return sorted(Path(folder).glob(pattern))
+
+
+def _new_temporary(path: Path) -> Path:
+    """Create an empty ``.{name}.tmp-{random}`` beside ``path`` and return it. Created with mode 0o666 less the
+    umask, as ``open(path, "w")`` would create ``path`` itself (``tempfile.mkstemp`` makes 0o600, which the rename
+    would hand on to the target)."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(6)}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"{path.parent}: no free temporary name for {path.name} after 100 tries")
 
 
 @contextlib.contextmanager
@@ -29,10 +53,9 @@ def atomic_path(path: Union[str, os.PathLike]) -> Iterator[Path]:
     their own (``safetensors.torch.save_file``, ``gguf.GGUFWriter``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
+    tmp = _new_temporary(path)
     try:
-        yield Path(tmp)
+        yield tmp
         with open(tmp, "rb") as f:  # the writer may have closed and reopened it: flush what reached the file
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -1,4 +1,5 @@
-"""Correlation and unit normalisation, each written once for the whole package."""
+"""Correlation (with its p-value) and unit normalisation, each written once for the whole package. scipy is
+imported only by :func:`pearson_p_value`."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["pearson", "unit_rows"]
+__all__ = ["pearson", "pearson_p_value", "unit_rows"]
 
 
 def pearson(x: Sequence[float], y: Sequence[float], *, min_points: int = 3) -> Optional[float]:
@@ -20,6 +21,18 @@ def pearson(x: Sequence[float], y: Sequence[float], *, min_points: int = 3) -> O
         return None
     x, y = x - x.mean(), y - y.mean()
     return float((x * y).sum() / (x.norm() * y.norm()))
+
+
+def pearson_p_value(r: float, n: int) -> float:
+    """Two-sided p-value of a Pearson ``r`` over ``n`` >= 3 points, testing for no correlation: the exact
+    distribution of r for independent normal series, ``(r + 1) / 2 ~ Beta(n/2 - 1, n/2 - 1)``, as
+    :func:`scipy.stats.pearsonr` computes it; ``2 · P(|R| >= |r|)``."""
+    from scipy.stats import beta
+
+    if n < 3:
+        raise ValueError(f"pearson_p_value: expected n >= 3 points; got {n}")
+    shape = n / 2 - 1
+    return float(2 * beta.sf(abs(r), shape, shape, loc=-1, scale=2))
 
 
 def unit_rows(v: torch.Tensor, *, eps: float = 1e-12) -> torch.Tensor:

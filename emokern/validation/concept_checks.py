@@ -51,6 +51,8 @@ import numpy as np
 import torch
 
 from emokern.core.bank import VectorBank
+from emokern.util.names import did_you_mean
+from emokern.util.stats import unit_rows
 from emokern.experiments.common import InputFileError, chat_text, progress_bar, require, require_str
 from emokern.validation.report import _e, _figure, _fmt, _img, _save, _table
 
@@ -148,7 +150,7 @@ def _entries(data, key: str, where: str) -> list:
 
 
 def _emotion(value, where: str) -> str:
-    from emokern.core.emotions import EMOTIONS, did_you_mean
+    from emokern.core.emotions import EMOTIONS
 
     require(isinstance(value, str) and value in EMOTIONS, where,
             f"expected one of the 171 emotion words (emokern/data/emotions_171.txt); got {value!r}"
@@ -269,9 +271,7 @@ def last_token_states(model, tokenizer, prompts: Sequence[str], layers: Sequence
 
 def _cosines(states: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
     """(n, L, d) states against (L, K, d) vectors -> (n, L, K) cosine similarities (float64)."""
-    s = states.double() / states.double().norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    v = vectors.double() / vectors.double().norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return torch.einsum("nld,lkd->nlk", s, v)
+    return torch.einsum("nld,lkd->nlk", unit_rows(states.double()), unit_rows(vectors.double()))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

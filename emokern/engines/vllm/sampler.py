@@ -26,7 +26,7 @@ def _request_seed(seed: int, i: int) -> int:
 
 class VllmSampler:
     """A corpus sampler over a ``vllm.LLM`` (see the module docstring). ``eos_ids``: the end-of-sequence ids
-    (:func:`emokern.extraction.corpus._special_ids` of the HF model, which the CLI passes)."""
+    (:func:`emokern.extraction.corpus.special_token_ids` of the HF model, which the CLI passes)."""
 
     def __init__(self, llm, tokenizer, eos_ids: Sequence[int]):
         import vllm
