@@ -61,7 +61,8 @@ def extract(model_name: str, out_dir, *, preset: str = "standard", dtype: torch.
         The bank's JSON path.
     """
     from emokern.core.bank import VectorBank, bank_paths
-    from emokern.extraction.corpus import PRESETS, StoryCorpus, _read_manifest, _resolve_style, generate_corpus
+    from emokern.extraction.corpus import PRESETS, StoryCorpus, generate_corpus, read_manifest
+    from emokern.extraction.prompts import resolve_style
     from emokern.extraction.extract import extract_bank_from_corpus
     from emokern.core.models import load_model
     from emokern.extraction.shipped_corpora import packaged_corpus, unpack_corpus
@@ -81,7 +82,7 @@ def extract(model_name: str, out_dir, *, preset: str = "standard", dtype: torch.
         _say(f"loaded {model_name} in {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
     corpus_dir = out_dir / "corpus"
-    existing = _read_manifest(corpus_dir)
+    existing = read_manifest(corpus_dir)
     custom = emotions is not None or stories_per_emotion is not None
     shipped = None if (regenerate or custom) else packaged_corpus(Path(str(model_name)).name, preset)
     if (existing is not None and not regenerate and not overwrite and existing["config"]["preset"] == preset
@@ -98,7 +99,7 @@ def extract(model_name: str, out_dir, *, preset: str = "standard", dtype: torch.
         source = "generated"
     _say(f"corpus ({source}): {len(corpus.stories)} stories, {len(corpus.neutral)} neutral dialogues "
          f"({time.perf_counter() - t0:.0f} s) in {corpus_dir}")
-    style = _resolve_style(corpus.manifest["config"].get("style", "implicit"))
+    style = resolve_style(corpus.manifest["config"].get("style", "implicit"))
     reading = {"first_token": style.first_token if first_token is None else first_token,
                "exclude": style.exclude if exclude is None else exclude,
                "exclude_after": style.exclude_after if exclude_after is None else exclude_after, "fmt": fmt}
@@ -180,6 +181,7 @@ def demo(out_dir="emokern_out", *, model_name: str = "smollm2-135m-instruct", pr
     import emokern
     from emokern.core.bank import VectorBank
     from emokern.core.models import load_model
+    from emokern.core.trace_plots import plot_trace, trace_heatmap_html
     from emokern.validation.report import validation_report
 
     out_dir = Path(out_dir)
@@ -212,9 +214,10 @@ def demo(out_dir="emokern_out", *, model_name: str = "smollm2-135m-instruct", pr
                 handle.steer({emotion: strength}, layers=[steer_layer])
             out = handle.generate([text], max_new_tokens=max_new_tokens, do_sample=False)
             slug = "unsteered" if emotion is None else f"steered_{emotion.replace(' ', '_')}"
-            page = out.trace.heatmap_html(steer[0], out_dir / f"trace_{slug}.html", site=f"layer{layer}.residual",
-                                          emotions=featured, window=3)
-            png = out.trace.plot(list(steer), out_dir / f"trace_{slug}.png", site=f"layer{layer}.residual", window=3)
+            page = trace_heatmap_html(out.trace, steer[0], out_dir / f"trace_{slug}.html",
+                                      site=f"layer{layer}.residual", emotions=featured, window=3)
+            png = plot_trace(out.trace, list(steer), out_dir / f"trace_{slug}.png", site=f"layer{layer}.residual",
+                             window=3)
             out.trace.to_json(out_dir / f"trace_{slug}.json", sites=[f"layer{layer}.residual"])
             outputs[f"trace_{slug}"] = page
             outputs[f"plot_{slug}"] = png

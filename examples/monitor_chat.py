@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 import emokern
+from emokern.core.trace_plots import plot_trace, trace_heatmap_html
 from _common import add_model_arguments, chat_prompt, load, out_dir
 
 MESSAGE = ("My landlord says that if I cannot pay the three months of rent I owe by Friday, my kids and I have to "
@@ -56,8 +57,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
 
     featured = [e for e in FEATURED if e in bank.names]
     # window=3: a 3-token moving average, because single tokens are noisy and the emotion of a phrase is what reads.
-    page = trace.heatmap_html(args.emotion, out / "heatmap.html", site=site, emotions=featured, window=3)
-    plot = trace.plot([args.emotion, "calm"], out / "trace.png", site=site, window=3)
+    page = trace_heatmap_html(trace, args.emotion, out / "heatmap.html", site=site, emotions=featured, window=3)
+    plot = plot_trace(trace, [args.emotion, "calm"], out / "trace.png", site=site, window=3)
     trace.to_json(out / "trace.json", sites=[site])
     print(f"heatmap: {page}\nplot:    {plot}")
     if not args.no_open:

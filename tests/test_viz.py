@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from emokern.core.trace import Trace
-from emokern.core.trace_plots import scale_values, trace_heatmap_html, value_color
+from emokern.core.trace_plots import plot_trace, scale_values, trace_heatmap_html, value_color
 
 pytest.importorskip("matplotlib")
 
@@ -110,7 +110,7 @@ def png_size(data: bytes):
 
 def test_plot_writes_a_png(tmp_path):
     trace = make_trace()
-    out = trace.plot(["joy", "fear", "calm"], tmp_path / "nested" / "dir" / "plot.png", site="layer6.residual",
+    out = plot_trace(trace, ["joy", "fear", "calm"], tmp_path / "nested" / "dir" / "plot.png", site="layer6.residual",
                      sequence=1, marks=[(8, "test failed"), (10, "hack")], title="a <title> & $money$")
     assert out == tmp_path / "nested" / "dir" / "plot.png"
     data = out.read_bytes()
@@ -122,12 +122,12 @@ def test_plot_writes_a_png(tmp_path):
 
 def test_plot_zscore_window_and_long_sequences(tmp_path):
     trace = make_trace()
-    out = trace.plot("anger", tmp_path / "z.png", zscore=True, window=3)
+    out = plot_trace(trace, "anger", tmp_path / "z.png", zscore=True, window=3)
     assert out.read_bytes()[:4] == b"\x89PNG"
     # More than 60 tokens: index ticks instead of token labels, and a wider (but bounded) figure.
     long = Trace(torch.randn(1, 90, 1, 2), torch.zeros(1, 90, dtype=torch.long), [[f" t{i}" for i in range(90)]],
                  torch.arange(90).lt(50)[None], torch.zeros(1, 90, dtype=torch.bool), ["s"], ["joy", "fear"])
-    data = long.plot(["joy", "fear"], tmp_path / "long.png").read_bytes()
+    data = plot_trace(long, ["joy", "fear"], tmp_path / "long.png").read_bytes()
     assert data[:4] == b"\x89PNG"
     assert png_size(data)[0] <= 2200
 
@@ -135,15 +135,15 @@ def test_plot_zscore_window_and_long_sequences(tmp_path):
 def test_plot_errors(tmp_path):
     trace = make_trace(calibrated=False)
     with pytest.raises(ValueError, match="calibration"):
-        trace.plot(["joy"], tmp_path / "p.png", zscore=True)
+        plot_trace(trace, ["joy"], tmp_path / "p.png", zscore=True)
     with pytest.raises(ValueError, match="token_index 12"):
-        trace.plot(["joy"], tmp_path / "p.png", marks=[(12, "late")])
+        plot_trace(trace, ["joy"], tmp_path / "p.png", marks=[(12, "late")])
     with pytest.raises(ValueError, match="at least one emotion"):
-        trace.plot([], tmp_path / "p.png")
+        plot_trace(trace, [], tmp_path / "p.png")
     with pytest.raises(KeyError, match="did you mean 'joy'"):
-        trace.plot(["joyy"], tmp_path / "p.png")
+        plot_trace(trace, ["joyy"], tmp_path / "p.png")
     with pytest.raises(IndexError, match="sequence 2"):
-        trace.plot(["joy"], tmp_path / "p.png", sequence=2)
+        plot_trace(trace, ["joy"], tmp_path / "p.png", sequence=2)
     assert not (tmp_path / "p.png").exists()
 
 
@@ -153,7 +153,7 @@ def test_plot_errors(tmp_path):
 @pytest.mark.parametrize("sequence", [0, 1])
 def test_html_escapes_every_token_and_omits_padding(tmp_path, sequence):
     trace = make_trace()
-    out = trace.heatmap_html("joy", tmp_path / "deep" / "h.html", sequence=sequence)
+    out = trace_heatmap_html(trace, "joy", tmp_path / "deep" / "h.html", sequence=sequence)
     page = out.read_text(encoding="utf-8")
     assert out == tmp_path / "deep" / "h.html"
     assert page.startswith("<!DOCTYPE html>") and '<meta charset="utf-8">' in page
@@ -181,17 +181,17 @@ def test_html_escapes_every_token_and_omits_padding(tmp_path, sequence):
 
 
 def test_html_is_self_contained(tmp_path):
-    page = make_trace().heatmap_html("joy", tmp_path / "h.html", emotions=["fear", "calm"]).read_text()
+    page = trace_heatmap_html(make_trace(), "joy", tmp_path / "h.html", emotions=["fear", "calm"]).read_text()
     low = page.lower()
     for bad in ("<script src", "http", "<link", "url(", "@import", "<iframe", "<img"):
         assert bad not in low, bad
     # Without the emotion switcher there is no script at all.
-    plain = make_trace().heatmap_html("joy", tmp_path / "p.html").read_text()
+    plain = trace_heatmap_html(make_trace(), "joy", tmp_path / "p.html").read_text()
     assert "<script" not in plain
 
 
 def test_html_prompt_and_generated_are_separated(tmp_path):
-    page = make_trace().heatmap_html("joy", tmp_path / "h.html", sequence=1).read_text()
+    page = trace_heatmap_html(make_trace(), "joy", tmp_path / "h.html", sequence=1).read_text()
     i_prompt = page.index('<div class="part prompt">')
     i_div = page.index('<div class="divider">')
     i_gen = page.index('<div class="part generated">')
@@ -202,7 +202,7 @@ def test_html_prompt_and_generated_are_separated(tmp_path):
 
 def test_html_tooltip_lists_top_emotions(tmp_path):
     trace = make_trace()
-    page = trace.heatmap_html("fear", tmp_path / "h.html", site=0, sequence=1, top_k=3, zscore=False).read_text()
+    page = trace_heatmap_html(trace, "fear", tmp_path / "h.html", site=0, sequence=1, top_k=3, zscore=False).read_text()
     spans = parse(page)
     top = trace.top_emotions(3, site=0, sequence=1)
     vals = trace.values("fear", site=0, sequence=1)
@@ -223,7 +223,7 @@ def test_html_tooltip_lists_top_emotions(tmp_path):
 
 def test_html_colours_follow_the_99th_percentile_scale(tmp_path):
     trace = make_trace()
-    page = trace.heatmap_html("joy", tmp_path / "h.html", site="layer6.residual", zscore=False,
+    page = trace_heatmap_html(trace, "joy", tmp_path / "h.html", site="layer6.residual", zscore=False,
                               sinks=False).read_text()
     spans = parse(page)
     colours = {t: rgb(s["attrs"]) for t, s in spans.items()}
@@ -247,7 +247,7 @@ def test_html_colours_follow_the_99th_percentile_scale(tmp_path):
 
 def test_html_zscore_needs_calibration(tmp_path):
     trace = make_trace()
-    page = trace.heatmap_html("anger", tmp_path / "z.html", zscore=True, site=1).read_text()
+    page = trace_heatmap_html(trace, "anger", tmp_path / "z.html", zscore=True, site=1).read_text()
     spans = parse(page)
     z = trace.values("anger", site=1, zscore=True)
     assert "z-score" in page
@@ -256,14 +256,14 @@ def test_html_zscore_needs_calibration(tmp_path):
     assert all(f"{n}{v:.3f}" in spans[2]["tip"] for n, v in ztop[2])
 
     with pytest.raises(ValueError, match="no calibration statistics"):
-        make_trace(calibrated=False).heatmap_html("anger", tmp_path / "bad.html", zscore=True)
+        trace_heatmap_html(make_trace(calibrated=False), "anger", tmp_path / "bad.html", zscore=True)
     assert not (tmp_path / "bad.html").exists()
 
 
 def test_html_window_smoothing_changes_colours(tmp_path):
     trace = make_trace()
-    raw = parse(trace.heatmap_html("joy", tmp_path / "a.html", sequence=1, zscore=False, sinks=False).read_text())
-    smooth = parse(trace.heatmap_html("joy", tmp_path / "b.html", sequence=1, window=3, zscore=False,
+    raw = parse(trace_heatmap_html(trace, "joy", tmp_path / "a.html", sequence=1, zscore=False, sinks=False).read_text())
+    smooth = parse(trace_heatmap_html(trace, "joy", tmp_path / "b.html", sequence=1, window=3, zscore=False,
                                          sinks=False).read_text())
     assert sorted(raw) == sorted(smooth)
     changed = [t for t in raw if rgb(raw[t]["attrs"]) != rgb(smooth[t]["attrs"])]
@@ -281,7 +281,7 @@ def test_html_window_smoothing_changes_colours(tmp_path):
 
 def test_html_emotion_switcher_embeds_values(tmp_path):
     trace = make_trace()
-    page = trace.heatmap_html("joy", tmp_path / "h.html", emotions=["fear", "joy", "calm"], sequence=1,
+    page = trace_heatmap_html(trace, "joy", tmp_path / "h.html", emotions=["fear", "joy", "calm"], sequence=1,
                               zscore=False, sinks=False).read_text()
     assert '<select id="emokern-select">' in page
     assert re.findall(r'<option value="([^"]+)"', page) == ["joy", "fear", "calm"]
@@ -309,7 +309,7 @@ def test_html_renders_in_headless_chromium(tmp_path):
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if browser is None:
         pytest.skip("no chromium on PATH (`which chromium` found nothing); not installing a browser for this test")
-    page = make_trace().heatmap_html("joy", tmp_path / "h.html", emotions=["fear"])
+    page = trace_heatmap_html(make_trace(), "joy", tmp_path / "h.html", emotions=["fear"])
     shot = tmp_path / "shot.png"
     out = subprocess.run([browser, "--headless", "--disable-gpu", "--no-sandbox", "--window-size=1000,700",
                           f"--screenshot={shot}", page.resolve().as_uri()], capture_output=True, timeout=60)
@@ -409,7 +409,7 @@ def test_sink_rule_is_exact():
 
 def test_html_colour_scale_ignores_sinks(tmp_path):
     trace = make_sink_trace()
-    page = trace.heatmap_html("joy", tmp_path / "h.html", site=1, emotions=["fear"]).read_text()
+    page = trace_heatmap_html(trace, "joy", tmp_path / "h.html", site=1, emotions=["fear"]).read_text()
     spans = parse(page)
     colours = {t: rgb(s["attrs"]) for t, s in spans.items()}
     # The largest non-sink value (a middle token) is fully coloured although the sinks are ~100x larger.
@@ -437,14 +437,14 @@ def test_html_colour_scale_ignores_sinks(tmp_path):
     assert payload["series"]["fear"]["values"][0] == pytest.approx(float(trace.values("fear", site=1, zscore=True)[0]),
                                                                    rel=1e-5)
     # sinks=False: the old behaviour, where a sink sets the scale and the peak is pale.
-    old = parse(trace.heatmap_html("joy", tmp_path / "old.html", site=1, sinks=False).read_text())
+    old = parse(trace_heatmap_html(trace, "joy", tmp_path / "old.html", site=1, sinks=False).read_text())
     assert strength(rgb(old[PEAK_T]["attrs"])) < strength(value_color(1.0)) / 4
     assert not any("sink" in s["attrs"]["class"] for s in old.values())
 
 
 def test_html_sinks_stay_out_of_moving_averages(tmp_path):
     trace = make_sink_trace(calibrated=False)
-    spans = parse(trace.heatmap_html("joy", tmp_path / "w.html", site=1, window=3, top_k=2).read_text())
+    spans = parse(trace_heatmap_html(trace, "joy", tmp_path / "w.html", site=1, window=3, top_k=2).read_text())
     v = trace.values("joy", site=1)
     # Position 2's window is (0, 1, 2); both others are sinks, so it shows its own value.
     assert float(spans[2]["attrs"]["data-v"]) == pytest.approx(float(v[2]), rel=1e-5)
@@ -457,7 +457,7 @@ def test_html_sinks_stay_out_of_moving_averages(tmp_path):
 def test_plot_ylim_excludes_sinks(tmp_path, monkeypatch):
     saved = capture_figures(monkeypatch)
     trace = make_sink_trace()
-    trace.plot("joy", tmp_path / "p.png", site=1)
+    plot_trace(trace, "joy", tmp_path / "p.png", site=1)
     ax = saved[-1].axes[0]
     lo, hi = ax.get_ylim()
     z = trace.values("joy", site=1, zscore=True)
@@ -472,7 +472,7 @@ def test_plot_ylim_excludes_sinks(tmp_path, monkeypatch):
     ydata = ax.lines[-1].get_ydata()
     assert all(math.isnan(float(ydata[t])) for t in SINKS)
     # sinks=False: the y-range has to reach a sink.
-    trace.plot("joy", tmp_path / "old.png", site=1, sinks=False)
+    plot_trace(trace, "joy", tmp_path / "old.png", site=1, sinks=False)
     lo, hi = saved[-1].axes[0].get_ylim()
     assert any(lo <= float(z[t]) <= hi for t in SINKS)
 
@@ -487,20 +487,20 @@ def test_zscore_none_uses_zscores_iff_statistics_exist(tmp_path, monkeypatch):
         expect = trace.values("anger", site=1, zscore=calibrated)
         kind, label = ("z-score", "z-score vs neutral text") if calibrated else ("projection", "projection")
         assert trace.has_neutral_stats is calibrated
-        spans = parse(page := trace.heatmap_html("anger", tmp_path / f"{calibrated}.html", site=1, sinks=False).read_text())
+        spans = parse(page := trace_heatmap_html(trace, "anger", tmp_path / f"{calibrated}.html", site=1, sinks=False).read_text())
         assert f"anger ({kind}): {float(expect[2]):.3f}" in spans[2]["tip"]
         assert float(spans[2]["attrs"]["data-v"]) == pytest.approx(float(expect[2]), rel=1e-5)
         assert label in page
         assert ("z-score vs neutral text" in page) is calibrated
-        trace.plot("anger", tmp_path / f"{calibrated}.png", site=1, sinks=False)
+        plot_trace(trace, "anger", tmp_path / f"{calibrated}.png", site=1, sinks=False)
         ax = saved[-1].axes[0]
         assert ax.get_ylabel() == label
         assert list(ax.lines[-1].get_ydata()[: T - 1]) == pytest.approx(expect[: T - 1].tolist())
     # Explicit choices still win.
     calibrated = make_trace()
-    page = calibrated.heatmap_html("anger", tmp_path / "raw.html", site=1, zscore=False, sinks=False).read_text()
+    page = trace_heatmap_html(calibrated, "anger", tmp_path / "raw.html", site=1, zscore=False, sinks=False).read_text()
     assert "z-score" not in page and "anger (projection)" in parse(page)[2]["tip"]
-    calibrated.plot("anger", tmp_path / "raw.png", zscore=False, sinks=False)
+    plot_trace(calibrated, "anger", tmp_path / "raw.png", zscore=False, sinks=False)
     assert saved[-1].axes[0].get_ylabel() == "projection"
 
 
@@ -544,3 +544,26 @@ def test_patched_trace_tokens_are_decoded_text():
     assert "日" in trace.tokens[0] and "\n" in trace.tokens[0]
     real = trace.tokens[1][:W][int(trace.is_pad[1].sum()):]
     assert "".join(real) == "<|user|>hi<eos><|assistant|>"
+
+
+def test_site_index_projection_norms_and_masked_smooth():
+    trace = make_trace()
+    assert trace.site_index("layer6.residual") == trace.sites.index("layer6.residual")
+    assert trace.site_index(None) == len(trace.sites) // 2 and trace.site_index(-1) == -1
+    with pytest.raises(KeyError, match="not in this trace"):
+        trace.site_index("nope")
+    norms = trace.projection_norms(1, 0)
+    assert norms.dtype == torch.float64
+    assert torch.allclose(norms, trace.projections[0, :, 1].double().norm(dim=-1), equal_nan=True)
+    mask = torch.zeros_like(trace.is_pad)
+    t = int((~trace.is_pad[0]).nonzero()[0]) + 1  # a real token after the first
+    mask[0, t] = True
+    smoothed = trace.smooth(3, mask=mask)
+    assert torch.isnan(smoothed.projections[0, t]).all()  # masked positions stay NaN everywhere
+    assert torch.isnan(smoothed.projections[trace.is_pad]).all()
+    # the masked value enters no average: the next position averages its own window without it
+    series = trace.projections[0, :, 1, 0].clone()
+    series[trace.is_pad[0]] = float("nan")
+    series[t] = float("nan")
+    assert torch.allclose(smoothed.projections[0, :, 1, 0], Trace.smooth_values(series, 3), equal_nan=True)
+    assert torch.equal(trace.smooth(3).projections.isnan(), trace.smooth(3, mask=torch.zeros_like(mask)).projections.isnan())

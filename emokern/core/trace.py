@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
-from emokern.core.emotions import did_you_mean
+from emokern.util.names import did_you_mean
 
 __all__ = ["Trace", "SINK_FACTOR"]
 
@@ -69,7 +69,7 @@ class Trace:
     def has_neutral_stats(self) -> bool:
         """True when both ``neutral_mean`` and ``neutral_std`` are set, i.e. :meth:`zscores` works.
 
-        The pictures (:meth:`plot`, :meth:`heatmap_html`) show z-scores by default exactly when this is True.
+        The pictures of :mod:`emokern.core.trace_plots` show z-scores by default exactly when this is True.
         """
         return self.neutral_mean is not None and self.neutral_std is not None
 
@@ -115,7 +115,10 @@ class Trace:
             prefix_text = dec(ids[prefix:read])
         return out
 
-    def _site(self, site: Union[int, str, None]) -> int:
+    def site_index(self, site: Union[int, str, None]) -> int:
+        """The index into :attr:`sites` of ``site``: a site name (``KeyError`` when absent), an index (returned as
+        an int, unchecked, so negative indices count from the end), or ``None`` for the default site: the only one,
+        else the middle one (``len(sites) // 2``)."""
         if site is None:
             return len(self.sites) - 1 if len(self.sites) == 1 else len(self.sites) // 2
         if isinstance(site, str):
@@ -156,7 +159,7 @@ class Trace:
         """
         if not factor > 0:
             raise ValueError(f"factor must be > 0; got {factor}")
-        norm = self.projections[sequence, :, self._site(site), :].double().norm(dim=-1)
+        norm = self.projection_norms(site, sequence)
         valid = ~self.is_pad[sequence] & torch.isfinite(norm)
         if not bool(valid.any()):
             return torch.zeros_like(valid)
@@ -166,6 +169,11 @@ class Trace:
         if not m > 0:
             return first
         return first | (valid & (norm > factor * m))
+
+    def projection_norms(self, site: Union[int, str, None] = None, sequence: int = 0) -> torch.Tensor:
+        """(T,) float64: at each position of one sequence, the L2 norm over all K emotions of the raw projections at
+        one site (NaN where the position was not processed); the quantity :meth:`sink_positions` compares."""
+        return self.projections[sequence, :, self.site_index(site), :].double().norm(dim=-1)
 
     def values(self, emotion: str, *, site: Union[int, str, None] = None, sequence: int = 0,
                zscore: bool = False, window: int = 1, mask_sinks: bool = False) -> torch.Tensor:
@@ -177,7 +185,7 @@ class Trace:
         (:meth:`smooth_values`, NaN positions skipped and kept NaN).
         """
         data = self.zscores() if zscore else self.projections
-        v = data[sequence, :, self._site(site), self._emotion(emotion)].clone()
+        v = data[sequence, :, self.site_index(site), self._emotion(emotion)].clone()
         v[self.is_pad[sequence]] = float("nan")
         if mask_sinks:
             v[self.sink_positions(site, sequence)] = float("nan")
@@ -205,9 +213,13 @@ class Trace:
         count = ccount[..., idx + 1] - ccount[..., lo]
         return torch.where(valid, total / count.clamp(min=1), torch.full_like(total, float("nan")))
 
-    def smooth(self, window: int) -> "Trace":
-        """A copy with every series replaced by its trailing moving average over ``window`` tokens."""
-        series = self.projections.masked_fill(self.is_pad[:, :, None, None], float("nan")).permute(0, 2, 3, 1)
+    def smooth(self, window: int, *, mask: Optional[torch.Tensor] = None) -> "Trace":
+        """A copy with every series replaced by its trailing moving average over ``window`` tokens (:meth:`smooth_values`).
+
+        Padding positions, and the positions where the optional (B, T) bool ``mask`` is True (at every site and
+        emotion, e.g. attention sinks), are set to NaN first: they stay NaN and enter no average."""
+        hidden = self.is_pad if mask is None else self.is_pad | mask
+        series = self.projections.masked_fill(hidden[:, :, None, None], float("nan")).permute(0, 2, 3, 1)
         proj = self.smooth_values(series, window).permute(0, 3, 1, 2).contiguous()
         return Trace(proj, self.token_ids, self.tokens, self.is_prompt, self.is_pad, self.sites, self.names,
                      self.neutral_mean, self.neutral_std)
@@ -215,7 +227,7 @@ class Trace:
     def top_emotions(self, k: int = 5, *, site: Union[int, str, None] = None, sequence: int = 0,
                      zscore: bool = False) -> List[List[tuple]]:
         """For each position of one sequence: the ``k`` highest ``(emotion, value)`` pairs ([] at padding)."""
-        data = (self.zscores() if zscore else self.projections)[sequence, :, self._site(site)]
+        data = (self.zscores() if zscore else self.projections)[sequence, :, self.site_index(site)]
         out = []
         for t in range(data.shape[0]):
             if bool(self.is_pad[sequence, t]) or bool(torch.isnan(data[t]).all()):
@@ -227,7 +239,7 @@ class Trace:
 
     def to_dict(self, *, sites: Optional[Sequence[Union[int, str]]] = None) -> dict:
         """JSON-ready dict (NaN as null). ``sites`` limits the exported sites (default: all)."""
-        site_idx = [self._site(s) for s in sites] if sites is not None else list(range(len(self.sites)))
+        site_idx = [self.site_index(s) for s in sites] if sites is not None else list(range(len(self.sites)))
         proj = self.projections[:, :, site_idx]
         as_list = [[[[None if v != v else round(v, 5) for v in k_vals] for k_vals in t_vals] for t_vals in b_vals]
                    for b_vals in proj.tolist()]
@@ -243,23 +255,3 @@ class Trace:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(**kwargs)))
         return path
-
-    def plot(self, emotions: Sequence[str], path: Union[str, os.PathLike], **kwargs) -> Path:
-        """PNG line plot of chosen emotions over tokens (see :func:`emokern.core.trace_plots.plot_trace`).
-
-        By default (``zscore=None``) z-scores when :attr:`has_neutral_stats`, raw projections otherwise; attention
-        sinks (:meth:`sink_positions`) are masked and left out of the y-range (``sinks=False`` to keep them)."""
-        from emokern.core.trace_plots import plot_trace
-
-        return plot_trace(self, emotions, path, **kwargs)
-
-    def heatmap_html(self, emotion: str, path: Union[str, os.PathLike], **kwargs) -> Path:
-        """HTML page with tokens coloured by ``emotion``; hover shows the top emotions (see
-        :func:`emokern.core.trace_plots.trace_heatmap_html`).
-
-        By default (``zscore=None``) z-scores when :attr:`has_neutral_stats`, raw projections otherwise; attention
-        sinks (:meth:`sink_positions`) are grey, marked, and left out of the colour scale (``sinks=False`` to
-        colour them like any token)."""
-        from emokern.core.trace_plots import trace_heatmap_html
-
-        return trace_heatmap_html(self, emotion, path, **kwargs)

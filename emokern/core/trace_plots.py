@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from emokern.util.figures import agg_figure
+
 if TYPE_CHECKING:  # pragma: no cover
     from emokern.core.trace import Trace
 
@@ -65,7 +67,7 @@ def _check_sequence(trace: "Trace", sequence: int) -> int:
 
 
 def _site_name(trace: "Trace", site: Union[int, str, None]) -> str:
-    idx = trace._site(site)
+    idx = trace.site_index(site)
     if not -len(trace.sites) <= idx < len(trace.sites):
         raise IndexError(f"site {site} is out of range for a trace with {len(trace.sites)} site(s): {trace.sites}")
     return trace.sites[idx]
@@ -81,28 +83,6 @@ def _sink_mask(trace: "Trace", site: Union[int, str, None], sequence: int, sinks
     if sinks:
         return trace.sink_positions(site, sequence)
     return torch.zeros(trace.projections.shape[1], dtype=torch.bool)
-
-
-def _smoothed_trace(trace: "Trace", window: int, sequence: Optional[int] = None,
-                    sink: Optional[torch.Tensor] = None) -> "Trace":
-    """The trace with every series replaced by its trailing moving average, padding (and ``sink`` positions of
-    ``sequence``, all sites) masked first.
-
-    Masking before smoothing makes the result match :meth:`Trace.values` (which masks, then smooths), so
-    the tooltip's top emotions are computed from the same series as the colours.  Z-scoring is affine per
-    (site, emotion), so it commutes with the moving average.
-    """
-    if window == 1:
-        return trace
-    from emokern.core.trace import Trace
-
-    proj = trace.projections.clone()
-    proj[trace.is_pad] = float("nan")
-    if sink is not None and sequence is not None:
-        proj[sequence, sink] = float("nan")
-    masked = Trace(proj, trace.token_ids, trace.tokens, trace.is_prompt, trace.is_pad, trace.sites, trace.names,
-                   trace.neutral_mean, trace.neutral_std)
-    return masked.smooth(window)
 
 
 def scale_values(values: torch.Tensor, q: float = 0.99) -> Tuple[torch.Tensor, float]:
@@ -195,7 +175,7 @@ def plot_trace(trace: "Trace", emotions: Union[str, Sequence[str]], path: Union[
             ``trace.values(e, site=site, sequence=sequence, zscore=z, window=window, mask_sinks=sinks)`` where ``z``
             is ``zscore`` resolved as below.
         path: output file (PNG whatever the suffix); parent directories are created.
-        site: site name or index (default: the trace's default site, see ``Trace._site``).
+        site: site name or index (default: the trace's default site, see :meth:`Trace.site_index`).
         sequence: which sequence of the batch.
         zscore: ``None`` (default): z-scores against the neutral-text statistics when the trace has them
             (:attr:`Trace.has_neutral_stats`), raw projections otherwise.  ``True``: z-scores (raises
@@ -223,8 +203,6 @@ def plot_trace(trace: "Trace", emotions: Union[str, Sequence[str]], path: Union[
     chosen backend are untouched, and no figure is left registered anywhere.
     """
     from matplotlib import colormaps
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
     if isinstance(emotions, str):
@@ -252,8 +230,7 @@ def plot_trace(trace: "Trace", emotions: Union[str, Sequence[str]], path: Union[
     n = xs.numel()
     label_tokens = n <= MAX_TOKEN_LABELS
     width = 10.0 if n <= 30 else min(4.0 + 0.2 * n, 18.0)
-    fig = Figure(figsize=(width, 5.2 if label_tokens else 4.6), dpi=110, layout="constrained")
-    FigureCanvasAgg(fig)  # attaches itself to fig; savefig then renders with Agg whatever the global backend
+    fig = agg_figure(width, 5.2 if label_tokens else 4.6, dpi=110)
     ax = fig.add_subplot()
 
     x_np = xs.numpy()
@@ -462,8 +439,13 @@ def trace_heatmap_html(trace: "Trace", emotion: str, path: Union[str, os.PathLik
     scaled, scale = scale_values(series[emotion])
     top = None
     if top_k > 0:
-        top = _smoothed_trace(trace, window, sequence, sink).top_emotions(top_k, site=site, sequence=sequence,
-                                                                         zscore=use_z)
+        # Sinks (and padding) are masked before smoothing, as Trace.values masks them, so the tooltip's top
+        # emotions come from the same series as the colours; z-scoring is affine per (site, emotion), so it
+        # commutes with the moving average.
+        sink_rows = torch.zeros_like(trace.is_pad)
+        sink_rows[sequence] = sink
+        smoothed = trace.smooth(window, mask=sink_rows) if window > 1 else trace
+        top = smoothed.top_emotions(top_k, site=site, sequence=sequence, zscore=use_z)
         if any(sink_list):
             top_raw = trace.top_emotions(top_k, site=site, sequence=sequence, zscore=use_z)
             top = [top_raw[t] if sink_list[t] else top[t] for t in range(len(top))]
@@ -476,7 +458,7 @@ def trace_heatmap_html(trace: "Trace", emotion: str, path: Union[str, os.PathLik
     kind = "z-score" if use_z else "projection"
     kind_long = ZSCORE_LABEL if use_z else PROJECTION_LABEL
     if any(sink_list):
-        sink_norm = trace.projections[sequence, :, trace._site(site)].double().norm(dim=-1)
+        sink_norm = trace.projection_norms(site, sequence)
         valid = ~trace.is_pad[sequence] & torch.isfinite(sink_norm)
         sink_median = float(sink_norm[valid].median())
 

@@ -4,7 +4,7 @@
 
     handle = emokern.patch(model, bank, layers=..., sites=("residual",), tokenizer=tok)
     out = handle.generate(["How are you today?"], max_new_tokens=20)     # monitored
-    out.trace.heatmap_html("desperate", "trace.html")
+    trace_heatmap_html(out.trace, "desperate", "trace.html")             # emokern.core.trace_plots
     handle.steer({"calm": 0.05}, scope="generated")                       # strengths: fraction of layer norm
     handle.remove()                                                       # the model is as before
 
