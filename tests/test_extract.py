@@ -9,16 +9,10 @@ import pytest
 import torch
 
 from emokern.core.bank import VectorBank
-from emokern.extraction.extract import (
-    CHAT_REQUEST,
-    emotion_vectors,
-    export_gguf_control_vector,
-    extract_bank,
-    extract_bank_from_corpus,
-    held_out_accuracy,
-    read_gguf_control_vector,
-    story_activations,
-)
+from emokern.extraction.control_vectors import export_gguf_control_vector, read_gguf_control_vector
+from emokern.extraction.extract import CHAT_REQUEST, extract_bank, extract_bank_from_corpus, story_activations
+from emokern.extraction.quality import held_out_accuracy
+from emokern.extraction.vectors import emotion_vectors
 from emokern.engines.hf import _get
 from tests.tiny_models import HIDDEN, LAYERS, VOCAB, tiny_model
 

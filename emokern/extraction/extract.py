@@ -6,7 +6,11 @@
     neutral, _ = story_activations(model, tok, neutral_texts)
     ev = emotion_vectors(acts, story_labels, names, neutral)           # raw and denoised (L, K, d) unit vectors
     bank = extract_bank(model, tok, story_texts, story_labels, neutral_texts)   # all of it, with metadata
-    export_gguf_control_vector(bank, "calm.gguf", {"calm": 1.0, "desperate": -0.5})  # llama.cpp (control_vectors)
+    export_gguf_control_vector(bank, "calm.gguf", {"calm": 1.0, "desperate": -0.5})  # llama.cpp
+
+This module holds step 1 and the bank; the vectors (steps 2-4) are :mod:`emokern.extraction.vectors`
+(``emotion_vectors``), the held-out measurements (step 5) :mod:`emokern.extraction.quality`, and the llama.cpp
+export :mod:`emokern.extraction.control_vectors`.
 
 The steps:
 
@@ -35,31 +39,22 @@ import datetime
 import inspect
 import logging
 import time
-from typing import List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from emokern.core.bank import VectorBank
-# llama.cpp control vectors live in their own module; these names stay importable from here
-from emokern.extraction.control_vectors import ControlVectorFile, export_gguf_control_vector, read_gguf_control_vector  # noqa: F401
 from emokern.core.models import _text_config
 from emokern.engines.hf import _resolve_arch, _select_layers
-from emokern.util.names import close_names
-from emokern.util.stats import unit_rows
+from emokern.extraction.quality import evaluate, held_out_accuracy
+from emokern.extraction.vectors import emotion_membership, emotion_vectors
 
 __all__ = [
     "CHAT_REQUEST",
-    "ControlVectorFile",
-    "EmotionVectors",
-    "QualityCurve",
-    "emotion_vectors",
-    "export_gguf_control_vector",
     "extract_bank",
     "extract_bank_from_corpus",
-    "story_exclusions",
-    "held_out_accuracy",
-    "read_gguf_control_vector",
     "story_activations",
+    "story_exclusions",
 ]
 
 logger = logging.getLogger(__name__)
@@ -389,203 +384,6 @@ def story_activations(model, tokenizer, texts: Sequence[str], *, layers=None, fi
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Vectors
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-class EmotionVectors(NamedTuple):
-    """What :func:`emotion_vectors` returns."""
-
-    raw: torch.Tensor  # (L, K, d) float32, unit rows: emotion mean minus the mean over emotions
-    denoised: torch.Tensor  # (L, K, d) float32, unit rows: raw with the neutral principal components projected out
-    n_pcs_removed: torch.Tensor  # (L,) int64
-    center: torch.Tensor  # (L, d) float32: the equal-weight mean of the K emotion means
-
-
-def _check_acts(argument: str, acts, L: Optional[int] = None, d: Optional[int] = None) -> torch.Tensor:
-    if not isinstance(acts, torch.Tensor) or acts.dim() != 3:
-        shape = tuple(acts.shape) if isinstance(acts, torch.Tensor) else type(acts).__name__
-        raise ValueError(f"{argument}: expected a tensor of shape (n, L, d); got {shape}")
-    if (L is not None and acts.shape[1] != L) or (d is not None and acts.shape[2] != d):
-        raise ValueError(f"{argument}: expected shape (n, {L}, {d}) to match acts; got {tuple(acts.shape)}")
-    if not bool(torch.isfinite(acts).all()):
-        raise ValueError(f"{argument}: must not contain NaN or Inf")
-    return acts
-
-
-def _membership(labels, names, n: int) -> Tuple[List[str], torch.Tensor]:
-    """Checked names and, per story, the index of its emotion in ``names`` (-1: not among ``names``)."""
-    labels = list(labels)
-    if len(labels) != n:
-        raise ValueError(f"labels: expected one label per text/activation row ({n}); got {len(labels)}")
-    names = list(names)
-    if len(names) < 2:
-        raise ValueError(f"names: expected at least 2 emotions (vectors are differences from the mean over "
-                         f"emotions); got {names}")
-    if len(set(names)) != len(names):
-        dupes = sorted({x for x in names if names.count(x) > 1})
-        raise ValueError(f"names: expected unique names; duplicated: {dupes}")
-    index = {name: k for k, name in enumerate(names)}
-    member = torch.tensor([index.get(label, -1) for label in labels], dtype=torch.int64)
-    counts = torch.bincount(member[member >= 0], minlength=len(names))
-    missing = [names[k] for k in range(len(names)) if counts[k] == 0]
-    if missing:
-        unused = sorted(set(labels) - set(names))
-        close = sorted({c for m in missing for c in close_names(m, unused, n=3)})
-        hint = f" (labels not in names that look close: {close})" if close else ""
-        raise ValueError(f"names: expected at least one story per emotion; {missing} have none{hint}")
-    return names, member
-
-
-def _neutral_bases(neutral_acts: torch.Tensor, variance: float) -> List[torch.Tensor]:
-    """Per layer, the (d, k) orthonormal top principal directions of the centred rows explaining ``variance``."""
-    if neutral_acts.shape[0] < 2:
-        raise ValueError(f"neutral_acts: expected at least 2 neutral texts for the PCA; got {neutral_acts.shape[0]}")
-    bases = []
-    for layer in range(neutral_acts.shape[1]):
-        x = neutral_acts[:, layer].double()
-        x = x - x.mean(0)
-        _, s, vh = torch.linalg.svd(x, full_matrices=False)
-        var = s.square()
-        total = float(var.sum())
-        if variance == 0.0 or total == 0.0:
-            k = 0
-        else:
-            # Smallest k whose top-k components explain at least `variance` (tolerant of rounding at the boundary).
-            k = int((torch.cumsum(var, 0) / total < variance - 1e-12).sum()) + 1
-        bases.append(vh[:k].T)
-    return bases
-
-
-def _unit(v: torch.Tensor, what: str, names: List[str]) -> torch.Tensor:
-    """``v`` (L, K, d) with unit rows; ``ValueError`` naming the emotion and layer slot of a zero row (norm <= 1e-12),
-    which has no direction to normalise."""
-    bad = (v.norm(dim=-1) <= 1e-12).nonzero().tolist()
-    if bad:
-        slot, k = bad[0]
-        raise ValueError(f"acts: the {what} vector of emotion {names[k]!r} at layer slot {slot} is zero; expected "
-                         f"its stories' mean to differ from the mean over emotions (after denoising, outside the "
-                         f"removed neutral subspace)")
-    return unit_rows(v)
-
-
-def emotion_vectors(acts: torch.Tensor, labels: Sequence[str], names: Sequence[str], neutral_acts: torch.Tensor, *,
-                    variance: float = 0.5) -> EmotionVectors:
-    """Emotion vectors from per-story activations, raw and denoised, per layer.
-
-    Args:
-        acts: (n, L, d) per-story mean activations (:func:`story_activations`); any float dtype and device.
-        labels: n emotion names, one per row of ``acts``. Rows whose label is not in ``names`` are ignored.
-        names: the K >= 2 emotions, in the order of the result's K axis; each needs at least one story.
-        neutral_acts: (m, L, d) per-text mean activations of m >= 2 emotionally neutral texts.
-        variance: fraction in [0, 1) of the neutral variance whose top principal components are removed (0: none).
-
-    Returns:
-        :class:`EmotionVectors`: ``raw`` and ``denoised`` (L, K, d) float32 unit vectors, ``n_pcs_removed`` (L,)
-        int64 and ``center`` (L, d) float32, on the device of ``acts``. Per layer: ``raw_k ∝ μ_k − mean_j μ_j``
-        (μ_k: the mean of emotion k's rows; every emotion weighs the same in the centre).
-        ``denoised_k ∝ (I − U Uᵀ)(μ_k − mean_j μ_j)``, where U holds the top principal directions of the centred
-        rows of ``neutral_acts`` (one row per neutral text) that together explain at least ``variance`` of their
-        total variance. Computed in float64.
-    """
-    acts = _check_acts("acts", acts)
-    n, L, d = acts.shape
-    neutral_acts = _check_acts("neutral_acts", neutral_acts, L, d)
-    if not 0.0 <= variance < 1.0:
-        raise ValueError(f"variance: expected a fraction in [0, 1); got {variance}")
-    names, member = _membership(labels, names, n)
-    K = len(names)
-    keep = (member >= 0).nonzero().squeeze(1).to(acts.device)
-    member = member.to(acts.device)[keep]
-    sums = torch.zeros(K, L, d, dtype=torch.float64, device=acts.device).index_add_(0, member, acts[keep].double())
-    means = (sums / torch.bincount(member, minlength=K).double()[:, None, None]).transpose(0, 1)  # (L, K, d)
-    center = means.mean(1)
-    raw = means - center[:, None]
-    bases = _neutral_bases(neutral_acts.to(acts.device), variance)
-    denoised = torch.stack([r - (r @ u) @ u.T for r, u in zip(raw, bases)])
-    return EmotionVectors(
-        raw=_unit(raw, "raw", names).float(), denoised=_unit(denoised, "denoised", names).float(),
-        n_pcs_removed=torch.tensor([u.shape[1] for u in bases], dtype=torch.int64), center=center.float(),
-    )
-
-
-class QualityCurve(NamedTuple):
-    """What :func:`held_out_accuracy` returns."""
-
-    top1: torch.Tensor  # (L,) float32: fraction of test stories whose own emotion scores highest
-    top5: torch.Tensor  # (L,) float32: ... is among the min(5, K) highest
-    n_train: int
-    n_test: int
-
-
-def _split(member: torch.Tensor, K: int, test_fraction: float, seed: int,
-           groups: Optional[Sequence] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Train and test row indices.
-
-    Without ``groups``: per emotion, a seeded permutation of its rows, the last floor(fraction·n_k) (at least 1 when
-    n_k >= 2, none when n_k == 1) for testing. With ``groups`` (one id per row, e.g. the story's topic): whole
-    groups are held out for every emotion — a seeded choice of groups covering about ``test_fraction`` of them, at
-    least one — so that a held-out story's premise was never seen in training; emotions left with no training
-    story are dropped from the test set.
-    """
-    g = torch.Generator().manual_seed(seed)
-    if groups is not None:
-        ids = sorted({str(x) for x in groups})
-        if len(ids) < 2:
-            raise ValueError(f"groups: holding out by group needs at least 2 groups; got {len(ids)}")
-        order = [ids[i] for i in torch.randperm(len(ids), generator=g).tolist()]
-        held = set(order[:max(1, int(test_fraction * len(ids)))])
-        is_test = torch.tensor([str(x) in held for x in groups])
-        train = (~is_test & (member >= 0)).nonzero().squeeze(1)
-        trained = set(member[train].tolist())
-        keep = is_test & torch.tensor([m in trained for m in member.tolist()])
-        return train, keep.nonzero().squeeze(1)
-    train, test = [], []
-    for k in range(K):
-        rows = (member == k).nonzero().squeeze(1)
-        rows = rows[torch.randperm(len(rows), generator=g)]
-        n_test = 0 if len(rows) < 2 else max(1, int(test_fraction * len(rows)))
-        train.append(rows[:len(rows) - n_test])
-        test.append(rows[len(rows) - n_test:])
-    return torch.cat(train), torch.cat(test)
-
-
-def held_out_accuracy(acts: torch.Tensor, labels: Sequence[str], names: Sequence[str], neutral_acts: torch.Tensor, *,
-                      test_fraction: float = 0.2, variance: float = 0.5, seed: int = 0,
-                      groups: Optional[Sequence] = None) -> QualityCurve:
-    """Per-layer held-out emotion classification accuracy of the (denoised) vectors: the "quality curve".
-
-    Each emotion's stories are split deterministically: after a permutation seeded by ``seed``, the last
-    floor(test_fraction·n_k) rows — at least 1 if the emotion has 2 or more stories, none if it has 1 — are held
-    out; with ``groups`` (e.g. topics), whole groups are held out instead (see :func:`_split`). Vectors are built
-    from the training rows with :func:`emotion_vectors` (same ``neutral_acts`` and ``variance``); each test story
-    is scored at each layer by ``denoised_k · (a − c)``, where ``c`` is the equal-weight mean of the held-out
-    emotions' mean activations — the recipe's "subtract the mean over emotions", applied to the held-out set so that
-    what the held-out stories share (their premises) does not favour one emotion — and classified by argmax.
-
-    Args: as :func:`emotion_vectors`, plus ``test_fraction`` in (0, 1), ``seed`` and optional ``groups`` (one id
-    per row). Rows whose label is not in ``names`` take no part.
-
-    Returns:
-        :class:`QualityCurve`: ``top1`` and ``top5`` (L,) float32 accuracies (top-5 means top-min(5, K)), and the
-        numbers of training and test stories.
-    """
-    acts = _check_acts("acts", acts)
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction: expected a fraction in (0, 1); got {test_fraction}")
-    names, member = _membership(labels, names, acts.shape[0])
-    if groups is not None and len(groups) != acts.shape[0]:
-        raise ValueError(f"groups: expected one group id per story ({acts.shape[0]}); got {len(groups)}")
-    train, test = _split(member, len(names), test_fraction, seed, groups)
-    if len(test) == 0:
-        raise ValueError("labels: no emotion has 2 or more stories, so none can be held out for testing")
-    from emokern.extraction.quality import mean_difference_accuracy
-
-    top1, top5, n_test = mean_difference_accuracy(acts, labels, names, neutral_acts, train, test, variance=variance)
-    return QualityCurve(top1=top1.cpu(), top5=top5.cpu(), n_train=len(train), n_test=n_test)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Bank
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -609,12 +407,12 @@ def extract_bank(model, tokenizer, story_texts: Sequence[str], story_labels: Seq
         story_exclude_spans, exclude_after: character spans of each story left out of its mean, with the
             ``exclude_after`` tokens after each (``exclude_spans`` of :func:`story_activations`); neutral texts
             exclude nothing.
-        variance: as :func:`emotion_vectors`.
+        variance: as :func:`emokern.extraction.vectors.emotion_vectors`.
         story_groups: optional premise id per story (the corpus's topics). With at least 3 premises, the held-out
             measurements of :func:`emokern.extraction.quality.evaluate` are made (whole premises held out: ``test_fraction``
             for the test numbers, ``validation_fraction`` of the rest to choose the default layer; ``probe``: also
             fit the logistic-regression ceiling at the chosen layer and at 2/3 depth). Without groups (or with
-            fewer), :func:`held_out_accuracy` holds out stories instead and the default layer is the 2/3-depth one.
+            fewer), :func:`emokern.extraction.quality.held_out_accuracy` holds out stories instead and the default layer is the 2/3-depth one.
         test_fraction, validation_fraction, seed: the split (see above).
         metadata: extra JSON-serialisable entries merged into the bank's metadata (e.g. where the corpus came from).
 
@@ -640,8 +438,6 @@ def extract_bank(model, tokenizer, story_texts: Sequence[str], story_labels: Seq
           for a model of N layers, the paper's choice; ``rule``: how ``chosen`` was made), ``model`` (type, depth,
           width, dtype), ``timings`` (seconds) and ``created`` (UTC, ISO 8601).
     """
-    from emokern.extraction import quality as Q
-
     t_start = time.perf_counter()
     story_texts = _check_texts("story_texts", story_texts)
     neutral_texts = _check_texts("neutral_texts", neutral_texts)
@@ -651,7 +447,7 @@ def extract_bank(model, tokenizer, story_texts: Sequence[str], story_labels: Seq
         raise ValueError(f"story_groups: expected one premise id per story ({len(story_texts)}); got "
                          f"{len(story_groups)}")
     names = sorted(set(story_labels)) if names is None else list(names)
-    names, member = _membership(story_labels, names, len(story_texts))
+    names, member = emotion_membership(story_labels, names, len(story_texts))
     kw = dict(layers=layers, first_token=first_token, fmt=fmt, batch_size=batch_size, progress=progress)
 
     t0 = time.perf_counter()
@@ -671,7 +467,7 @@ def extract_bank(model, tokenizer, story_texts: Sequence[str], story_labels: Seq
     quality, chosen, rule = None, None, None
     n_groups = len({str(x) for x in story_groups}) if story_groups is not None else 0
     if n_groups >= 3:
-        evaluation = Q.evaluate(acts, story_labels, names, neutral, story_groups, layers=layer_ids,
+        evaluation = evaluate(acts, story_labels, names, neutral, story_groups, layers=layer_ids,
                                 variance=variance, test_fraction=test_fraction,
                                 validation_fraction=validation_fraction, seed=seed, probe=probe,
                                 probe_layers=[two_thirds])

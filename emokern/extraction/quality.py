@@ -1,8 +1,9 @@
 """Held-out measurements of emotion vectors: premise splits, the quality curve, the probe ceiling, valence AUROC and
 the choice of the default layer.
 
-Every number here is measured on stories whose premise (topic) took no part in building the vectors, so that it
-measures emotion, not premise, recognition::
+Every number here but :func:`held_out_accuracy`'s is measured on stories whose premise (topic) took no part in
+building the vectors, so that it measures emotion, not premise, recognition; :func:`held_out_accuracy` is the
+fallback for corpora with fewer than 3 premises, holding out stories::
 
     split = premise_split(topics, test_fraction=0.2, validation_fraction=0.2, seed=0)
     ev = evaluate(acts, labels, names, neutral, topics, layers=layer_ids, valence=norms)   # an Evaluation
@@ -16,7 +17,7 @@ The test set is never used to choose anything.
 Measures (per layer unless said otherwise):
 
 * **mean-difference top-1 / top-5**: vectors are built from the training rows as in
-  :func:`emokern.extraction.extract.emotion_vectors` (denoised, unit); a held-out story ``a`` scores ``v_k · (a − c)`` for each
+  :func:`emokern.extraction.vectors.emotion_vectors` (denoised, unit); a held-out story ``a`` scores ``v_k · (a − c)`` for each
   emotion, with ``c`` the equal-weight mean of the held-out emotions' mean activations (the recipe's "subtract the
   mean over emotions", applied to the held-out set so that what its stories share, their premises, favours no
   emotion); top-k is whether the story's own emotion is among the k highest. Chance: 1/K and min(5, K)/K.
@@ -34,17 +35,21 @@ Measures (per layer unless said otherwise):
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
+
+from emokern.extraction.vectors import check_activations, emotion_membership, emotion_vectors
 
 __all__ = [
     "CrossValidation",
     "Evaluation",
     "PremiseSplit",
+    "QualityCurve",
     "choose_layer",
     "cross_validate",
     "evaluate",
+    "held_out_accuracy",
     "mean_difference_accuracy",
     "premise_split",
     "probe_accuracy",
@@ -116,8 +121,6 @@ def mean_difference_accuracy(acts: torch.Tensor, labels: Sequence[str], names: S
         ``(top1, top5, n_test)``: (L,) float32 accuracies (top-5 is top-min(5, K')) over the ``n_test`` scored
         rows, with K' the number of emotions that have training rows.
     """
-    from emokern.extraction.extract import emotion_vectors
-
     member = _label_index(labels, names)
     train = train[member[train] >= 0]
     trained = sorted(set(member[train].tolist()))
@@ -383,3 +386,82 @@ def cross_validate(acts: torch.Tensor, labels: Sequence[str], names: Sequence[st
         valence_auroc=mean(sums["auroc"]), probe_top1={x: sum(v) / len(v) for x, v in probes.items()},
         transfer={k: {m: mean(v) for m, v in d.items()} for k, d in moved.items() if d["top1"]},
         chance_top1=1 / K, chance_top5=min(5, K) / K, n_stories=int((member >= 0).sum()))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Without premises: stories held out
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class QualityCurve(NamedTuple):
+    """What :func:`held_out_accuracy` returns."""
+
+    top1: torch.Tensor  # (L,) float32: fraction of test stories whose own emotion scores highest
+    top5: torch.Tensor  # (L,) float32: ... is among the min(5, K) highest
+    n_train: int
+    n_test: int
+
+
+def _story_split(member: torch.Tensor, K: int, test_fraction: float, seed: int,
+           groups: Optional[Sequence] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Train and test row indices.
+
+    Without ``groups``: per emotion, a seeded permutation of its rows, the last floor(fraction·n_k) (at least 1 when
+    n_k >= 2, none when n_k == 1) for testing. With ``groups`` (one id per row, e.g. the story's topic): whole
+    groups are held out for every emotion — a seeded choice of groups covering about ``test_fraction`` of them, at
+    least one — so that a held-out story's premise was never seen in training; emotions left with no training
+    story are dropped from the test set.
+    """
+    g = torch.Generator().manual_seed(seed)
+    if groups is not None:
+        ids = sorted({str(x) for x in groups})
+        if len(ids) < 2:
+            raise ValueError(f"groups: holding out by group needs at least 2 groups; got {len(ids)}")
+        order = [ids[i] for i in torch.randperm(len(ids), generator=g).tolist()]
+        held = set(order[:max(1, int(test_fraction * len(ids)))])
+        is_test = torch.tensor([str(x) in held for x in groups])
+        train = (~is_test & (member >= 0)).nonzero().squeeze(1)
+        trained = set(member[train].tolist())
+        keep = is_test & torch.tensor([m in trained for m in member.tolist()])
+        return train, keep.nonzero().squeeze(1)
+    train, test = [], []
+    for k in range(K):
+        rows = (member == k).nonzero().squeeze(1)
+        rows = rows[torch.randperm(len(rows), generator=g)]
+        n_test = 0 if len(rows) < 2 else max(1, int(test_fraction * len(rows)))
+        train.append(rows[:len(rows) - n_test])
+        test.append(rows[len(rows) - n_test:])
+    return torch.cat(train), torch.cat(test)
+
+
+def held_out_accuracy(acts: torch.Tensor, labels: Sequence[str], names: Sequence[str], neutral_acts: torch.Tensor, *,
+                      test_fraction: float = 0.2, variance: float = 0.5, seed: int = 0,
+                      groups: Optional[Sequence] = None) -> QualityCurve:
+    """Per-layer held-out emotion classification accuracy of the (denoised) vectors: the "quality curve".
+
+    Each emotion's stories are split deterministically: after a permutation seeded by ``seed``, the last
+    floor(test_fraction·n_k) rows — at least 1 if the emotion has 2 or more stories, none if it has 1 — are held
+    out; with ``groups`` (e.g. topics), whole groups are held out instead (see :func:`_story_split`). Vectors are built
+    from the training rows with :func:`emotion_vectors` (same ``neutral_acts`` and ``variance``); each test story
+    is scored at each layer by ``denoised_k · (a − c)``, where ``c`` is the equal-weight mean of the held-out
+    emotions' mean activations — the recipe's "subtract the mean over emotions", applied to the held-out set so that
+    what the held-out stories share (their premises) does not favour one emotion — and classified by argmax.
+
+    Args: as :func:`emotion_vectors`, plus ``test_fraction`` in (0, 1), ``seed`` and optional ``groups`` (one id
+    per row). Rows whose label is not in ``names`` take no part.
+
+    Returns:
+        :class:`QualityCurve`: ``top1`` and ``top5`` (L,) float32 accuracies (top-5 means top-min(5, K)), and the
+        numbers of training and test stories.
+    """
+    acts = check_activations("acts", acts)
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction: expected a fraction in (0, 1); got {test_fraction}")
+    names, member = emotion_membership(labels, names, acts.shape[0])
+    if groups is not None and len(groups) != acts.shape[0]:
+        raise ValueError(f"groups: expected one group id per story ({acts.shape[0]}); got {len(groups)}")
+    train, test = _story_split(member, len(names), test_fraction, seed, groups)
+    if len(test) == 0:
+        raise ValueError("labels: no emotion has 2 or more stories, so none can be held out for testing")
+    top1, top5, n_test = mean_difference_accuracy(acts, labels, names, neutral_acts, train, test, variance=variance)
+    return QualityCurve(top1=top1.cpu(), top5=top5.cpu(), n_train=len(train), n_test=n_test)
