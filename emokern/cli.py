@@ -90,17 +90,58 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _report_arguments(parser: argparse.ArgumentParser) -> None:
-    from emokern.validation.report import add_report_arguments
-
-    add_report_arguments(parser)
+    """The options of ``emokern report``: ``BANK [--model NAME_OR_PATH] [--out DIR] [--layer N] [--limit N]
+    [--batch-size N] [--scenarios FILE] [--intensity FILE] [--steering-prompts FILE]``."""
+    parser.add_argument("bank", metavar="BANK", help="the vector bank: NAME, NAME.json or NAME.safetensors")
+    parser.add_argument("--model", default=None, metavar="NAME_OR_PATH",
+                        help="model to load with emokern.core.models.load_model (default: the bank's model_id if it is an "
+                             "embedded model name, else the default embedded model)")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="output folder (default: NAME_report beside the bank's files)")
+    parser.add_argument("--layer", type=int, default=None, metavar="N",
+                        help="decoder layer to report on (default: the bank's default layer, else ~2/3 depth)")
+    parser.add_argument("--limit", type=int, default=None, metavar="N",
+                        help="evaluate only the first N GoEmotions comments and N EmoBank sentences (default: all)")
+    parser.add_argument("--batch-size", type=int, default=32, metavar="N", help="texts per forward pass (default: 32)")
+    parser.add_argument("--scenarios", default=None, metavar="FILE.json",
+                        help="implicit scenarios replacing emokern/data/validation/implicit_scenarios.json "
+                             "(same shape: see emokern.validation.concept_checks)")
+    parser.add_argument("--intensity", default=None, metavar="FILE.json",
+                        help="intensity templates replacing emokern/data/validation/intensity_templates.json")
+    parser.add_argument("--steering-prompts", default=None, metavar="FILE.json",
+                        help="steering sanity prompts replacing emokern/data/validation/steering_sanity.json")
 
 
 @command("report", help="validation report for a bank: accuracy, geometry, logit lens, external text, implicit "
                         "scenarios, intensity, steering sanity (JSON, PNG, HTML)", arguments=_report_arguments)
 def _report(args: argparse.Namespace) -> int:
-    from emokern.validation.report import report_command
+    """Run ``emokern report``: load the bank and its model, write the report, print its headline numbers and where
+    it is; returns 0."""
+    from pathlib import Path
 
-    return report_command(args)
+    from emokern.core.bank import VectorBank, bank_paths
+    from emokern.core.models import DEFAULT_MODEL, REGISTRY, load_model
+    from emokern.validation.concept_checks import summary_line
+    from emokern.validation.html import format_number
+    from emokern.validation.report import validation_report
+
+    bank = VectorBank.load(args.bank)
+    name = args.model or (bank.model_id if bank.model_id in REGISTRY else DEFAULT_MODEL)
+    model, tokenizer = load_model(name)
+    meta_path = bank_paths(args.bank)[1]
+    out_dir = Path(args.out) if args.out else meta_path.with_name(meta_path.stem + "_report")
+    report = validation_report(bank, model, tokenizer, out_dir, layer=args.layer, goemotions_limit=args.limit,
+                               emobank_limit=args.limit, batch_size=args.batch_size, scenarios=args.scenarios,
+                               intensity=args.intensity, steering_prompts=args.steering_prompts)
+    g = report["geometry"]
+    print(f"layer {report['layer']['index']}: PC1 {format_number(g['variance_explained']['pc1'])} / PC2 "
+          f"{format_number(g['variance_explained']['pc2'])} of variance; PC1~valence r = "
+          f"{format_number(g['pc1_valence']['r'])}, PC2~arousal r = {format_number(g['pc2_arousal']['r'])}; "
+          f"GoEmotions mean AUROC {format_number(report['goemotions']['mean_auroc'])}; EmoBank valence r = "
+          f"{format_number(report['emobank']['r'])}")
+    print(summary_line(report))
+    print(f"report: {out_dir / 'report.html'}")
+    return 0
 
 
 def _dtype(name: str):

@@ -31,8 +31,6 @@ from emokern.validation.report import (  # noqa: E402
     GOEMOTIONS_TO_EMOTION,
     GOEMOTIONS_UNMAPPED,
     MIN_EMOTIONS,
-    add_report_arguments,
-    report_command,
     validation_report,
 )
 
@@ -260,17 +258,14 @@ def test_loaders():
 
 
 def test_command(model_and_tokenizer, tmp_path, capsys):
-    import argparse
+    from emokern.cli import main
 
     model, tokenizer = model_and_tokenizer
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     _planted_bank(model).save(tmp_path / "planted")
-    parser = argparse.ArgumentParser()
-    add_report_arguments(parser)
-    args = parser.parse_args([str(tmp_path / "planted"), "--model", str(tmp_path / "model"), "--layer", "2",
-                              "--limit", "6", "--batch-size", "4"])
-    assert report_command(args) == 0
+    assert main(["report", str(tmp_path / "planted"), "--model", str(tmp_path / "model"), "--layer", "2",
+                 "--limit", "6", "--batch-size", "4"]) == 0
     out = tmp_path / "planted_report"  # the default: NAME_report beside the bank
     result = json.loads((out / "report.json").read_text())
     assert result["layer"] == {"index": 2, "source": "the layer argument"} and result["goemotions"]["n_texts"] == 6

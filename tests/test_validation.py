@@ -17,17 +17,17 @@ from emokern.extraction.emotion_words import find_emotion_word  # noqa: E402
 from emokern.core.emotions import EMOTIONS  # noqa: E402
 from emokern.experiments.common import InputFileError  # noqa: E402
 from emokern.validation.concept_checks import (  # noqa: E402
+    SCENARIO_TOP,
     STEERING_STRENGTHS,
+    STEERING_TOP,
     intensity_scores,
     key_numbers,
-    load_intensity,
-    load_sanity_prompts,
-    load_scenarios,
     scenario_ranks,
     summary_line,
-    validation_html,
     validation_sections,
 )
+from emokern.validation.concept_checks_page import concept_checks_html  # noqa: E402
+from emokern.validation.concept_data import load_intensity, load_sanity_prompts, load_scenarios  # noqa: E402
 
 HIDDEN, LAYERS = 32, 4
 
@@ -257,7 +257,7 @@ def test_html_and_summary(sections):
     report = {"layer": {"index": 3}, "featured": ["happy", "calm"], "scenarios": result["scenarios"],
               "intensity": result["intensity"], "steering": result["steering"],
               "validation_layers_plot": result["layers_plot"]}
-    page = validation_html(report, out)
+    page = concept_checks_html(report, out, scenario_top=SCENARIO_TOP, steering_top=STEERING_TOP)
     assert page.count("data:image/png;base64,") == 4
     assert f"{result['scenarios']['top1']:.3f}" in page and f"{result['intensity']['share_right']:.3f}" in page
     numbers = key_numbers(report)

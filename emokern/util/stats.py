@@ -11,8 +11,8 @@ __all__ = ["pearson", "pearson_p_value", "unit_rows"]
 
 
 def pearson(x: Sequence[float], y: Sequence[float], *, min_points: int = 3) -> Optional[float]:
-    """Pearson's r of two equally long series, computed in float64; ``None`` when there are fewer than
-    ``min_points`` points or either series is constant (r is undefined there, not 0)."""
+    """Pearson's r of two equally long series, computed in float64 and clipped to [-1, 1]; ``None`` when there
+    are fewer than ``min_points`` points or either series is constant (r is undefined there, not 0)."""
     x = torch.as_tensor(list(x), dtype=torch.float64)
     y = torch.as_tensor(list(y), dtype=torch.float64)
     if x.shape != y.shape:
@@ -20,7 +20,8 @@ def pearson(x: Sequence[float], y: Sequence[float], *, min_points: int = 3) -> O
     if x.numel() < min_points or bool((x == x[0]).all()) or bool((y == y[0]).all()):
         return None
     x, y = x - x.mean(), y - y.mean()
-    return float((x * y).sum() / (x.norm() * y.norm()))
+    r = float((x * y).sum() / (x.norm() * y.norm()))
+    return max(-1.0, min(1.0, r))  # rounding can push a perfect correlation a hair past ±1
 
 
 def pearson_p_value(r: float, n: int) -> float:

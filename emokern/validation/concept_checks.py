@@ -32,50 +32,47 @@ the bank's two-thirds layer (:meth:`VectorBank.two_thirds_layer`, where the demo
 the report often reads, adding a vector is little more than the logit lens). Strengths are fractions of the layer's
 mean residual norm, as everywhere in emokern.
 
-The data files can be replaced (``emokern report --scenarios / --intensity / --steering-prompts``); a malformed file
-raises :class:`emokern.experiments.common.InputFileError` naming the file and the entry.
+The data files (:mod:`emokern.validation.concept_data`) can be replaced (``emokern report --scenarios / --intensity
+/ --steering-prompts``). This module measures; the figures and the HTML are
+:mod:`emokern.validation.concept_checks_page`.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
-import json
-import os
-from dataclasses import dataclass
-from importlib.resources import files
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from emokern.core.bank import VectorBank
-from emokern.util.names import did_you_mean
+from emokern.experiments.common import chat_text, progress_bar
 from emokern.util.stats import unit_rows
-from emokern.experiments.common import InputFileError, chat_text, progress_bar, require, require_str
-from emokern.validation.report import _e, _figure, _fmt, _img, _save, _table
+from emokern.validation.concept_checks_page import (intensity_png, scenario_matrix_png, steering_ranks_png,
+                                                    validation_layers_png)
+from emokern.validation.concept_data import IntensityTemplate, SanityPrompts, Scenario
+from emokern.validation.html import format_number
 
 __all__ = [
-    "IntensityTemplate",
-    "Scenario",
-    "SanityPrompts",
+    "SCENARIO_TOP",
     "STEERING_STRENGTHS",
+    "STEERING_TOP",
     "intensity_scores",
+    "key_numbers",
     "last_token_states",
-    "load_intensity",
-    "load_sanity_prompts",
-    "load_scenarios",
     "scenario_ranks",
-    "validation_html",
+    "summary_line",
     "validation_sections",
 ]
 
-PathLike = Union[str, os.PathLike]
 
 #: Steering strengths of the sanity check, fractions of the steering layer's mean residual norm (the paper used 0.5
 #: on a few tokens).
 STEERING_STRENGTHS = (0.1, 0.25, 0.5)
+#: The scenario check reports top-1 and top-SCENARIO_TOP, the steering check top-1 and top-STEERING_TOP (key names
+#: of the report: ``top3``, ``top5``).
 SCENARIO_TOP = 3
 STEERING_TOP = 5
 #: At most this many layers (the steering layer included) in the steering sweep; each costs a few batched forwards
@@ -83,145 +80,6 @@ STEERING_TOP = 5
 MAX_SWEEP_LAYERS = 4
 #: Rows per batched steered forward.
 STEER_BATCH = 64
-MIN_INTENSITY_VALUES = 4
-MAX_EXPECTED = 3
-MAX_LEAK_TOKENS = 256
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Data files
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Scenario:
-    """A user message that evokes ``emotion`` without naming it."""
-
-    emotion: str
-    prompt: str
-
-
-@dataclass(frozen=True)
-class IntensityTemplate:
-    """``template`` with ``{value}`` replaced by each of ``values`` (increasing); ``expected`` maps an emotion to
-    +1 (it should rise with the number) or -1 (fall)."""
-
-    name: str
-    template: str
-    values: Tuple[float, ...]
-    expected: Dict[str, int]
-
-    def prompts(self) -> List[str]:
-        return [self.template.replace("{value}", _number(v)) for v in self.values]
-
-
-@dataclass(frozen=True)
-class SanityPrompts:
-    """``probes``: (user question, start of the assistant's reply) pairs; ``leak_user``: the neutral question of
-    the leak check, answered in ``leak_tokens`` new tokens."""
-
-    probes: Tuple[Tuple[str, str], ...]
-    leak_user: str
-    leak_tokens: int
-
-
-def _number(v: float) -> str:
-    return str(int(v)) if float(v).is_integer() else str(v)
-
-
-def _read(path: Optional[PathLike], default: str):
-    where = str(path) if path is not None else f"<packaged data/validation/{default}>"
-    file = Path(path) if path is not None else Path(str(files("emokern").joinpath("data", "validation", default)))
-    if not file.is_file():
-        raise InputFileError(f"input file {where!r} does not exist")
-    try:
-        return json.loads(file.read_text(encoding="utf-8")), where
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputFileError(f"input file {where!r} is not valid JSON: {exc}") from None
-
-
-def _entries(data, key: str, where: str) -> list:
-    require(isinstance(data, Mapping), where, f"expected a JSON object with a {key!r} list; got "
-                                              f"{type(data).__name__}")
-    entries = data.get(key)
-    require(isinstance(entries, list) and len(entries) > 0, where,
-            f"expected {key!r} to be a non-empty list; got {entries!r:.80}")
-    return entries
-
-
-def _emotion(value, where: str) -> str:
-    from emokern.core.emotions import EMOTIONS
-
-    require(isinstance(value, str) and value in EMOTIONS, where,
-            f"expected one of the 171 emotion words (emokern/data/emotions_171.txt); got {value!r}"
-            + (did_you_mean(value, EMOTIONS) if isinstance(value, str) else ""))
-    return value
-
-
-def load_scenarios(path: Optional[PathLike] = None) -> List[Scenario]:
-    """The implicit scenarios of ``path`` (default: the packaged ``implicit_scenarios.json``).
-
-    Shape: ``{"scenarios": [{"emotion": WORD, "prompt": TEXT}, ...]}``, at least two distinct emotions (a rank
-    among one emotion means nothing). Raises :class:`InputFileError` naming the file and the entry."""
-    data, where = _read(path, "implicit_scenarios.json")
-    out = []
-    for i, entry in enumerate(_entries(data, "scenarios", where)):
-        at = f"{where}: scenarios[{i}]"
-        prompt = require_str(entry, "prompt", at)
-        out.append(Scenario(_emotion(entry.get("emotion"), at), prompt))
-    emotions = {s.emotion for s in out}
-    require(len(emotions) >= 2, where, f"expected scenarios of at least 2 distinct emotions; got {sorted(emotions)}")
-    return out
-
-
-def load_intensity(path: Optional[PathLike] = None) -> List[IntensityTemplate]:
-    """The intensity templates of ``path`` (default: the packaged ``intensity_templates.json``).
-
-    Shape: ``{"templates": [{"name": TEXT, "template": "... {value} ...", "values": [n1 < n2 < ...],
-    "expected": {WORD: "+" | "-"}}, ...]}``: ``{value}`` exactly once, at least 4 strictly increasing numbers,
-    1 to 3 expected emotions. Raises :class:`InputFileError` naming the file and the entry."""
-    data, where = _read(path, "intensity_templates.json")
-    out = []
-    for i, entry in enumerate(_entries(data, "templates", where)):
-        at = f"{where}: templates[{i}]"
-        name = require_str(entry, "name", at)
-        template = require_str(entry, "template", at)
-        require(template.count("{value}") == 1, at,
-                f"'template' must contain {{value}} exactly once; got {template!r}")
-        values = entry.get("values")
-        require(isinstance(values, list) and len(values) >= MIN_INTENSITY_VALUES
-                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in values),
-                at, f"'values' must be a list of at least {MIN_INTENSITY_VALUES} finite numbers; got {values!r}")
-        require(all(a < b for a, b in zip(values, values[1:])), at,
-                f"'values' must be strictly increasing; got {values}")
-        expected = entry.get("expected")
-        require(isinstance(expected, Mapping) and 1 <= len(expected) <= MAX_EXPECTED, at,
-                f"'expected' must map 1 to {MAX_EXPECTED} emotions to '+' or '-'; got {expected!r}")
-        signs = {}
-        for emotion, sign in expected.items():
-            _emotion(emotion, f"{at}.expected")
-            require(sign in ("+", "-"), f"{at}.expected[{emotion!r}]", f"expected '+' or '-'; got {sign!r}")
-            signs[emotion] = 1 if sign == "+" else -1
-        out.append(IntensityTemplate(name, template, tuple(float(v) for v in values), signs))
-    return out
-
-
-def load_sanity_prompts(path: Optional[PathLike] = None) -> SanityPrompts:
-    """The steering sanity prompts of ``path`` (default: the packaged ``steering_sanity.json``).
-
-    Shape: ``{"probes": [{"user": TEXT, "prefix": TEXT}, ...], "leak": {"user": TEXT, "max_new_tokens": N}}``
-    with 1 <= N <= 256. Raises :class:`InputFileError` naming the file and the entry."""
-    data, where = _read(path, "steering_sanity.json")
-    probes = []
-    for i, entry in enumerate(_entries(data, "probes", where)):
-        at = f"{where}: probes[{i}]"
-        probes.append((require_str(entry, "user", at), require_str(entry, "prefix", at)))
-    leak = data.get("leak")
-    user = require_str(leak, "user", f"{where}: leak")
-    tokens = leak.get("max_new_tokens")
-    require(isinstance(tokens, int) and not isinstance(tokens, bool) and 1 <= tokens <= MAX_LEAK_TOKENS,
-            f"{where}: leak", f"'max_new_tokens' must be an int in [1, {MAX_LEAK_TOKENS}]; got {tokens!r}")
-    return SanityPrompts(tuple(probes), user, tokens)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -338,35 +196,8 @@ def _scenarios(bank: VectorBank, scenarios: List[Scenario], cos: torch.Tensor, s
                           "top": [emotions[c] for c in torch.argsort(-centred[r], stable=True)[:k3].tolist()]}
                          for r, i in enumerate(kept)],
     })
-    out["plot"] = _plot_scenarios(out, layer, out_dir / "scenario_matrix.png")
+    out["plot"] = scenario_matrix_png(out, layer, out_dir / "scenario_matrix.png", scenario_top=SCENARIO_TOP)
     return out
-
-
-def _plot_scenarios(s: Dict, layer: int, path: Path) -> str:
-    values = np.asarray(s["matrix"]["values"])
-    rows, columns = s["matrix"]["rows"], s["matrix"]["columns"]
-    fig = _figure(0.32 * len(columns) + 3.2, 0.2 * len(rows) + 2.2)
-    ax = fig.add_subplot()
-    lim = float(np.abs(values).max()) or 1.0
-    im = ax.imshow(values, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
-    ax.set_xticks(range(len(columns)), columns, rotation=90, fontsize=7)
-    ax.set_yticks(range(len(rows)), [f"{e} #{i + 1}" for i, e in enumerate(rows)], fontsize=6)
-    for r, emotion in enumerate(rows):  # the target of each row
-        ax.add_patch(_rectangle(columns.index(emotion), r))
-    ax.set_xlabel("emotion vector")
-    ax.set_ylabel("scenario (its intended emotion)")
-    ax.set_title(f"Implicit scenarios at layer {layer}: cosine, centred per emotion (boxes: intended emotion)\n"
-                 f"top-1 {_fmt(s['top1'])} (chance {_fmt(s['chance_top1'])}), "
-                 f"top-{SCENARIO_TOP} {_fmt(s[f'top{SCENARIO_TOP}'])} (chance {_fmt(s[f'chance_top{SCENARIO_TOP}'])})",
-                 fontsize=9)
-    fig.colorbar(im, ax=ax, shrink=0.7)
-    return _save(fig, path)
-
-
-def _rectangle(x: int, y: int):
-    from matplotlib.patches import Rectangle
-
-    return Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, edgecolor="black", lw=0.8)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -425,38 +256,8 @@ def _intensity(bank: VectorBank, templates: List[IntensityTemplate], cos: List[t
     out["per_layer"] = {"layers": list(bank.layers),
                         "share_right": [s["share_right"] for s in layer_summaries],
                         "mean_signed_rho": [s["mean_signed_rho"] for s in layer_summaries]}
-    out["plot"] = _plot_intensity(templates, pairs, layer, out_dir / "intensity.png")
+    out["plot"] = intensity_png(templates, pairs, layer, out_dir / "intensity.png")
     return out
-
-
-def _plot_intensity(templates: List[IntensityTemplate], pairs: List[Dict], layer: int, path: Path) -> str:
-    names = [t.name for t in templates if any(p["template"] == t.name for p in pairs)]
-    cols = min(4, len(names))
-    rows = -(-len(names) // cols)
-    fig = _figure(3.1 * cols, 2.5 * rows + 0.4)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for ax in axes.flat[len(names):]:
-        ax.set_visible(False)
-    for ax, name in zip(axes.flat, names):
-        for i, p in enumerate(q for q in pairs if q["template"] == name):
-            y = np.asarray(p["cosine"])
-            ok = {True: "✓", False: "✗", None: "?"}[p["right"]]
-            ax.plot(p["values"], y - y.mean(), marker="o", ms=3, color=f"C{i}",
-                    label=f"{p['emotion']} ({p['expected']}) ρ={_fmt(p['rho'], 2)} {ok}")
-        values = next(q["values"] for q in pairs if q["template"] == name)
-        if values[0] > 0 and values[-1] / values[0] >= 20:
-            from matplotlib.ticker import NullFormatter
-
-            ax.set_xscale("log")
-            ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a short log axis overlap
-        ax.axhline(0, color="grey", lw=0.5)
-        ax.set_title(name, fontsize=8)
-        ax.tick_params(labelsize=6)
-        ax.legend(fontsize=6, loc="best")
-    fig.supxlabel("the number in the prompt", fontsize=8)
-    fig.supylabel("cosine with the vector, minus its mean", fontsize=8)
-    fig.suptitle(f"Intensity templates at layer {layer} (expected direction in brackets)", fontsize=9)
-    return _save(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -644,77 +445,13 @@ def _steering(model, tokenizer, bank: VectorBank, prompts: SanityPrompts, streng
                  "steered_naming_own_emotion": [e for e, hit in zip(leak_emotions, named) if hit],
                  "steered_texts": dict(zip(leak_emotions, steered))},
     })
-    out["plot"] = _plot_steering(out, out_dir / "steering_ranks.png")
+    out["plot"] = steering_ranks_png(out, out_dir / "steering_ranks.png")
     return out
-
-
-def _plot_steering(s: Dict, path: Path) -> str:
-    N = s["n_candidates"]
-    fig = _figure(6.4, 4.0)
-    ax = fig.add_subplot()
-    grid = np.arange(1, N + 1)
-    for i, row in enumerate(s["by_strength"]):
-        ranks = np.sort(np.asarray(list(row["ranks"].values())))
-        share = np.searchsorted(ranks, grid, side="right") / N
-        ax.step(grid, share, where="post", color=f"C{i}",
-                label=f"strength {row['strength']:g}: top-1 {_fmt(row['top1'])}, mean rank {row['mean_rank']:.1f}")
-    ax.plot(grid, grid / N, color="grey", ls=":", lw=1, label=f"chance (mean rank {(N + 1) / 2:.1f})")
-    if N > 20:
-        ax.set_xscale("log")
-    ax.set_xlabel(f"rank of the steered emotion's own word among {N} emotion words (1 = rose most)")
-    ax.set_ylabel("share of steered emotions with rank ≤ x")
-    ax.set_ylim(0, 1.02)
-    ax.set_title(f"Steering sanity check at layer {s['layer']}: rank of the own word's log-prob rise", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
-    return _save(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The three sections together
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def _plot_layers(scenarios: Dict, intensity: Dict, steering: Dict, layer: int, path: Path) -> Optional[str]:
-    panels = [p for p in (("scenarios", scenarios), ("intensity", intensity), ("steering", steering))
-              if p[1].get("per_layer")]
-    if not panels:
-        return None
-    fig = _figure(4.0 * len(panels), 3.4)
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for ax, (name, sec) in zip(axes, panels):
-        curve = sec["per_layer"]
-        if name == "scenarios":
-            ax.plot(curve["layers"], curve["top1"], marker="o", ms=2, label="top-1")
-            ax.plot(curve["layers"], curve[f"top{SCENARIO_TOP}"], marker="o", ms=2, label=f"top-{SCENARIO_TOP}")
-            ax.axhline(sec["chance_top1"], color="C0", ls=":", lw=1, label="chance top-1")
-            ax.axhline(sec[f"chance_top{SCENARIO_TOP}"], color="C1", ls=":", lw=1, label=f"chance top-{SCENARIO_TOP}")
-            ax.set_title("Implicit scenarios", fontsize=9)
-            ax.axvline(layer, color="crimson", ls="--", lw=1, label=f"report layer {layer}")
-        elif name == "intensity":
-            share = [np.nan if x is None else x for x in curve["share_right"]]
-            rho = [np.nan if x is None else x for x in curve["mean_signed_rho"]]
-            ax.plot(curve["layers"], share, marker="o", ms=2, label="share in the expected direction")
-            ax.plot(curve["layers"], rho, marker="o", ms=2, label="mean signed ρ")
-            ax.axhline(0.5, color="C0", ls=":", lw=1, label="chance share (0.5)")
-            ax.axhline(0.0, color="C1", ls=":", lw=1, label="chance ρ (0)")
-            ax.set_title("Intensity templates", fontsize=9)
-            ax.axvline(layer, color="crimson", ls="--", lw=1, label=f"report layer {layer}")
-        else:
-            ax.plot(curve["layers"], curve["top1"], marker="o", ms=3, label="top-1")
-            ax.plot(curve["layers"], curve[f"top{STEERING_TOP}"], marker="o", ms=3, label=f"top-{STEERING_TOP}")
-            ax.axhline(sec["chance_top1"], color="C0", ls=":", lw=1, label="chance top-1")
-            ax.axhline(sec[f"chance_top{STEERING_TOP}"], color="C1", ls=":", lw=1,
-                       label=f"chance top-{STEERING_TOP}")
-            ax.axvline(sec["layer"], color="crimson", ls="--", lw=1, label=f"steering layer {sec['layer']}")
-            ax.set_title(f"Steering sanity (strength {curve['strength']:g}), by steered layer", fontsize=9)
-        from matplotlib.ticker import MaxNLocator
-
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("layer", fontsize=8)
-        ax.set_ylim(-1.02 if name == "intensity" else 0, 1.02)  # a signed rho spans [-1, 1]
-        ax.tick_params(labelsize=7)
-        ax.legend(fontsize=6, loc="best")
-    return _save(fig, path)
 
 
 def validation_sections(bank: VectorBank, model, tokenizer, out_dir: Path, *, layer: int,
@@ -726,8 +463,7 @@ def validation_sections(bank: VectorBank, model, tokenizer, out_dir: Path, *, la
     Args:
         bank, model, tokenizer: as for :func:`emokern.validation.report.validation_report` (already checked against each other).
         layer: the report's layer (one of ``bank.layers``), where scenarios and intensity are read.
-        scenarios, templates, sanity: the loaded data files (:func:`load_scenarios`, :func:`load_intensity`,
-            :func:`load_sanity_prompts`).
+        scenarios, templates, sanity: the loaded data files (:mod:`emokern.validation.concept_data`).
         strengths: steering strengths (fractions of the steering layer's mean residual norm), at least one, finite
             and non-zero; the leak check and the layer sweep use the middle one.
         steer_layer: where to steer (default: :meth:`VectorBank.two_thirds_layer`); one of ``bank.layers``.
@@ -757,7 +493,8 @@ def validation_sections(bank: VectorBank, model, tokenizer, out_dir: Path, *, la
     leak_emotions = list(dict.fromkeys(s.emotion for s in scenarios if s.emotion in bank.names))
     steer = _steering(model, tokenizer, bank, sanity, strengths, steer_layer, leak_emotions, out_dir, progress)
     return {"scenarios": scen, "intensity": inten, "steering": steer,
-            "layers_plot": _plot_layers(scen, inten, steer, layer, out_dir / "validation_layers.png")}
+            "layers_plot": validation_layers_png(scen, inten, steer, layer, out_dir / "validation_layers.png",
+                                                 scenario_top=SCENARIO_TOP, steering_top=STEERING_TOP)}
 
 
 def key_numbers(report: Dict) -> Dict:
@@ -789,90 +526,17 @@ def summary_line(report: Dict) -> str:
     k = key_numbers(report)
     parts = []
     if "scenario_top1" in k:
-        parts.append(f"implicit scenarios top-1 {_fmt(k['scenario_top1'])} / top-3 {_fmt(k['scenario_top3'])} "
-                     f"(chance {_fmt(k['scenario_chance_top1'])} / {_fmt(k['scenario_chance_top3'])})")
+        parts.append(f"implicit scenarios top-1 {format_number(k['scenario_top1'])} / top-3 "
+                     f"{format_number(k['scenario_top3'])} (chance {format_number(k['scenario_chance_top1'])} / "
+                     f"{format_number(k['scenario_chance_top3'])})")
     if "intensity_share_right" in k:
         parts.append(f"intensity {k['intensity_n_right']}/{k['intensity_n_pairs']} "
-                     f"in the expected direction ({_fmt(k['intensity_share_right'])}, chance 0.5, sign test p = "
-                     f"{k['intensity_sign_test_p']:.2g})")
+                     f"in the expected direction ({format_number(k['intensity_share_right'])}, chance 0.5, sign test "
+                     f"p = {k['intensity_sign_test_p']:.2g})")
     rows = (report.get("steering") or {}).get("by_strength") or []
     if rows:
         best = rows[-1]
-        parts.append(f"steering own-word top-1 {_fmt(best['top1'])} / top-5 {_fmt(best['top5'])} at strength "
-                     f"{best['strength']:g} (chance {_fmt(k['steering_chance_top1'])} / "
-                     f"{_fmt(k['steering_chance_top5'])}, {k['steering_n_words']} words)")
+        parts.append(f"steering own-word top-1 {format_number(best['top1'])} / top-5 {format_number(best['top5'])} "
+                     f"at strength {best['strength']:g} (chance {format_number(k['steering_chance_top1'])} / "
+                     f"{format_number(k['steering_chance_top5'])}, {k['steering_n_words']} words)")
     return "; ".join(parts) if parts else "sections 5-7: nothing computed"
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# HTML
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _p(x) -> str:
-    return "—" if x is None else f"{x:.2g}"
-
-
-def validation_html(report: Dict, out_dir: Path) -> str:
-    """The page's sections 5-7 (HTML fragments joined), from ``report['scenarios' | 'intensity' | 'steering']``."""
-    s, i, t = report["scenarios"], report["intensity"], report["steering"]
-    left_out = f"; left out (not in the bank): {_e(', '.join(s['skipped_emotions']))}" if s["skipped_emotions"] else ""
-    parts = ["<h2>5. Implicit scenarios</h2>",
-             f"<p class='note'>{_e(s['measure'])}; read at layer {report['layer']['index']}. "
-             f"{s['n_scenarios']} scenarios over {s['n_emotions']} emotions{left_out}.</p>"]
-    if s.get("note"):
-        parts.append(f"<p class='note'>{_e(s['note'])}</p>")
-    else:
-        parts.append(_table(["measure", "centred (main)", "uncentred", "chance"], [
-            ["top-1", s["top1"], s["uncentred"]["top1"], s["chance_top1"]],
-            [f"top-{SCENARIO_TOP}", s[f"top{SCENARIO_TOP}"], s["uncentred"][f"top{SCENARIO_TOP}"],
-             s[f"chance_top{SCENARIO_TOP}"]],
-            ["mean rank", s["mean_rank"], s["uncentred"]["mean_rank"], s["chance_mean_rank"]]]))
-        parts.append(f"<p>Top-1 binomial p (one-sided, against chance) = {_p(s['top1_binomial_p'])}.</p>")
-        parts.append(_img(out_dir, s.get("plot"), "Scenario × emotion cosine, centred per emotion"))
-        parts.append("<details><summary>per scenario</summary>" + _table(
-            ["emotion", "prompt", "rank", f"top {SCENARIO_TOP}"],
-            [[_e(r["emotion"]), _e(r["prompt"]), r["rank"], _e(", ".join(r["top"]))] for r in s["per_scenario"]])
-            + "</details>")
-
-    parts += ["<h2>6. Intensity templates</h2>", f"<p class='note'>{_e(i['measure'])}.</p>"]
-    if i.get("note"):
-        parts.append(f"<p class='note'>{_e(i['note'])}</p>")
-    else:
-        parts.append(f"<p>{i['n_right']} of {i['n_decided']} (template, emotion) pairs move in the expected "
-                     f"direction: share {_fmt(i['share_right'])} (chance 0.5), sign test p = {_p(i['sign_test_p'])}; "
-                     f"mean signed ρ = {_fmt(i['mean_signed_rho'])} (chance 0).</p>")
-        parts.append(_img(out_dir, i.get("plot"), "Cosine vs the number, per template"))
-        parts.append(_table(["template", "emotion", "expected", "Spearman ρ", "p", "right"],
-                            [[_e(p["template"]), _e(p["emotion"]), p["expected"], p["rho"], p["p"],
-                              {True: "yes", False: "no", None: "—"}[p["right"]]] for p in i["pairs"]]))
-
-    parts += ["<h2>7. Steering sanity check</h2>"]
-    if t.get("note"):
-        parts.append(f"<p class='note'>{_e(t['note'])}</p>")
-    else:
-        probes = "; ".join(f"“{p['user']}” → “{p['prefix']} …”" for p in t["probes"])
-        parts.append(f"<p class='note'>Steered at layer {t['layer']} ({_e(t['layer_rule'])}) on {_e(t['scope'])}; "
-                     f"probes: {_e(probes)}. Rise: {_e(t['rise'])}. {t['n_candidates']} emotions take part "
-                     f"({len(t['single_token'])} one-token words); left out for sharing a first token: "
-                     f"{_e(', '.join(t['excluded_shared_first_token']) or 'none')}.</p>")
-        rows = [[f"{r['strength']:g}", r["top1"], r[f"top{STEERING_TOP}"], r["mean_rank"],
-                 (r.get("single_token_words") or {}).get("top1"), r["own_rise_mean"], r["other_rise_mean"]]
-                for r in t["by_strength"]]
-        rows.append(["chance", t["chance_top1"], t[f"chance_top{STEERING_TOP}"], t["chance_mean_rank"],
-                     None, None, None])
-        parts.append(_table(["strength", "top-1", f"top-{STEERING_TOP}", "mean rank", "top-1 (one-token words)",
-                             "own word's mean rise", "other words' mean rise"], rows))
-        parts.append(_img(out_dir, t.get("plot"), "Distribution of the own word's rank"))
-        leak = t["leak"]
-        parts.append(f"<h3>Leak check</h3><p>“{_e(leak['user'])}”, every token steered at strength "
-                     f"{leak['strength']:g}, greedy, {leak['max_new_tokens']} tokens: "
-                     f"{_fmt(leak['steered_share_naming_own_emotion'])} of the {leak['n']} steered answers name "
-                     f"their steered emotion; the unsteered answer names "
-                     f"{_fmt(leak['unsteered_share_of_emotions_named'])} of those emotions. "
-                     f"Unsteered: <i>{_e(leak['unsteered_text'])}</i></p>")
-        parts.append(_table(["steered toward", "names it", "answer"],
-                            [[_e(e), "yes" if e in leak["steered_naming_own_emotion"] else "no", _e(text)]
-                             for e, text in leak["steered_texts"].items()]))
-    parts.append(_img(out_dir, report.get("validation_layers_plot"), "Sections 5-7 over layers"))
-    return "\n".join(parts)

@@ -40,16 +40,15 @@ hundreds of times larger than the rest in the middle layers, and in a short comm
 on SmolLM2-135M: GoEmotions mean AUROC 0.50-0.55 and EmoBank r about 0.05 over layers 11-27 read bare, against
 0.65-0.69 and 0.21-0.37 read in the chat frame).
 
-scikit-learn, scipy and matplotlib are imported inside the functions that need them, so importing this module (as
-the command line does to build its parser) stays light.
+This module computes the sections and writes ``report.json``; the figures and the page are
+:mod:`emokern.validation.report_page`, sections 5-7 :mod:`emokern.validation.concept_checks`, and the ``emokern
+report`` command :mod:`emokern.cli`. scikit-learn, scipy and matplotlib are imported inside the functions that need
+them, so importing this module stays light.
 """
 
 from __future__ import annotations
 
-import argparse
-import base64
 import datetime
-import html
 import json
 import os
 from pathlib import Path
@@ -59,15 +58,17 @@ import numpy as np
 import torch
 
 from emokern.core.bank import VectorBank
+from emokern.util.stats import pearson, pearson_p_value, unit_rows
+from emokern.validation import concept_checks, concept_data
+from emokern.validation.report_page import (cosine_matrix_png, emobank_valence_png, goemotions_auroc_png,
+                                            pca_scatter_png, quality_curve_png, report_html)
 
 __all__ = [
     "FEATURED_EMOTIONS",
     "GOEMOTIONS_TO_EMOTION",
     "GOEMOTIONS_UNMAPPED",
     "MIN_EMOTIONS",
-    "add_report_arguments",
     "logit_lens",
-    "report_command",
     "validation_report",
 ]
 
@@ -141,42 +142,18 @@ def _text_config(model):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def _pearson(x: Sequence[float], y: Sequence[float]) -> Dict:
-    """``{"r", "p", "n"}``; r and p are ``None`` (with a ``note``) for fewer than 3 points or a constant series."""
-    from scipy.stats import pearsonr
-
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    n = int(len(x))
+def _correlation(x: Sequence[float], y: Sequence[float]) -> Dict:
+    """``{"r", "p", "n"}``: Pearson's r (:func:`emokern.util.stats.pearson`) and its two-sided p-value
+    (:func:`emokern.util.stats.pearson_p_value`); r and p are ``None`` (with a ``note``) for fewer than
+    :data:`MIN_CORRELATION_POINTS` points or a constant series."""
+    x, y = [float(v) for v in x], [float(v) for v in y]
+    n = len(x)
     if n < MIN_CORRELATION_POINTS:
         return {"r": None, "p": None, "n": n, "note": f"needs at least {MIN_CORRELATION_POINTS} points; got {n}"}
-    if np.ptp(x) == 0 or np.ptp(y) == 0:
+    r = pearson(x, y, min_points=MIN_CORRELATION_POINTS)
+    if r is None:
         return {"r": None, "p": None, "n": n, "note": "one of the series is constant"}
-    result = pearsonr(x, y)
-    return {"r": float(result.statistic), "p": float(result.pvalue), "n": n}
-
-
-def _fmt(x, digits: int = 3) -> str:
-    """A number as the page shows it (``digits`` decimals); ``None`` as an em dash."""
-    if x is None:
-        return "—"
-    if isinstance(x, int):
-        return str(x)
-    return f"{x:.{digits}f}"
-
-
-def _figure(width: float, height: float):
-    # An explicit Agg canvas, as in emokern.core.trace_plots: pyplot's global state and the user's backend are never touched.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path: Path) -> str:
-    fig.savefig(path, format="png")
-    return path.name
+    return {"r": r, "p": pearson_p_value(r, n), "n": n}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -266,7 +243,7 @@ def _classification(bank: VectorBank, layer: int, stories: Optional[Tuple[List[s
             "chosen_layer": default.get("chosen") if isinstance(default, dict) else None,
             "layer_rule": default.get("rule") if isinstance(default, dict) else None,
         }
-        out["plot"] = _plot_quality_curve(out["quality_curve"], layer, K, out_dir / "quality_curve.png")
+        out["plot"] = quality_curve_png(out["quality_curve"], layer, K, out_dir / "quality_curve.png")
 
     if stories is not None:
         texts, labels = stories
@@ -293,37 +270,6 @@ def _classification(bank: VectorBank, layer: int, stories: Optional[Tuple[List[s
     return out
 
 
-def _plot_quality_curve(curve: Dict, layer: int, K: int, path: Path) -> str:
-    fig = _figure(7.2, 3.8)
-    ax = fig.add_subplot()
-    held = "test premises" if curve["split"] == "premises" else "held-out stories"
-    ax.plot(curve["layers"], curve["top1"], marker="o", ms=3, color="C0", label=f"top-1 ({held})")
-    ax.plot(curve["layers"], curve["top5"], marker="o", ms=3, color="C1", label=f"top-{min(5, K)} ({held})")
-    if curve.get("validation_top1"):
-        ax.plot(curve["layers"], curve["validation_top1"], ls="--", lw=1, color="C0", alpha=0.6,
-                label="top-1 (validation premises)")
-        ax.plot(curve["layers"], curve["validation_top5"], ls="--", lw=1, color="C1", alpha=0.6,
-                label=f"top-{min(5, K)} (validation premises)")
-    if curve.get("valence_auroc"):
-        ax.plot(curve["layers"], curve["valence_auroc"], marker=".", ms=3, color="C3", lw=1,
-                label="valence AUROC (test premises)")
-    for name, value in (curve.get("probe_top1") or {}).items():
-        ax.plot([int(name)], [value], marker="*", ms=10, color="C2", ls="none",
-                label="probe top-1 (ceiling)" if name == next(iter(curve["probe_top1"])) else None)
-    ax.axhline(1 / K, color="grey", ls=":", lw=1, label=f"chance top-1 (1/{K})")
-    ax.axhline(min(5, K) / K, color="grey", ls="-.", lw=0.8, label=f"chance top-{min(5, K)}")
-    ax.axvline(layer, color="crimson", ls="--", lw=1, label=f"report layer {layer}")
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("layer")
-    ax.set_ylabel("accuracy / AUROC")
-    ax.set_ylim(0, 1.02)
-    ax.set_title(f"Held-out story classification over {K} emotions")
-    ax.legend(fontsize=6.5, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    return _save(fig, path)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # 2. Geometry
 # ----------------------------------------------------------------------------------------------------------------------
@@ -342,7 +288,7 @@ def _geometry(vectors: torch.Tensor, names: List[str], norms, out_dir: Path) -> 
     strict = [(k, n) for k, n in rated if n.match != "derived"]
 
     def correlate(pairs, pc: int, attr: str) -> Dict:
-        return _pearson([scores[k, pc] for k, _ in pairs], [getattr(n, attr) for _, n in pairs])
+        return _correlation([scores[k, pc] for k, _ in pairs], [getattr(n, attr) for _, n in pairs])
 
     signs = []
     for pc, attr in ((0, "valence"), (1, "arousal")):
@@ -364,7 +310,7 @@ def _geometry(vectors: torch.Tensor, names: List[str], norms, out_dir: Path) -> 
         clusters.append({"cluster": number, "size": len(members), "mean_pc1": float(scores[members, 0].mean()),
                          "members": [names[k] for k in members]})
     order = [names.index(m) for c in clusters for m in c["members"]]
-    unit = X / np.linalg.norm(X, axis=1, keepdims=True)
+    unit = unit_rows(torch.from_numpy(X)).numpy()
     cosine = (unit @ unit.T)[np.ix_(order, order)]  # rows and columns in cluster order
 
     geometry = {
@@ -394,52 +340,13 @@ def _geometry(vectors: torch.Tensor, names: List[str], norms, out_dir: Path) -> 
                      for k, name in enumerate(names)],
         "cosine": {"order": [names[k] for k in order], "matrix": np.round(cosine, 4).tolist()},
         "plots": {
-            "pca_scatter": _plot_pca(scores, names, cluster_of, pca.explained_variance_ratio_, can_orient,
-                                     out_dir / "pca_scatter.png"),
-            "cosine_matrix": _plot_cosine(cosine, [names[k] for k in order],
+            "pca_scatter": pca_scatter_png(scores, names, cluster_of, pca.explained_variance_ratio_, can_orient,
+                                           out_dir / "pca_scatter.png", n_clusters=N_CLUSTERS),
+            "cosine_matrix": cosine_matrix_png(cosine, [names[k] for k in order],
                                           [c["size"] for c in clusters], out_dir / "cosine_matrix.png"),
         },
     }
     return geometry, (components[0] if can_orient else None)
-
-
-def _plot_pca(scores, names, cluster_of, ratio, oriented: bool, path: Path) -> str:
-    from matplotlib import colormaps
-
-    K = len(names)
-    fig = _figure(8.5, 7.0)
-    ax = fig.add_subplot()
-    cmap = colormaps["tab10"]
-    for c in range(1, N_CLUSTERS + 1):
-        sel = cluster_of == c
-        ax.scatter(scores[sel, 0], scores[sel, 1], s=14, color=cmap(c - 1), label=f"cluster {c} ({int(sel.sum())})")
-    fontsize = 7 if K <= 40 else 4.5
-    for k, name in enumerate(names):
-        ax.annotate(name.replace("$", r"\$"), (scores[k, 0], scores[k, 1]), fontsize=fontsize,
-                    xytext=(2, 2), textcoords="offset points")
-    note = " (oriented: + = positive valence)" if oriented else " (sign arbitrary)"
-    ax.set_xlabel(f"PC1, {100 * ratio[0]:.1f}% of variance{note}")
-    ax.set_ylabel(f"PC2, {100 * ratio[1]:.1f}% of variance{' (oriented: + = arousal)' if oriented else ''}")
-    ax.set_title(f"PCA of {K} emotion vectors, coloured by k-means cluster (k = {N_CLUSTERS})")
-    ax.legend(fontsize=7, loc="best")
-    return _save(fig, path)
-
-
-def _plot_cosine(matrix: np.ndarray, names: List[str], sizes: List[int], path: Path) -> str:
-    K = len(names)
-    side = max(6.0, min(18.0, 0.1 * K + 3))
-    fig = _figure(side + 1.2, side)
-    ax = fig.add_subplot()
-    im = ax.imshow(matrix, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
-    fontsize = max(3.0, min(8.0, 500 / K))
-    ax.set_xticks(range(K), [n.replace("$", r"\$") for n in names], rotation=90, fontsize=fontsize)
-    ax.set_yticks(range(K), [n.replace("$", r"\$") for n in names], fontsize=fontsize)
-    for edge in np.cumsum(sizes)[:-1]:
-        ax.axhline(edge - 0.5, color="black", lw=0.6)
-        ax.axvline(edge - 0.5, color="black", lw=0.6)
-    ax.set_title("Cosine similarity of the emotion vectors (ordered by k-means cluster)")
-    fig.colorbar(im, ax=ax, shrink=0.6)
-    return _save(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -574,23 +481,8 @@ def _goemotions(bank: VectorBank, layer: int, featured: List[str], data: List, l
         "top_snippets": snippets,
     }
     if scored:
-        out["plot"] = _plot_auroc(labels, out_dir / "goemotions_auroc.png")
+        out["plot"] = goemotions_auroc_png(labels, out_dir / "goemotions_auroc.png")
     return out
-
-
-def _plot_auroc(labels: Dict, path: Path) -> str:
-    rows = [(f"{label} → {r['emotion']} ({r['n_pos']}+)", r["auroc"]) for label, r in labels.items()
-            if r["auroc"] is not None]
-    rows.sort(key=lambda t: t[1])
-    fig = _figure(6.4, 0.28 * len(rows) + 1.4)
-    ax = fig.add_subplot()
-    ax.barh(range(len(rows)), [a for _, a in rows], color="tab:blue")
-    ax.set_yticks(range(len(rows)), [name for name, _ in rows], fontsize=8)
-    ax.axvline(0.5, color="grey", ls=":", lw=1)
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("AUROC (0.5 = chance); (n+) = positive comments")
-    ax.set_title("GoEmotions test: label vs matching emotion's projection")
-    return _save(fig, path)
 
 
 def _emobank(direction: Optional[np.ndarray], data: List, limit: Optional[int], read, out_dir: Path,
@@ -607,19 +499,9 @@ def _emobank(direction: Optional[np.ndarray], data: List, limit: Optional[int], 
     acts = read([x.text for x in data], fmt, 0)
     readout = acts.double().numpy() @ direction
     human = [x.valence for x in data]
-    out.update(_pearson(readout, human))
-    out["plot"] = _plot_emobank(readout, human, out["r"], out_dir / "emobank_valence.png")
+    out.update(_correlation(readout, human))
+    out["plot"] = emobank_valence_png(readout, human, out["r"], out_dir / "emobank_valence.png")
     return out
-
-
-def _plot_emobank(readout: np.ndarray, human: List[float], r: Optional[float], path: Path) -> str:
-    fig = _figure(5.6, 4.2)
-    ax = fig.add_subplot()
-    ax.scatter(human, readout, s=8, alpha=0.5)
-    ax.set_xlabel("human valence (EmoBank V, 1-5)")
-    ax.set_ylabel("valence readout (projection on oriented PC1)")
-    ax.set_title(f"EmoBank test: r = {_fmt(r)} (n = {len(human)})")
-    return _save(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -657,7 +539,7 @@ def validation_report(bank: VectorBank, model, tokenizer, out_dir: PathLike, *, 
         data_dir: folder holding ``norms/``, ``goemotions/`` and ``emobank/`` (default: the package's data; see
             :mod:`emokern.validation.datasets`).
         scenarios, intensity, steering_prompts: JSON files replacing the packaged implicit scenarios, intensity
-            templates and steering sanity prompts of sections 5-7 (see :mod:`emokern.validation.concept_checks` for their shapes).
+            templates and steering sanity prompts of sections 5-7 (see :mod:`emokern.validation.concept_data` for their shapes).
         steering_strengths: the sanity check's strengths (default :data:`emokern.validation.concept_checks.STEERING_STRENGTHS`).
 
     Returns:
@@ -673,7 +555,6 @@ def validation_report(bank: VectorBank, model, tokenizer, out_dir: PathLike, *, 
         emokern.experiments.common.InputFileError: a scenario, intensity or steering-prompt file is missing or
             malformed (also checked before any forward).
     """
-    from emokern.validation import concept_checks as validation
     from emokern import __version__
     from emokern.validation.datasets import load_emobank, load_goemotions, load_norms
 
@@ -693,9 +574,9 @@ def validation_report(bank: VectorBank, model, tokenizer, out_dir: PathLike, *, 
     norms = {n.word: n for n in load_norms(data_dir=data_dir)}
     goemotions = load_goemotions("test", data_dir=data_dir)
     emobank = load_emobank("test", data_dir=data_dir)
-    scenario_list = validation.load_scenarios(scenarios)
-    templates = validation.load_intensity(intensity)
-    sanity = validation.load_sanity_prompts(steering_prompts)
+    scenario_list = concept_data.load_scenarios(scenarios)
+    templates = concept_data.load_intensity(intensity)
+    sanity = concept_data.load_sanity_prompts(steering_prompts)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -724,9 +605,9 @@ def validation_report(bank: VectorBank, model, tokenizer, out_dir: PathLike, *, 
         "goemotions": _goemotions(bank, layer, featured, goemotions, goemotions_limit, read, out_dir, external_fmt),
         "emobank": _emobank(valence_direction, emobank, emobank_limit, read, out_dir, external_fmt),
     }
-    sections = validation.validation_sections(
+    sections = concept_checks.validation_sections(
         bank, model, tokenizer, out_dir, layer=layer, scenarios=scenario_list, templates=templates, sanity=sanity,
-        strengths=validation.STEERING_STRENGTHS if steering_strengths is None else steering_strengths,
+        strengths=concept_checks.STEERING_STRENGTHS if steering_strengths is None else steering_strengths,
         progress=progress)
     report.update(scenarios=sections["scenarios"], intensity=sections["intensity"], steering=sections["steering"],
                   validation_layers_plot=sections["layers_plot"])
@@ -736,233 +617,5 @@ def validation_report(bank: VectorBank, model, tokenizer, out_dir: PathLike, *, 
                          report["validation_layers_plot"]) if p]
     report["files"] = {"json": "report.json", "html": "report.html", "plots": plots}
     (out_dir / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
-    (out_dir / "report.html").write_text(_html(report, out_dir), encoding="utf-8")
+    (out_dir / "report.html").write_text(report_html(report, out_dir, top_snippets=TOP_SNIPPETS), encoding="utf-8")
     return report
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# HTML
-# ----------------------------------------------------------------------------------------------------------------------
-
-_CSS = """
-body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
-h1 { font-size: 1.5em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
-table { border-collapse: collapse; margin: .6em 0; font-size: .9em; }
-th, td { border: 1px solid #ddd; padding: .2em .5em; text-align: left; vertical-align: top; }
-th { background: #f4f4f4; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
-figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
-figcaption { font-size: .85em; color: #555; } .note { color: #666; font-size: .9em; }
-code.tok { background: #f3f3f3; padding: 0 .2em; margin: 0 .1em; white-space: pre; }
-table.cos td { padding: 0 .2em; font-size: .75em; }
-"""
-
-
-def _e(x) -> str:
-    return html.escape(str(x))
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence], cls: str = "") -> str:
-    def cell(x) -> str:
-        if isinstance(x, (int, float)) or x is None:
-            return f'<td class="num">{_fmt(x)}</td>'
-        return f"<td>{x}</td>"
-
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(cell(x) for x in row) + "</tr>" for row in rows)
-    attr = f' class="{cls}"' if cls else ""
-    return f"<table{attr}><tr>{head}</tr>{body}</table>"
-
-
-def _img(out_dir: Path, name: Optional[str], caption: str) -> str:
-    if not name:
-        return ""
-    data = base64.b64encode((out_dir / name).read_bytes()).decode("ascii")
-    return (f'<figure><img alt="{_e(caption)}" src="data:image/png;base64,{data}">'
-            f'<figcaption>{_e(caption)} (<a href="{_e(name)}">{_e(name)}</a>)</figcaption></figure>')
-
-
-def _corr(c: Dict) -> str:
-    extra = f" — {_e(c['note'])}" if c.get("note") else ""
-    p = f", p = {c['p']:.2g}" if c.get("p") is not None else ""
-    return f"r = {_fmt(c['r'])} (n = {c['n']}{p}){extra}"
-
-
-def _tokens(items: List[Dict]) -> str:
-    return "".join(f'<code class="tok" title="id {t["id"]}, logit {t["logit"]:.3f}">'
-                   f"{_e(json.dumps(t['token'], ensure_ascii=False))}</code>" for t in items)
-
-
-def _html(report: Dict, out_dir: Path) -> str:
-    b, g, c = report["bank"], report["geometry"], report["classification"]
-    m = report["model"]
-    ge, eb, lens = report["goemotions"], report["emobank"], report["logit_lens"]
-    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>emokern report: "
-             f"{_e(b['model_id'] or 'bank')}</title><style>{_CSS}</style></head><body>",
-             "<h1>emokern validation report</h1>",
-             _table(["field", "value"], [
-                 ["model", _e(b["model_id"] or "—")], ["fingerprint", _e(b["fingerprint"] or "—")],
-                 ["model type / layers", _e(f"{m['model_type']} / {m['num_hidden_layers']}")],
-                 ["emotions (K)", b["n_emotions"]], ["bank layers", _e(b["layers"])],
-                 ["report layer", _e(f"{report['layer']['index']} ({report['layer']['source']})")],
-                 ["hidden size", b["hidden_size"]], ["emokern", _e(report["emokern_version"])],
-                 ["created", _e(report["created"])]])]
-
-    # 1. Classification
-    parts.append("<h2>1. Held-out story classification</h2>")
-    parts.append(f"<p>Chance: top-1 = {_fmt(c['chance_top1'])}, top-5 = {_fmt(c['chance_top5'])} "
-                 f"(K = {b['n_emotions']}).</p>")
-    q = c["quality_curve"]
-    if q:
-        L = report["layer"]["index"]
-        if q["split"] == "premises":
-            parts.append(f"<p>Measured at extraction with <b>whole premises held out</b>: vectors from "
-                         f"{q['n_train']} training stories chose the layer on {q['n_validation']} validation "
-                         f"stories; vectors from both were then tested on {q['n_test']} stories of premises that took "
-                         f"no part ({_e(q.get('layer_rule') or '')}).</p>")
-            parts.append(_table(["at layer " + str(L), "test", "chance"], [
-                [f"{b['n_emotions']}-way top-1 (mean-difference vectors)", _fmt(q["top1_at_layer"]),
-                 _fmt(c["chance_top1"])],
-                [f"{b['n_emotions']}-way top-5", _fmt(q["top5_at_layer"]), _fmt(c["chance_top5"])],
-                ["top-1 of a logistic-regression probe (the linear-readout ceiling)",
-                 _fmt(q["probe_top1_at_layer"]), _fmt(c["chance_top1"])],
-                ["valence AUROC: positive vs negative emotions' stories", _fmt(q["valence_auroc_at_layer"]),
-                 "0.5"]]))
-        else:
-            parts.append(f"<p>From the bank's metadata (held out at extraction; {q['n_train']} training, "
-                         f"{q['n_test']} test stories): at layer {L}, top-1 = "
-                         f"{_fmt(q['top1_at_layer'])}, top-5 = {_fmt(q['top5_at_layer'])}.</p>")
-        parts.append(_img(out_dir, c.get("plot"), "Held-out accuracy by layer"))
-        columns = [("top-1", q["top1"]), ("top-5", q["top5"]), ("validation top-1", q.get("validation_top1")),
-                   ("validation top-5", q.get("validation_top5")), ("valence AUROC", q.get("valence_auroc"))]
-        columns = [(name, values) for name, values in columns if values]
-        parts.append("<details><summary>per layer</summary>" +
-                     _table(["layer"] + [n for n, _ in columns],
-                            [[layer] + [v[i] for _, v in columns] for i, layer in enumerate(q["layers"])]) +
-                     "</details>")
-    else:
-        parts.append("<p class='note'>The bank's metadata holds no quality curve.</p>")
-    if c["corpus"]:
-        cc = c["corpus"]
-        parts.append(f"<p>Given corpus ({cc['n']} stories, {cc['n_excluded']} left out as not in the bank; "
-                     f"fmt={_e(cc['fmt'])}, first_token={cc['first_token']}; {_e(cc['centering'])}): "
-                     f"top-1 = {_fmt(cc['top1'])}, top-5 = {_fmt(cc['top5'])}.</p>")
-
-    # 2. Geometry
-    ve = g["variance_explained"]
-    parts.append("<h2>2. Geometry</h2>")
-    parts.append(f"<p>PCA of the {g['n_emotions']} vectors: PC1 explains {_fmt(ve['pc1'])}, PC2 {_fmt(ve['pc2'])} "
-                 f"of the variance (paper: 0.26 and 0.15).</p>")
-    parts.append(_table(["comparison with human norms", "all rated emotions", "strict (no derived matches)", "paper"], [
-        ["PC1 vs valence", _corr(g["pc1_valence"]), _corr(g["pc1_valence_strict"]), "r = 0.81 (n = 45)"],
-        ["PC2 vs arousal", _corr(g["pc2_arousal"]), _corr(g["pc2_arousal_strict"]), "r = 0.66 (n = 45)"]]))
-    parts.append(f"<p class='note'>{_e(g['orientation'])}. Norms: {_e(g['norms'])}.</p>")
-    parts.append(_img(out_dir, g["plots"]["pca_scatter"], "PC1 × PC2, coloured by k-means cluster"))
-    parts.append(f"<p>k-means (k = {g['kmeans']['k']}, random_state = {g['kmeans']['random_state']}, inertia "
-                 f"{_fmt(g['kmeans']['inertia'])}); clusters numbered by decreasing mean PC1:</p>")
-    parts.append(_table(["cluster", "size", "mean PC1", "members"],
-                        [[cl["cluster"], cl["size"], cl["mean_pc1"], _e(", ".join(cl["members"]))]
-                         for cl in g["clusters"]]))
-    parts.append("<details><summary>per-emotion coordinates and norms</summary>" +
-                 _table(["emotion", "PC1", "PC2", "cluster", "valence (1-9)", "arousal (1-9)"],
-                        [[_e(r["name"]), r["pc1"], r["pc2"], r["cluster"], r["valence"], r["arousal"]]
-                         for r in g["emotions"]]) + "</details>")
-    parts.append(_img(out_dir, g["plots"]["cosine_matrix"], "Cosine similarity, ordered by cluster"))
-    order = g["cosine"]["order"]
-    parts.append("<details><summary>cosine-similarity matrix (ordered by cluster)</summary>" +
-                 _table([""] + order, [[_e(n)] + row for n, row in zip(order, g["cosine"]["matrix"])], "cos") +
-                 "</details>")
-
-    # 3. Logit lens
-    parts.append("<h2>3. Logit lens</h2>")
-    parts.append(f"<p class='note'>{_e(lens['method'])}. Top {lens['k']} tokens; every emotion is in report.json."
-                 f"</p>")
-    parts.append(_table(["emotion", "promoted", "suppressed"],
-                        [[_e(e), _tokens(lens["emotions"][e]["promoted"]), _tokens(lens["emotions"][e]["suppressed"])]
-                         for e in report["featured"]]))
-
-    # 4. External text
-    parts.append("<h2>4. External text</h2><h3>GoEmotions (test)</h3>")
-    parts.append(f"<p>{ge['n_texts']} of {ge['n_available']} comments ({_e(ge['selection'])}); "
-                 f"{_e(ge['readout'])}. AUROC scored for {ge['n_scored']} labels; mean AUROC = "
-                 f"{_fmt(ge['mean_auroc'])}.</p>")
-    parts.append(_img(out_dir, ge.get("plot"), "AUROC per GoEmotions label"))
-    parts.append(_table(["label", "emotion", "positives", "negatives", "AUROC", "note"],
-                        [[_e(label), _e(r["emotion"]), r["n_pos"], r["n_neg"], r["auroc"], _e(r.get("note", ""))]
-                         for label, r in ge["labels"].items()]))
-    parts.append(f"<p class='note'>Labels without a clear counterpart among the 171 emotions (not scored): "
-                 f"{_e(', '.join(ge['unmapped']))}.</p>")
-    parts.append(f"<h3>Top-{TOP_SNIPPETS} GoEmotions comments per featured emotion</h3>")
-    for emotion, rows in ge["top_snippets"].items():
-        parts.append(f"<h4>{_e(emotion)}</h4>" + _table(["projection", "comment", "GoEmotions labels"], [
-            [r["score"], _e(r["text"]), _e(", ".join(r["labels"]))] for r in rows]))
-    parts.append("<h3>EmoBank (test)</h3>")
-    parts.append(f"<p>{_e(eb['readout'])}; {_e(eb['selection'])}. Valence readout vs human valence: "
-                 f"{_corr(eb)}.</p>")
-    parts.append(_img(out_dir, eb.get("plot"), "EmoBank valence readout vs human valence"))
-
-    # 5-7. Implicit scenarios, intensity, steering sanity check
-    from emokern.validation.concept_checks import validation_html
-
-    parts.append(validation_html(report, out_dir))
-
-    parts.append("<h2>Data sources</h2><ul class='note'>"
-                 "<li>Glasgow Norms © Scott, Keitel, Becirspahic, Yao &amp; Sereno (2019), CC BY 4.0; subset "
-                 "extracted, values unchanged.</li>"
-                 "<li>GoEmotions: Demszky et al. (2020), ACL. Data © Google LLC, Apache-2.0.</li>"
-                 "<li>EmoBank by Sven Buechel and Udo Hahn (JULIE Lab, Friedrich-Schiller-Universität Jena), "
-                 "github.com/JULIELab/EmoBank, CC BY-SA 4.0; file corpus/emobank.csv, unmodified.</li></ul>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def add_report_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``emokern report``: ``BANK [--model NAME_OR_PATH] [--out DIR] [--layer N] [--limit N]
-    [--batch-size N] [--scenarios FILE] [--intensity FILE] [--steering-prompts FILE]``."""
-    parser.add_argument("bank", metavar="BANK", help="the vector bank: NAME, NAME.json or NAME.safetensors")
-    parser.add_argument("--model", default=None, metavar="NAME_OR_PATH",
-                        help="model to load with emokern.core.models.load_model (default: the bank's model_id if it is an "
-                             "embedded model name, else the default embedded model)")
-    parser.add_argument("--out", default=None, metavar="DIR",
-                        help="output folder (default: NAME_report beside the bank's files)")
-    parser.add_argument("--layer", type=int, default=None, metavar="N",
-                        help="decoder layer to report on (default: the bank's default layer, else ~2/3 depth)")
-    parser.add_argument("--limit", type=int, default=None, metavar="N",
-                        help="evaluate only the first N GoEmotions comments and N EmoBank sentences (default: all)")
-    parser.add_argument("--batch-size", type=int, default=32, metavar="N", help="texts per forward pass (default: 32)")
-    parser.add_argument("--scenarios", default=None, metavar="FILE.json",
-                        help="implicit scenarios replacing emokern/data/validation/implicit_scenarios.json "
-                             "(same shape: see emokern.validation.concept_checks)")
-    parser.add_argument("--intensity", default=None, metavar="FILE.json",
-                        help="intensity templates replacing emokern/data/validation/intensity_templates.json")
-    parser.add_argument("--steering-prompts", default=None, metavar="FILE.json",
-                        help="steering sanity prompts replacing emokern/data/validation/steering_sanity.json")
-
-
-def report_command(args: argparse.Namespace) -> int:
-    """Run ``emokern report``: load the bank and its model, write the report, print where it is; returns 0."""
-    from emokern.core.bank import bank_paths
-    from emokern.core.models import DEFAULT_MODEL, REGISTRY, load_model
-
-    bank = VectorBank.load(args.bank)
-    name = args.model or (bank.model_id if bank.model_id in REGISTRY else DEFAULT_MODEL)
-    model, tokenizer = load_model(name)
-    meta_path = bank_paths(args.bank)[1]
-    out_dir = Path(args.out) if args.out else meta_path.with_name(meta_path.stem + "_report")
-    report = validation_report(bank, model, tokenizer, out_dir, layer=args.layer, goemotions_limit=args.limit,
-                               emobank_limit=args.limit, batch_size=args.batch_size, scenarios=args.scenarios,
-                               intensity=args.intensity, steering_prompts=args.steering_prompts)
-    g = report["geometry"]
-    print(f"layer {report['layer']['index']}: PC1 {_fmt(g['variance_explained']['pc1'])} / PC2 "
-          f"{_fmt(g['variance_explained']['pc2'])} of variance; PC1~valence r = {_fmt(g['pc1_valence']['r'])}, "
-          f"PC2~arousal r = {_fmt(g['pc2_arousal']['r'])}; GoEmotions mean AUROC "
-          f"{_fmt(report['goemotions']['mean_auroc'])}; EmoBank valence r = {_fmt(report['emobank']['r'])}")
-    from emokern.validation.concept_checks import summary_line
-
-    print(summary_line(report))
-    print(f"report: {out_dir / 'report.html'}")
-    return 0
