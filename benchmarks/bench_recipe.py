@@ -133,11 +133,12 @@ GEMMA_READINGS = [
 
 
 def generate(model, tok, corpus: Corpus, work: Path, prompt_format: str, progress: bool):
-    from emokern.extraction.corpus import generate_corpus, load_topics
+    from emokern.extraction.corpus import generate_corpus
+    from emokern.extraction.corpus_plan import load_topics
 
     topics = load_topics()
     if corpus.premises < len(topics):
-        from emokern.extraction.corpus import plan_chunks
+        from emokern.extraction.corpus_plan import plan_chunks
 
         # the first `premises` premises of the seeded order every other corpus uses, so that all share them
         first = [c.jobs[0].topic_index for c in plan_chunks(["happy"], topics, corpus.premises, 0, 1, 0)]
@@ -274,7 +275,7 @@ def usable(stories) -> list:
     """The stories :func:`emokern.extraction.corpus.generate_corpus` keeps today: at least ``MIN_OWN_WORDS`` words of their
     own and not repetitive. Corpora generated before those rules may hold a base model's loops ("I felt sad. I was
     sad. I was sad. ...") with no token left to average once the emotion word and its neighbours are out."""
-    from emokern.extraction.corpus import story_reason
+    from emokern.extraction.corpus_filters import story_reason
 
     return [s for s in stories if story_reason(s.text, s.opening, s.emotion, MIN_OWN_WORDS, names_emotion=True) is None]
 

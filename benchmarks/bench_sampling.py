@@ -37,7 +37,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from emokern.extraction.corpus import _render, load_topics, plan_chunks
+    from emokern.extraction.corpus import job_prompt
+    from emokern.extraction.corpus_plan import load_topics, plan_chunks
     from emokern.core.emotions import load_emotions
     from emokern.core.models import load_model
     from emokern.extraction.sampling import attention, sample
@@ -46,7 +47,7 @@ def main() -> None:
     model.eval()
     jobs = [j for c in plan_chunks(load_emotions()[:args.batch], load_topics(), 1, 0, args.batch, 0, "opening")
             for j in c.jobs][:args.batch]
-    encoded = [tok(_render(tok, j, "chat"), add_special_tokens=False)["input_ids"] for j in jobs]
+    encoded = [tok(job_prompt(tok, j, "chat"), add_special_tokens=False)["input_ids"] for j in jobs]
     width = max(map(len, encoded))
     ids = torch.full((len(encoded), width), tok.eos_token_id)
     mask = torch.zeros_like(ids)

@@ -61,7 +61,8 @@ def extract(model_name: str, out_dir, *, preset: str = "standard", dtype: torch.
         The bank's JSON path.
     """
     from emokern.core.bank import VectorBank, bank_paths
-    from emokern.extraction.corpus import PRESETS, StoryCorpus, generate_corpus, read_manifest
+    from emokern.extraction.corpus import StoryCorpus, generate_corpus, read_manifest
+    from emokern.extraction.corpus_plan import PRESETS
     from emokern.extraction.prompts import resolve_style
     from emokern.extraction.extract import extract_bank_from_corpus
     from emokern.core.models import load_model

@@ -22,18 +22,10 @@ import pytest
 import torch
 
 from emokern.extraction import corpus as C
-from emokern.extraction.corpus import (
-    PRESETS,
-    CorpusConfigError,
-    StoryCorpus,
-    clean_story,
-    emotion_word_pattern,
-    find_emotion_word,
-    generate_corpus,
-    load_topics,
-    plan_chunks,
-    relabel_dialogue,
-)
+from emokern.extraction.corpus import CorpusConfigError, StoryCorpus, generate_corpus
+from emokern.extraction.corpus_filters import clean_story, own_words, relabel_dialogue
+from emokern.extraction.corpus_plan import PRESETS, load_topics, plan_chunks
+from emokern.extraction.emotion_words import emotion_word_pattern, find_emotion_word
 from emokern.core.emotions import load_emotions
 from emokern.extraction.prompts import NAMES, NEUTRAL_TASKS, STYLES
 
@@ -478,6 +470,7 @@ CHILD = textwrap.dedent("""
     import dataclasses, sys, time, torch, transformers
     torch.set_num_threads(1)
     from emokern.extraction import corpus as C
+    from emokern.extraction.corpus_plan import PRESETS
     model_dir, out_dir, pause = sys.argv[1], sys.argv[2], float(sys.argv[3])
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
@@ -487,7 +480,7 @@ CHILD = textwrap.dedent("""
         time.sleep(pause)
         return out
     C._generate_chunk = paced
-    preset = dataclasses.replace(C.PRESETS["mini"], name="tiny", min_words=4, max_new_tokens=24, batch_size=2)
+    preset = dataclasses.replace(PRESETS["mini"], name="tiny", min_words=4, max_new_tokens=24, batch_size=2)
     C.generate_corpus(model, tokenizer, out_dir, preset=preset, emotions=["calm", "happy", "afraid", "desperate"],
                       stories_per_emotion=5, neutral=4, progress=False)
 """)
@@ -601,14 +594,14 @@ def test_opening_style_keeps_the_opening_and_the_emotion_word(model, tokenizer, 
 
     monkeypatch.setattr(C, "_generate_chunk", scripted)
     prompts = []
-    real_render = C._render
-    monkeypatch.setattr(C, "_render", lambda tok, job, fmt: prompts.append(real_render(tok, job, fmt)) or prompts[-1])
+    real_render = C.job_prompt
+    monkeypatch.setattr(C, "job_prompt", lambda tok, job, fmt: prompts.append(real_render(tok, job, fmt)) or prompts[-1])
     corpus = run(model, tokenizer, tmp_path / "c", stories_per_emotion=1, neutral=1, style="opening")
     assert all(p.endswith(("felt calm.", "felt happy.", "felt afraid.", "felt desperate.", "Person:"))
                for p in prompts)
     by_emotion = {s.emotion: s for s in corpus.stories}
     assert set(by_emotion) == set(EMOTIONS)  # naming the emotion is allowed in this style
-    assert C.own_words(by_emotion["desperate"].text, by_emotion["desperate"].opening, "desperate") == 13
+    assert own_words(by_emotion["desperate"].text, by_emotion["desperate"].opening, "desperate") == 13
     calm = by_emotion["calm"]
     assert calm.text.startswith(calm.opening) and calm.opening.endswith("felt calm.")
     assert calm.text == calm.opening + " The sea was calm and so was she" + " w2" * 6

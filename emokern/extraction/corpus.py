@@ -22,31 +22,33 @@ how-to, lists, names, work tasks) of 2 to 4 exchanges with no pleasantries. As i
 speakers as ``Person:`` and ``AI:`` (labels a chat model does not confuse with its own turn markers); they are
 stored relabelled ``Human:`` / ``Assistant:``. The paper's occasional system prompt in a dialogue is not imitated.
 
-**Filtering.** Each output is cleaned (:func:`clean_story`, :func:`relabel_dialogue`), then checked in this order:
-a dialogue under ``min_words`` words, or a story under ``min_words`` words of its own (:func:`own_words`: the
-opening and every form of the emotion word not counted, the tokens the ``opening`` reading leaves out), is dropped
-as ``"too_short"``; a story whose distinct word trigrams are under half of its trigrams (:func:`distinct_trigrams`:
-a model caught in a loop, "I was sad. I was sad. ...", common in small base models) as ``"repetitive"``; a story
-that no longer starts with its opening after clean-up as ``"opening_lost"``; in a style that may not name its
-emotion (``names_emotion=False``), a story that contains its emotion word in any form
-:func:`emokern.extraction.emotion_words.emotion_word_pattern` knows as ``"emotion_word"`` (the form found is recorded as
-``matched`` in every style); a dialogue without both a ``Human:`` and an ``Assistant:`` line as
-``"not_a_dialogue"``. Dropped jobs are kept on disk (with their reason) and
-counted per emotion by :meth:`StoryCorpus.stats`; they are not regenerated.
+**Filtering.** Each output is cleaned (:func:`~emokern.extraction.corpus_filters.clean_story`,
+:func:`~emokern.extraction.corpus_filters.relabel_dialogue`), then checked in this order: a dialogue under ``min_words``
+words, or a story under ``min_words`` words of its own (:func:`~emokern.extraction.corpus_filters.own_words`: the
+opening and every form of the emotion word not counted, the tokens the ``opening`` reading leaves out), is dropped as
+``"too_short"``; a story whose distinct word trigrams are under half of its trigrams
+(:func:`~emokern.extraction.corpus_filters.distinct_trigrams`: a model caught in a loop, "I was sad. I was sad. ...",
+common in small base models) as ``"repetitive"``; a story that no longer starts with its opening after clean-up as
+``"opening_lost"``; in a style that may not name its emotion (``names_emotion=False``), a story that contains its
+emotion word in any form :func:`emokern.extraction.emotion_words.emotion_word_pattern` knows as ``"emotion_word"`` (the
+form found is recorded as ``matched`` in every style); a dialogue without both a ``Human:`` and an ``Assistant:`` line
+as ``"not_a_dialogue"``. Dropped jobs are kept on disk (with their reason) and counted per emotion by
+:meth:`StoryCorpus.stats`; they are not regenerated.
 
-**Jobs, chunks and resuming.** :func:`plan_chunks` turns the configuration into a fixed list of jobs (story key
-``"{emotion}|{topic_index}|{k}"``, neutral key ``"neutral|{topic_index}|{k}"``) cut into chunks of ``batch_size``
-jobs: the same configuration always gives the same chunks. A chunk is the unit of work and of commit: one batched
-sampling call (:func:`emokern.extraction.sampling.sample`, left padding, its generator seeded with the chunk's seed), then one
-shard file ``shards/stories-{chunk:05d}.jsonl`` (or ``neutral-...``) written to a temporary file and renamed into
-place, with one JSON record per job, kept or dropped. A run that is killed at any moment and started again with the
-same arguments skips the chunks whose shard exists, so no finished story is lost or written twice.
+**Jobs, chunks and resuming.** :func:`~emokern.extraction.corpus_plan.plan_chunks` turns the configuration into a fixed
+list of jobs (story key ``"{emotion}|{topic_index}|{k}"``, neutral key ``"neutral|{topic_index}|{k}"``) cut into chunks
+of ``batch_size`` jobs: the same configuration always gives the same chunks. A chunk is the unit of work and of commit:
+one batched sampling call (:func:`emokern.extraction.sampling.sample`, left padding, its generator seeded with the
+chunk's seed), then one shard file ``shards/stories-{chunk:05d}.jsonl`` (or ``neutral-...``) written to a temporary file
+and renamed into place, with one JSON record per job, kept or dropped. A run that is killed at any moment and started
+again with the same arguments skips the chunks whose shard exists, so no finished story is lost or written twice.
 ``manifest.json`` records the configuration; starting with a different one in the same directory raises
 :class:`CorpusConfigError`, except that a corpus can be grown to more stories or dialogues (see
 :func:`generate_corpus`). Given the chunk, generation is deterministic on the same machine, dtype, thread count and
 library versions (a resumed run then equals an uninterrupted one); elsewhere the sampled texts may differ.
 
-**Presets** (:data:`PRESETS`; most fields can be overridden through :func:`generate_corpus`'s arguments):
+**Presets** (:data:`~emokern.extraction.corpus_plan.PRESETS`; most fields can be overridden through
+:func:`generate_corpus`'s arguments):
 
 * ``standard``: the main job's corpus: all 171 emotions x 32 stories on 32 premises in the ``opening`` style and 48
   neutral dialogues. The package ships the one generated on the embedded SmolLM2 (:mod:`emokern.extraction.shipped_corpora`).
@@ -56,6 +58,10 @@ library versions (a resumed run then equals an uninterrupted one); elsewhere the
 * ``paper``: the paper's scale and rule: 100 premises x 12 stories for each of the 171 emotions (205,200 stories) in
   the ``implicit`` style and 1,200 neutral dialogues, 300 new tokens each: days of a 2-core machine, a GPU job.
 
+This module stores and generates the corpus; what it asks for (presets, premises, the job plan) is
+:mod:`emokern.extraction.corpus_plan`, the clean-up and the checks :mod:`emokern.extraction.corpus_filters`. (About
+600 lines: reading a corpus and writing one share its manifest and shard format, kept in one place.)
+
 The model is used as given: put it in eval mode. On CPUs with AMX a bfloat16 model samples about three times faster
 than float32. The tokenizer is never modified: padding is done here.
 """
@@ -63,58 +69,44 @@ than float32. The tokenizer is never modified: padding is done here.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import importlib.metadata
 import json
 import os
-import re
 import shutil
 import time
-from importlib.resources import files
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from emokern.extraction.emotion_words import emotion_word_pattern, emotion_word_spans, find_emotion_word  # noqa: F401
 from emokern.core.emotions import load_emotions
-from emokern.extraction.prompts import (NAMES, NARRATION, NEUTRAL_OPENING, NEUTRAL_SYSTEM, NEUTRAL_TASKS,
-                                        NEUTRAL_USER, PLAIN_LEAD, StoryStyle, prompts_sha256, resolve_style)
 from emokern.core.models import model_fingerprint
+from emokern.extraction.corpus_filters import clean_story, is_dialogue, relabel_dialogue, story_reason
+from emokern.extraction.corpus_plan import Chunk, CorpusPreset, Job, load_topics, plan_chunks, resolve_preset
+from emokern.extraction.emotion_words import find_emotion_word
+from emokern.extraction.prompts import PLAIN_LEAD, prompts_sha256, resolve_style
 from emokern.util.files import atomic_write_text, temporary_leftovers
 from emokern.util.names import close_names
 
 __all__ = [
     "MANIFEST",
-    "PRESETS",
     "PROMPT_FORMATS",
     "SHARDS",
-    "Chunk",
     "CorpusConfigError",
-    "CorpusPreset",
-    "Job",
     "NeutralDialogue",
     "Story",
     "StoryCorpus",
-    "clean_story",
-    "emotion_word_pattern",
-    "emotion_word_spans",
-    "find_emotion_word",
-    "own_words",
-    "distinct_trigrams",
-    "story_reason",
     "generate_corpus",
-    "load_topics",
-    "plan_chunks",
-    "relabel_dialogue",
+    "job_prompt",
+    "plan_from_manifest",
+    "read_manifest",
+    "special_token_ids",
 ]
 
 MANIFEST = "manifest.json"
 SHARDS = "shards"
 _FORMAT = 1
-_N_TOPICS = 100
-_TOPICS_FILE = "topics.txt"
 PROMPT_FORMATS = ("chat", "plain")
 # Recorded in the manifest: shards sampled another way are not continued with this sampler.
 _SAMPLER = "emokern.extraction.sampling.sample(candidates=256)"
@@ -122,293 +114,6 @@ _SAMPLER = "emokern.extraction.sampling.sample(candidates=256)"
 
 class CorpusConfigError(ValueError):
     """The output directory holds a corpus made with another configuration (or shards of unknown origin)."""
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Presets
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class CorpusPreset:
-    """A named corpus configuration.
-
-    Attributes:
-        name: a short name, recorded in the manifest (the key in :data:`PRESETS` for the built-in ones).
-        description: what it is for, with measured or estimated costs.
-        emotions: the emotion names, or ``None`` for all 171 (:func:`emokern.core.emotions.load_emotions`).
-        stories_per_emotion: stories per emotion. Story ``j`` of an emotion uses the ``(j mod T)``-th premise of a
-            seeded permutation of the T premises, for the ``k = j // T``-th time; every emotion gets the same premises,
-            so premise content cancels when the mean over emotions is subtracted.
-        neutral: number of neutral dialogues (0 for none).
-        max_new_tokens: the most tokens generated for one story or dialogue.
-        batch_size: jobs per chunk, i.e. per batched generation call and per shard file.
-        min_words: a dialogue with fewer whitespace-separated words after cleaning, or a story with fewer words
-            of its own (:func:`own_words`: not counting its opening or any form of its emotion word), is dropped as
-            ``"too_short"``.
-        temperature, top_p: sampling settings (``top_k`` is disabled).
-        prompt_format: ``"chat"`` (the tokenizer's chat template, system + user turns) or ``"plain"`` (the same
-            instructions as plain text, for base models without a chat template).
-        style: the name of the story style in :data:`emokern.extraction.prompts.STYLES` (how a story is asked for).
-    """
-
-    name: str
-    description: str
-    emotions: tuple[str, ...] | None
-    stories_per_emotion: int
-    neutral: int
-    max_new_tokens: int
-    batch_size: int
-    min_words: int
-    temperature: float = 0.8
-    top_p: float = 0.95
-    prompt_format: str = "chat"
-    style: str = "implicit"
-
-
-PRESETS: dict[str, CorpusPreset] = {
-    p.name: p
-    for p in [
-        CorpusPreset(
-            name="standard",
-            description=(
-                "The main job's corpus: all 171 emotions x 32 stories (one on each of 32 premises) in the 'opening' "
-                "style at temperature 0.6 + 48 neutral dialogues, <= 64 new tokens each (benchmarks/bench_recipe.py: "
-                "short stories at a lower temperature carry as much held-out signal as long ones, for half the "
-                "generation). Shipped in the package for the embedded SmolLM2-135M-Instruct "
-                "(emokern/data/corpora/), so the main job only reads it; generating it anew (emokern demo "
-                "--regenerate, or emokern corpus) takes the time the README gives."),
-            emotions=None,
-            stories_per_emotion=32,
-            neutral=48,
-            max_new_tokens=64,
-            batch_size=171,
-            min_words=20,
-            temperature=0.6,
-            style="opening",
-        ),
-        CorpusPreset(
-            name="quick",
-            description=(
-                "The standard recipe with 4 stories per emotion: all 171 emotions x 4 stories + 48 neutral "
-                "dialogues, <= 64 new tokens each, generated here in minutes."),
-            emotions=None,
-            stories_per_emotion=4,
-            neutral=48,
-            max_new_tokens=64,
-            batch_size=171,
-            min_words=20,
-            temperature=0.6,
-            style="opening",
-        ),
-        CorpusPreset(
-            name="mini",
-            description="4 emotions x 2 stories + 4 neutral dialogues, <= 40 new tokens: for tests and CI.",
-            emotions=("desperate", "calm", "happy", "afraid"),
-            stories_per_emotion=2,
-            neutral=4,
-            max_new_tokens=40,
-            batch_size=4,
-            min_words=10,
-            style="opening",
-        ),
-        CorpusPreset(
-            name="paper",
-            description=(
-                "The paper's scale: 100 premises x 12 stories x 171 emotions = 205,200 stories + 1,200 neutral "
-                "dialogues, <= 300 new tokens each: at most (205,200 + 1,200) x 300 = 61.9 million generated "
-                "tokens. Not run. Estimate for SmolLM2-135M on this project's 2-core machine: at the 261 tokens/s "
-                "measured while generating the standard corpus (emokern.extraction.sampling, batch 171, <= 64 new tokens), "
-                "237,000 s = 2.7 days, and more in practice, since 300-token outputs make each decoding step slower "
-                "than 64-token ones; 3,226 shards of up to 64 jobs. A job for a GPU."),
-            emotions=None,
-            stories_per_emotion=1200,
-            neutral=1200,
-            max_new_tokens=300,
-            batch_size=64,
-            min_words=60,
-            style="implicit",
-        ),
-    ]
-}
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Topics and prompts
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=1)
-def _topics() -> tuple[str, ...]:
-    text = files("emokern").joinpath("data", _TOPICS_FILE).read_text(encoding="utf-8")
-    topics = tuple(line.strip() for line in text.splitlines() if line.strip())
-    if len(topics) != _N_TOPICS or len(set(topics)) != len(topics):
-        raise RuntimeError(f"emokern/data/{_TOPICS_FILE}: expected {_N_TOPICS} unique premises, got {len(topics)} "
-                           f"lines ({len(set(topics))} unique)")
-    return topics
-
-
-def load_topics() -> list[str]:
-    """The 100 everyday premises of ``emokern/data/topics.txt``, in file order (a new list each call)."""
-    return list(_topics())
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Job plan
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Job:
-    """One story or neutral dialogue to generate.
-
-    Attributes:
-        key: ``"{emotion}|{topic_index}|{k}"`` for a story, ``"neutral|{topic_index}|{k}"`` for a dialogue, where
-            ``k`` counts the earlier jobs of the same emotion (or of the neutral set) on the same premise.
-        kind: ``"story"`` or ``"neutral"``.
-        emotion: the story's emotion; ``None`` for a dialogue.
-        topic_index: index of the premise in the topic list; ``topic`` is its text.
-        person: ``"first"`` or ``"third"`` (narration) for a story; ``None`` for a dialogue.
-        task: the dialogue's task type; ``None`` for a story.
-        system, user: the two prompt turns (``system`` may be ``None``).
-        opening: the first words of the answer, written for the model and stored as part of the text (``""``: none).
-    """
-
-    key: str
-    kind: str
-    emotion: str | None
-    topic_index: int
-    topic: str
-    person: str | None
-    task: str | None
-    system: str | None
-    user: str
-    opening: str = ""
-
-
-@dataclasses.dataclass(frozen=True)
-class Chunk:
-    """``jobs`` generated together, seeded with ``seed``, and stored as shard ``f"{kind}-{index:05d}.jsonl"``
-    (``kind`` is ``"stories"`` or ``"neutral"``)."""
-
-    kind: str
-    index: int
-    seed: int
-    jobs: tuple[Job, ...]
-
-    @property
-    def shard_name(self) -> str:
-        return f"{self.kind}-{self.index:05d}.jsonl"
-
-
-def _derived_seed(*parts) -> int:
-    """A 31-bit seed from the SHA-256 of ``parts`` (independent of Python's hash randomisation)."""
-    digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
-def plan_chunks(emotions: Sequence[str], topics: Sequence[str], stories_per_emotion: int, neutral: int,
-                batch_size: int, seed: int, style: str | StoryStyle = "implicit") -> list[Chunk]:
-    """The fixed job list of a configuration, cut into chunks: story chunks first, then neutral chunks.
-
-    Premise order is a permutation of ``range(len(topics))`` seeded by ``seed`` (sorted by the SHA-256 of
-    ``f"{seed}|topic|{t}"``); with ``T = len(topics)``:
-
-    * story ``j`` (0 <= j < ``stories_per_emotion``) of emotion ``i`` (its position in ``emotions``) uses premise
-      ``order[j % T]`` for the ``k = j // T``-th time and first-person narration when ``(i + j % T + k)`` is even,
-      third-person otherwise, so that narration alternates across emotions, premises and repeats; its prompt is
-      ``style``'s (:data:`emokern.extraction.prompts.STYLES`), and its opening, if the style has one, names the character
-      ``NAMES[i']`` with ``i'`` from the SHA-256 of the job key;
-    * stories are listed by ``j`` first, then emotion (every emotion has ``j + 1`` stories after ``(j + 1) *
-      len(emotions)`` jobs), and cut into chunks of ``batch_size`` (the last may be shorter). So a configuration
-      with more stories per emotion (and otherwise the same) begins with the same chunks whenever ``batch_size``
-      divides ``len(emotions)`` times the smaller count;
-    * neutral dialogue ``j`` uses premise ``order[j % T]`` (``k = j // T``), task ``j % 6`` of the six task types
-      and ``2 + j % 3`` exchanges, and opens with ``"Person:"``; neutral jobs are cut into their own chunks.
-
-    Chunk ``c`` of kind ``kind`` is seeded with the first 31 bits of the SHA-256 of ``f"{seed}|{kind}|{c}"``.
-    Arguments are assumed valid (:func:`generate_corpus` checks them).
-    """
-    style = resolve_style(style)
-    T = len(topics)
-    order = sorted(range(T), key=lambda t: hashlib.sha256(f"{seed}|topic|{t}".encode()).digest())
-    stories = []
-    for j in range(stories_per_emotion):
-        pos, k = j % T, j // T
-        t = order[pos]
-        for i, emotion in enumerate(emotions):
-            person = "first" if (i + pos + k) % 2 == 0 else "third"
-            key = f"{emotion}|{t}|{k}"
-            user = style.user.format(topic=topics[t], emotion=emotion, narration=NARRATION[person])
-            name = NAMES[_derived_seed(key) % len(NAMES)]
-            stories.append(Job(key, "story", emotion, t, topics[t], person, None, style.system, user,
-                               style.opening(person, emotion, name)))
-    dialogues = []
-    for j in range(neutral):
-        t, k, task = order[j % T], j // T, NEUTRAL_TASKS[j % len(NEUTRAL_TASKS)]
-        user = NEUTRAL_USER.format(topic=topics[t], task=task, exchanges=2 + j % 3)
-        dialogues.append(Job(f"neutral|{t}|{k}", "neutral", None, t, topics[t], None, task, NEUTRAL_SYSTEM, user,
-                             NEUTRAL_OPENING))
-    chunks = []
-    for kind, jobs in (("stories", stories), ("neutral", dialogues)):
-        for c, start in enumerate(range(0, len(jobs), batch_size)):
-            chunks.append(Chunk(kind, c, _derived_seed(seed, kind, c), tuple(jobs[start:start + batch_size])))
-    return chunks
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Filter and clean-up
-# ----------------------------------------------------------------------------------------------------------------------
-
-_MARKER = re.compile(r"\[\s*/?\s*(?:story|dialogue|end)\b[^\]\n]*\]", re.IGNORECASE)
-_TITLE_LINE = re.compile(r"^\s*(?:#.*|(?:\*\*)?\s*title\s*(?:\*\*)?\s*:.*|\*\*[^*]+\*\*\s*)$", re.IGNORECASE)
-_LABEL = re.compile(r"^\s*(?:\*\*)?\s*(?:story|dialogue)\s*\d*\s*(?:\*\*)?\s*:\s*", re.IGNORECASE)
-_QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d"}
-
-
-def clean_story(raw: str) -> str:
-    """``raw`` model output without chat artefacts, in this order:
-
-    1. ``[story]``, ``[story 1]``, ``[/story]``, ``[dialogue 2]``, ``[end]`` markers are removed anywhere;
-    2. leading lines are dropped while they are blank, a ``Title: ...`` line, a markdown heading (``# ...``), a line
-       that is wholly bold (``**...**``), or a preface of at most 12 words ending in ``:`` ("Here is your story:");
-    3. a leading ``Story:`` / ``Dialogue:`` label is removed (the text after it on the line stays);
-    4. quotes wrapping the whole text are removed when they are its only quotes of that kind (so a story that
-       merely starts and ends with dialogue keeps them);
-    5. surrounding whitespace is stripped.
-
-    A story cut off by ``max_new_tokens`` keeps its unfinished last sentence.
-    """
-    text = _MARKER.sub("", raw)
-    lines = text.strip().splitlines()
-    while lines and (not lines[0].strip() or _TITLE_LINE.match(lines[0])
-                     or (lines[0].rstrip().endswith(":") and len(lines[0].split()) <= 12)):
-        lines.pop(0)
-    text = _LABEL.sub("", "\n".join(lines)).strip()
-    if len(text) >= 2 and text[0] in _QUOTES and text[-1] == _QUOTES[text[0]]:
-        opening, closing = text[0], _QUOTES[text[0]]
-        if text.count(opening) + (text.count(closing) if closing != opening else 0) == 2:
-            text = text[1:-1].strip()
-    return text
-
-
-_HUMAN_LABEL = re.compile(r"^[ \t]*(?:\*\*)?(?:person|user|human)(?:\*\*)?[ \t]*:(?:\*\*)?[ \t]*",
-                          re.IGNORECASE | re.MULTILINE)
-_AI_LABEL = re.compile(r"^[ \t]*(?:\*\*)?(?:ai|assistant)(?:\*\*)?[ \t]*:(?:\*\*)?[ \t]*", re.IGNORECASE | re.MULTILINE)
-
-
-def relabel_dialogue(raw: str) -> str:
-    """A neutral dialogue with its speaker labels replaced as the paper did: a line starting with ``Person:``,
-    ``User:`` or ``Human:`` (any case, optionally in ``**bold**``) starts with ``Human: ``, one starting with
-    ``AI:`` or ``Assistant:`` with ``Assistant: ``. Markers are removed as in :func:`clean_story`, and anything
-    before the first ``Human:`` line (a preface) is dropped when there is such a line."""
-    text = _AI_LABEL.sub("Assistant: ", _HUMAN_LABEL.sub("Human: ", _MARKER.sub("", raw)))
-    first = re.search(r"^Human: ", text, re.MULTILINE)
-    return (text[first.start():] if first else text).strip()
-
-
-def _is_dialogue(text: str) -> bool:
-    return bool(re.search(r"^Human: ", text, re.MULTILINE) and re.search(r"^Assistant: ", text, re.MULTILINE))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -574,7 +279,7 @@ def read_manifest(out_dir: Path) -> dict | None:
 
 
 def plan_from_manifest(manifest: dict) -> list[Chunk]:
-    """The chunks (:func:`plan_chunks`) that a corpus's manifest describes; ``ValueError`` when its topics do not
+    """The chunks (:func:`~emokern.extraction.corpus_plan.plan_chunks`) that a corpus's manifest describes; ``ValueError`` when its topics do not
     match their recorded hash."""
     config, topics = manifest["config"], manifest["topics"]
     if hashlib.sha256("\n".join(topics).encode()).hexdigest() != config["topics_sha256"]:
@@ -596,8 +301,10 @@ def _read_shard(path: Path) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _render(tokenizer, job: Job, prompt_format: str) -> str:
-    """The full prompt text of ``job``, ending with the start of the answer (``job.opening``)."""
+def job_prompt(tokenizer, job: Job, prompt_format: str) -> str:
+    """The full prompt text of ``job``, ending with the start of the answer (``job.opening``): its system and user
+    turns in the tokenizer's chat template (``prompt_format="chat"``), or as plain paragraphs followed by the
+    kind's :data:`~emokern.extraction.prompts.PLAIN_LEAD` (``"plain"``)."""
     if prompt_format == "chat":
         messages = ([{"role": "system", "content": job.system}] if job.system else []) + [
             {"role": "user", "content": job.user}]
@@ -643,43 +350,6 @@ def _generate_chunk(model, tokenizer, prompts: list[str], *, seed: int, max_new_
     return texts, n_new.tolist()
 
 
-def own_words(text: str, opening: str, emotion: str) -> int:
-    """The number of words of a story that are neither its ``opening`` (a prefix of ``text``) nor a form of its
-    ``emotion`` word (:func:`emokern.extraction.emotion_words.emotion_word_spans`); a word is a whitespace-separated piece
-    with at least one letter or digit (the punctuation left behind by a removed word is not one)."""
-    if opening and text.startswith(opening):
-        text = text[len(opening):]
-    for a, b in sorted(emotion_word_spans(text, emotion), reverse=True):
-        text = text[:a] + " " + text[b:]
-    return sum(1 for w in text.split() if any(c.isalnum() for c in w))
-
-
-#: A story whose distinct word trigrams are fewer than this fraction of its trigrams is ``"repetitive"``.
-MIN_DISTINCT_TRIGRAMS = 0.5
-
-
-def distinct_trigrams(text: str) -> float:
-    """The fraction of a text's word trigrams (lower-cased, whitespace-separated) that are distinct: about 1 for
-    prose, near 0 for a model caught in a loop ("I was sad. I was sad. ..."); 1.0 for texts under three words."""
-    words = text.lower().split()
-    grams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
-    return len(set(grams)) / len(grams) if grams else 1.0
-
-
-def story_reason(text: str, opening: str, emotion: str, min_words: int, names_emotion: bool) -> str | None:
-    """Why a cleaned story is dropped, by the story checks of "Filtering" in their order (``"too_short"``,
-    ``"repetitive"``, ``"opening_lost"``, ``"emotion_word"``), or None when it is kept."""
-    if own_words(text, opening, emotion) < min_words:
-        return "too_short"
-    if distinct_trigrams(text) < MIN_DISTINCT_TRIGRAMS:
-        return "repetitive"  # a loop: with the emotion word and its neighbours left out, little or nothing is left
-    if not text.startswith(opening):
-        return "opening_lost"  # clean-up removed the words written for the model: their span is unknown
-    if not names_emotion and find_emotion_word(text, emotion) is not None:
-        return "emotion_word"
-    return None
-
-
 def _records(chunk: Chunk, raws: list[str], new_tokens: list[int], tokenizer, min_words: int, seconds: float,
              names_emotion: bool) -> list[dict]:
     """The shard records of a generated chunk: each job's cleaned text, its fate and where it came from."""
@@ -692,7 +362,7 @@ def _records(chunk: Chunk, raws: list[str], new_tokens: list[int], tokenizer, mi
         else:
             text, matched = relabel_dialogue(raw), None
             reason = ("too_short" if len(text.split()) < min_words else
-                      "not_a_dialogue" if not _is_dialogue(text) else None)
+                      "not_a_dialogue" if not is_dialogue(text) else None)
         out.append({
             "key": job.key, "kind": job.kind, "emotion": job.emotion, "topic_index": job.topic_index,
             "topic": job.topic, "person": job.person, "task": job.task, "opening": job.opening, "text": text,
@@ -701,14 +371,6 @@ def _records(chunk: Chunk, raws: list[str], new_tokens: list[int], tokenizer, mi
             "chunk": chunk.index, "seed": chunk.seed, "chunk_seconds": seconds,
         })
     return out
-
-
-def _resolve_preset(preset) -> CorpusPreset:
-    if isinstance(preset, CorpusPreset):
-        return preset
-    if isinstance(preset, str) and preset in PRESETS:
-        return PRESETS[preset]
-    raise ValueError(f"preset: expected one of {', '.join(PRESETS)} or a CorpusPreset; got {preset!r}")
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -782,11 +444,12 @@ def generate_corpus(model, tokenizer, out_dir: str | os.PathLike, *, preset: str
         model, tokenizer: a causal LM and its tokenizer (used as given, never modified); sampling is
             :func:`emokern.extraction.sampling.sample`.
         out_dir: the corpus directory, created if needed: ``manifest.json`` and ``shards/*.jsonl``.
-        preset: a name in :data:`PRESETS` or a :class:`CorpusPreset`. The keyword arguments ``emotions``,
+        preset: a name in :data:`~emokern.extraction.corpus_plan.PRESETS` or a
+            :class:`~emokern.extraction.corpus_plan.CorpusPreset`. The keyword arguments ``emotions``,
             ``stories_per_emotion``, ``neutral``, ``max_new_tokens``, ``batch_size``, ``prompt_format``, ``style``,
             ``temperature`` and ``min_words`` override its fields when not ``None``.
-        topics: the premises, default :func:`load_topics` (100).
-        seed: fixes the premise order and every chunk's sampling seed (see :func:`plan_chunks`).
+        topics: the premises, default :func:`~emokern.extraction.corpus_plan.load_topics` (100).
+        seed: fixes the premise order and every chunk's sampling seed (see :func:`~emokern.extraction.corpus_plan.plan_chunks`).
         progress: show a tqdm bar over jobs (ETA, and generated tokens per second of this run as postfix).
         overwrite: delete a previous corpus in ``out_dir`` (its ``manifest.json`` and ``shards/``) first.
         sampler: another engine for the sampling (e.g. :class:`emokern.engines.vllm.sampler.VllmSampler`): a callable
@@ -804,7 +467,7 @@ def generate_corpus(model, tokenizer, out_dir: str | os.PathLike, *, preset: str
     temperature, top_p, prompt format, style, prompt texts' SHA-256, sampler and seed.
 
     **Growing a corpus.** A directory whose configuration differs only by fewer ``stories_per_emotion`` and/or
-    ``neutral`` is grown rather than refused (:func:`plan_chunks` lists the smaller plan's jobs first): the manifest
+    ``neutral`` is grown rather than refused (:func:`~emokern.extraction.corpus_plan.plan_chunks` lists the smaller plan's jobs first): the manifest
     is updated, every shard that is a chunk of the new plan is kept, the old plan's last, partial chunk of each kind
     is generated again in full (same seed, more jobs), and the new chunks are generated. With a ``batch_size`` that
     divides ``len(emotions)`` times the old count, nothing is generated twice.
@@ -818,7 +481,7 @@ def generate_corpus(model, tokenizer, out_dir: str | os.PathLike, *, preset: str
             shards without a manifest; pass a fresh directory or ``overwrite=True``.
         OSError: ``out_dir`` cannot be created or written (the path and the reason are given).
     """
-    p = _resolve_preset(preset)
+    p = resolve_preset(preset)
     if emotions is None:
         emotions = load_emotions() if p.emotions is None else p.emotions
     emotions = _check_emotions(emotions)
@@ -893,7 +556,7 @@ def generate_corpus(model, tokenizer, out_dir: str | os.PathLike, *, preset: str
     tokens, seconds = 0, 0.0
     try:
         for chunk in todo:
-            prompts = [_render(tokenizer, job, prompt_format) for job in chunk.jobs]
+            prompts = [job_prompt(tokenizer, job, prompt_format) for job in chunk.jobs]
             start = time.perf_counter()
             # a chat template writes its own special tokens; plain text needs the tokenizer's (e.g. a BOS)
             sampling = dict(seed=chunk.seed, max_new_tokens=max_new_tokens, temperature=temperature, top_p=p.top_p,
