@@ -24,7 +24,7 @@ from emokern.validation.concept_checks import (  # noqa: E402
     key_numbers,
     scenario_ranks,
     summary_line,
-    validation_sections,
+    concept_check_sections,
 )
 from emokern.validation.concept_checks_page import concept_checks_html  # noqa: E402
 from emokern.validation.concept_data import load_intensity, load_sanity_prompts, load_scenarios  # noqa: E402
@@ -191,7 +191,7 @@ def sections(model_and_tokenizer, tmp_path_factory):
     model, tokenizer = model_and_tokenizer
     out = tmp_path_factory.mktemp("validation")
     bank = _word_bank(model, tokenizer)
-    result = validation_sections(bank, model, tokenizer, out, layer=3, scenarios=load_scenarios(),
+    result = concept_check_sections(bank, model, tokenizer, out, layer=3, scenarios=load_scenarios(),
                                  templates=load_intensity(), sanity=load_sanity_prompts(), progress=False)
     return result, out, bank
 
@@ -219,7 +219,7 @@ def test_planted_word_directions_rank_first(sections):
 def test_shuffled_word_directions_never_rank_first(model_and_tokenizer, tmp_path):
     model, tokenizer = model_and_tokenizer
     bank = _word_bank(model, tokenizer, shift=1)
-    result = validation_sections(bank, model, tokenizer, tmp_path, layer=3, scenarios=load_scenarios(),
+    result = concept_check_sections(bank, model, tokenizer, tmp_path, layer=3, scenarios=load_scenarios(),
                                  templates=load_intensity(), sanity=load_sanity_prompts(), strengths=[0.5],
                                  progress=False)
     row = result["steering"]["by_strength"][0]
@@ -272,9 +272,9 @@ def test_bad_strengths_and_layer(model_and_tokenizer, tmp_path):
     kwargs = dict(layer=3, scenarios=load_scenarios(), templates=load_intensity(), sanity=load_sanity_prompts(),
                   progress=False)
     with pytest.raises(ValueError, match="strengths: expected at least one finite, non-zero"):
-        validation_sections(bank, model, tokenizer, tmp_path, strengths=[0.0], **kwargs)
+        concept_check_sections(bank, model, tokenizer, tmp_path, strengths=[0.0], **kwargs)
     with pytest.raises(ValueError, match=r"steer_layer: expected one of the bank's layers \[0, 1, 2, 3\]; got 9"):
-        validation_sections(bank, model, tokenizer, tmp_path, steer_layer=9, **kwargs)
+        concept_check_sections(bank, model, tokenizer, tmp_path, steer_layer=9, **kwargs)
 
 
 def test_report_command_refuses_a_malformed_file_before_any_output(model_and_tokenizer, tmp_path, capsys):

@@ -50,8 +50,8 @@ import torch
 from emokern.core.bank import VectorBank
 from emokern.experiments.common import chat_text, progress_bar
 from emokern.util.stats import unit_rows
-from emokern.validation.concept_checks_page import (intensity_png, scenario_matrix_png, steering_ranks_png,
-                                                    validation_layers_png)
+from emokern.validation.concept_checks_page import (concept_checks_by_layer_png, intensity_png, scenario_matrix_png,
+                                                    steering_ranks_png)
 from emokern.validation.concept_data import IntensityTemplate, SanityPrompts, Scenario
 from emokern.validation.html import format_number
 
@@ -64,7 +64,7 @@ __all__ = [
     "last_token_states",
     "scenario_ranks",
     "summary_line",
-    "validation_sections",
+    "concept_check_sections",
 ]
 
 
@@ -454,10 +454,10 @@ def _steering(model, tokenizer, bank: VectorBank, prompts: SanityPrompts, streng
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def validation_sections(bank: VectorBank, model, tokenizer, out_dir: Path, *, layer: int,
-                        scenarios: List[Scenario], templates: List[IntensityTemplate], sanity: SanityPrompts,
-                        strengths: Sequence[float] = STEERING_STRENGTHS, steer_layer: Optional[int] = None,
-                        progress: bool = True) -> Dict:
+def concept_check_sections(bank: VectorBank, model, tokenizer, out_dir: Path, *, layer: int,
+                           scenarios: List[Scenario], templates: List[IntensityTemplate], sanity: SanityPrompts,
+                           strengths: Sequence[float] = STEERING_STRENGTHS, steer_layer: Optional[int] = None,
+                           progress: bool = True) -> Dict:
     """Sections 5-7 (see the module docstring), with their plots written into ``out_dir``.
 
     Args:
@@ -493,8 +493,8 @@ def validation_sections(bank: VectorBank, model, tokenizer, out_dir: Path, *, la
     leak_emotions = list(dict.fromkeys(s.emotion for s in scenarios if s.emotion in bank.names))
     steer = _steering(model, tokenizer, bank, sanity, strengths, steer_layer, leak_emotions, out_dir, progress)
     return {"scenarios": scen, "intensity": inten, "steering": steer,
-            "layers_plot": validation_layers_png(scen, inten, steer, layer, out_dir / "validation_layers.png",
-                                                 scenario_top=SCENARIO_TOP, steering_top=STEERING_TOP)}
+            "layers_plot": concept_checks_by_layer_png(scen, inten, steer, layer, out_dir / "validation_layers.png",
+                                                       scenario_top=SCENARIO_TOP, steering_top=STEERING_TOP)}
 
 
 def key_numbers(report: Dict) -> Dict:

@@ -13,8 +13,8 @@ import numpy as np
 from emokern.validation.concept_data import IntensityTemplate
 from emokern.validation.html import embedded_png, escape, format_number, html_table, new_figure, save_png
 
-__all__ = ["concept_checks_html", "intensity_png", "scenario_matrix_png", "steering_ranks_png",
-           "validation_layers_png"]
+__all__ = ["concept_checks_by_layer_png", "concept_checks_html", "intensity_png", "scenario_matrix_png",
+           "steering_ranks_png"]
 
 
 def scenario_matrix_png(s: Dict, layer: int, path: Path, *, scenario_top: int) -> str:
@@ -103,8 +103,8 @@ def steering_ranks_png(s: Dict, path: Path) -> str:
     return save_png(fig, path)
 
 
-def validation_layers_png(scenarios: Dict, intensity: Dict, steering: Dict, layer: int, path: Path, *,
-                          scenario_top: int, steering_top: int) -> Optional[str]:
+def concept_checks_by_layer_png(scenarios: Dict, intensity: Dict, steering: Dict, layer: int, path: Path, *,
+                                scenario_top: int, steering_top: int) -> Optional[str]:
     """Sections 5-7 over layers, one panel per section that has a per-layer curve (``None``, no file, when none
     has); returns the file name."""
     panels = [p for p in (("scenarios", scenarios), ("intensity", intensity), ("steering", steering))

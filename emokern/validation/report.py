@@ -606,7 +606,7 @@ def validation_report(bank: VectorBank, model, tokenizer, out_dir: PathLike, *, 
         "goemotions": _goemotions(bank, layer, featured, goemotions, goemotions_limit, read, out_dir, external_fmt),
         "emobank": _emobank(valence_direction, emobank, emobank_limit, read, out_dir, external_fmt),
     }
-    sections = concept_checks.validation_sections(
+    sections = concept_checks.concept_check_sections(
         bank, model, tokenizer, out_dir, layer=layer, scenarios=scenario_list, templates=templates, sanity=sanity,
         strengths=concept_checks.STEERING_STRENGTHS if steering_strengths is None else steering_strengths,
         progress=progress)
