@@ -20,13 +20,9 @@ pytest.importorskip("matplotlib")
 
 import emokern  # noqa: E402
 from emokern.core.bank import BankMismatchError  # noqa: E402
-from emokern.validation.datasets import (  # noqa: E402
-    DataFileMissingError,
-    load_emobank,
-    load_goemotions,
-    load_norms,
-)
-from emokern.core.emotions import load_emotions  # noqa: E402
+from emokern.core.emotions import load_emotions, load_norms  # noqa: E402
+from emokern.util.data_files import DataFileMissingError  # noqa: E402
+from emokern.validation.datasets import load_emobank, load_goemotions  # noqa: E402
 from emokern.validation.report import (  # noqa: E402
     GOEMOTIONS_TO_EMOTION,
     GOEMOTIONS_UNMAPPED,

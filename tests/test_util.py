@@ -117,3 +117,20 @@ def test_pearson_p_value_matches_scipy():
     assert stats.pearson_p_value(0.0, 10) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="n >= 3"):
         stats.pearson_p_value(0.5, 2)
+
+
+def test_data_file_finds_packaged_and_user_files(tmp_path):
+    from emokern.util import data_files
+    assert data_files.data_file(None, "norms", "emotion_word_norms.tsv").is_file()
+    (tmp_path / "norms").mkdir()
+    (tmp_path / "norms" / "x.tsv").write_text("a")
+    assert data_files.data_file(tmp_path, "norms", "x.tsv") == tmp_path / "norms" / "x.tsv"
+    with pytest.raises(data_files.DataFileMissingError, match=r"emokern expects norms/y\.tsv .*emokern/data/norms/README"):
+        data_files.data_file(tmp_path, "norms", "y.tsv")
+    assert issubclass(data_files.DataFileMissingError, FileNotFoundError)
+
+
+def test_pearson_clips_rounding_past_one():
+    x = [0.1 * i for i in range(50)]
+    r = stats.pearson(x, [3.0 * v + 1.0 for v in x])
+    assert r is not None and -1.0 <= r <= 1.0 and r == pytest.approx(1.0)

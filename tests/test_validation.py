@@ -41,7 +41,7 @@ def test_packaged_scenarios():
     assert len(scenarios) >= 36 and len(emotions) >= 18
     assert all(sum(s.emotion == e for s in scenarios) == 2 for e in emotions)
     # spread over valence: both signs well represented (the shipped norms say which is which)
-    from emokern.validation.datasets import load_norms
+    from emokern.core.emotions import load_norms
 
     valence = {n.word: n.valence for n in load_norms()}
     rated = [valence[e] for e in emotions if e in valence]

@@ -1,4 +1,6 @@
-"""The 171 emotion words of Sofroniew et al. (2026), shipped as ``emokern/data/emotions_171.txt``.
+"""The 171 emotion words of Sofroniew et al. (2026), shipped as ``emokern/data/emotions_171.txt``, and the human
+valence/arousal ratings of 108 of them (:func:`load_norms`: a Glasgow Norms subset, CC BY 4.0,
+``emokern/data/norms/emotion_word_norms.tsv``), which extraction (the valence AUROC) and the report both use.
 
 ``EMOTIONS`` is the same words as a tuple, read from the file on first access.
 
@@ -7,10 +9,16 @@ See ``emokern/data/README.md`` for the source and attribution.
 
 from __future__ import annotations
 
+import csv
 import functools
+import os
+from dataclasses import dataclass
 from importlib.resources import files
+from typing import List, Optional, Union
 
-__all__ = ["EMOTIONS", "N_EMOTIONS", "load_emotions"]
+from emokern.util.data_files import data_file
+
+__all__ = ["EMOTIONS", "N_EMOTIONS", "EmotionNorm", "load_emotions", "load_norms"]
 
 N_EMOTIONS = 171
 _FILE = "emotions_171.txt"
@@ -44,3 +52,32 @@ def __getattr__(name: str):
         return _load()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
+@dataclass(frozen=True)
+class EmotionNorm:
+    """Human ratings of one emotion word (Glasgow Norms; both scales 1–9).
+
+    ``valence``: 1 = unhappy/negative .. 9 = happy/positive. ``arousal``: 1 = calm .. 9 = excited. ``entry``: the
+    Glasgow headword whose ratings were used; ``match``: how ``word`` was matched to it (``exact``, ``sense``,
+    ``lemma`` or ``derived``; a strict analysis drops ``derived``).
+    """
+
+    word: str
+    valence: float
+    arousal: float
+    entry: str
+    match: str
+
+
+def load_norms(*, data_dir: Optional[Union[str, os.PathLike]] = None) -> List[EmotionNorm]:
+    """The human valence/arousal norms, one :class:`EmotionNorm` per rated word, in file (paper) order.
+
+    108 of the 171 emotion words are rated; the others are absent. ``data_dir``: the folder holding ``norms/``
+    (default: the package's ``emokern/data``); a missing file raises
+    :class:`emokern.util.data_files.DataFileMissingError`.
+    """
+    path = data_file(data_dir, "norms", "emotion_word_norms.tsv")
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    return [EmotionNorm(word=r["word"], valence=float(r["valence"]), arousal=float(r["arousal"]), entry=r["entry"],
+                        match=r["match"]) for r in rows]

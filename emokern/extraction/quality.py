@@ -39,6 +39,7 @@ from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
+from emokern.core.emotions import load_norms
 from emokern.extraction.vectors import check_activations, emotion_membership, emotion_vectors
 
 __all__ = [
@@ -261,7 +262,7 @@ def evaluate(acts: torch.Tensor, labels: Sequence[str], names: Sequence[str], ne
         labels, names: each story's emotion; the K emotions.
         neutral_acts: (m, L, d) neutral texts (denoising).
         groups: one premise id per story.
-        valence: ``{emotion: human valence, 1-9}``; default: the packaged norms (:mod:`emokern.validation.report`'s loader).
+        valence: ``{emotion: human valence, 1-9}``; default: the packaged norms (:func:`emokern.core.emotions.load_norms`).
         probe_layers: model layers where the probe is also fitted (besides the chosen one); ``probe=False``: none.
     """
     layers = [int(x) for x in layers]
@@ -270,8 +271,6 @@ def evaluate(acts: torch.Tensor, labels: Sequence[str], names: Sequence[str], ne
     if len(labels) != acts.shape[0] or len(groups) != acts.shape[0]:
         raise ValueError(f"labels, groups: expected one per story ({acts.shape[0]}); got {len(labels)}, {len(groups)}")
     if valence is None:
-        from emokern.validation.datasets import load_norms
-
         valence = {n.word: n.valence for n in load_norms()}
     split = premise_split(groups, test_fraction=test_fraction, validation_fraction=validation_fraction, seed=seed)
     v1, v5, n_val = mean_difference_accuracy(acts, labels, names, neutral_acts, split.train, split.validation,
@@ -342,8 +341,6 @@ def cross_validate(acts: torch.Tensor, labels: Sequence[str], names: Sequence[st
     """
     layers = [int(x) for x in layers]
     if valence is None:
-        from emokern.validation.datasets import load_norms
-
         valence = {n.word: n.valence for n in load_norms()}
     signs = valence_signs(names, valence)
     parts = _group_folds(groups, folds, seed)

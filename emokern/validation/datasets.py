@@ -1,16 +1,15 @@
-"""Loaders for the evaluation data shipped under ``emokern/data/`` (used by :mod:`emokern.validation.report`).
+"""Loaders for the external evaluation data shipped under ``emokern/data/`` (used by :mod:`emokern.validation.report`).
 
-* :func:`load_norms` — human valence/arousal ratings of the paper's emotion words (Glasgow Norms subset, CC BY 4.0),
-  ``data/norms/emotion_word_norms.tsv``.
 * :func:`load_goemotions` — the GoEmotions test split (Reddit comments, 27 emotion labels + neutral, Apache-2.0),
   ``data/goemotions/test.tsv`` and ``emotions.txt``.
 * :func:`load_emobank` — EmoBank sentences with valence/arousal/dominance ratings (CC BY-SA 4.0),
   ``data/emobank/emobank.csv``.
 
-Each subfolder's README.md gives the source, the licence and the attribution. Every loader takes ``data_dir``: the
-folder that holds ``norms/``, ``goemotions/`` and ``emobank/`` (default: the package's own ``emokern/data``), so a
-fuller copy of a data set can be used in place of the shipped one. A missing file raises
-:class:`DataFileMissingError` naming the path.
+The human valence/arousal norms of the emotion words, which extraction uses too, are
+:func:`emokern.core.emotions.load_norms`. Each subfolder's README.md gives the source, the licence and the
+attribution. Every loader takes ``data_dir``: the folder that holds ``goemotions/`` and ``emobank/`` (default: the
+package's own ``emokern/data``), so a fuller copy of a data set can be used in place of the shipped one. A missing
+file raises :class:`emokern.util.data_files.DataFileMissingError` naming the path.
 """
 
 from __future__ import annotations
@@ -18,44 +17,17 @@ from __future__ import annotations
 import csv
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import List, Optional, Tuple, Union
 
-__all__ = [
-    "DataFileMissingError",
-    "EmoBankSentence",
-    "EmotionNorm",
-    "GoEmotionsText",
-    "load_emobank",
-    "load_goemotions",
-    "load_norms",
-]
+from emokern.util.data_files import data_file
+
+__all__ = ["EmoBankSentence", "GoEmotionsText", "load_emobank", "load_goemotions"]
 
 PathLike = Union[str, os.PathLike]
 
 EMOBANK_SPLITS = ("train", "dev", "test")
 # Only the test split of GoEmotions is shipped (see data/goemotions/README.md).
 GOEMOTIONS_SPLITS = ("test",)
-
-
-class DataFileMissingError(FileNotFoundError):
-    """A data file that a loader needs does not exist under the data directory."""
-
-
-@dataclass(frozen=True)
-class EmotionNorm:
-    """Human ratings of one emotion word (Glasgow Norms; both scales 1–9).
-
-    ``valence``: 1 = unhappy/negative .. 9 = happy/positive. ``arousal``: 1 = calm .. 9 = excited. ``entry``: the
-    Glasgow headword whose ratings were used; ``match``: how ``word`` was matched to it (``exact``, ``sense``,
-    ``lemma`` or ``derived``; a strict analysis drops ``derived``).
-    """
-
-    word: str
-    valence: float
-    arousal: float
-    entry: str
-    match: str
 
 
 @dataclass(frozen=True)
@@ -79,34 +51,6 @@ class EmoBankSentence:
     text: str
 
 
-def _data_file(data_dir: Optional[PathLike], *parts: str) -> Path:
-    if data_dir is None:
-        from importlib.resources import files
-
-        root = Path(str(files("emokern").joinpath("data")))
-    else:
-        root = Path(data_dir)
-    path = root.joinpath(*parts)
-    if not path.is_file():
-        raise DataFileMissingError(
-            f"data file {path} does not exist; emokern expects {'/'.join(parts)} under the data directory "
-            f"{root} (see emokern/data/{parts[0]}/README.md for where it comes from)"
-        )
-    return path
-
-
-def load_norms(*, data_dir: Optional[PathLike] = None) -> List[EmotionNorm]:
-    """The human valence/arousal norms, one :class:`EmotionNorm` per rated word, in file (paper) order.
-
-    108 of the 171 emotion words are rated; the others are absent.
-    """
-    path = _data_file(data_dir, "norms", "emotion_word_norms.tsv")
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    return [EmotionNorm(word=r["word"], valence=float(r["valence"]), arousal=float(r["arousal"]), entry=r["entry"],
-                        match=r["match"]) for r in rows]
-
-
 def load_goemotions(split: str = "test", *, data_dir: Optional[PathLike] = None) -> List[GoEmotionsText]:
     """The GoEmotions comments of ``split`` (only ``"test"`` is shipped: 5,427 comments), in file order.
 
@@ -115,8 +59,8 @@ def load_goemotions(split: str = "test", *, data_dir: Optional[PathLike] = None)
     """
     if split not in GOEMOTIONS_SPLITS:
         raise ValueError(f"split: expected one of {GOEMOTIONS_SPLITS} (the splits shipped with emokern); got {split!r}")
-    names_path = _data_file(data_dir, "goemotions", "emotions.txt")
-    path = _data_file(data_dir, "goemotions", f"{split}.tsv")
+    names_path = data_file(data_dir, "goemotions", "emotions.txt")
+    path = data_file(data_dir, "goemotions", f"{split}.tsv")
     label_names = [line.strip() for line in names_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     out = []
     with open(path, encoding="utf-8", newline="") as f:
@@ -131,7 +75,7 @@ def load_emobank(split: Optional[str] = "test", *, data_dir: Optional[PathLike] 
     """The EmoBank sentences of ``split`` (``"train"``, ``"dev"``, ``"test"``; ``None`` for all 10,062), file order."""
     if split is not None and split not in EMOBANK_SPLITS:
         raise ValueError(f"split: expected one of {EMOBANK_SPLITS} or None (all sentences); got {split!r}")
-    path = _data_file(data_dir, "emobank", "emobank.csv")
+    path = data_file(data_dir, "emobank", "emobank.csv")
     with open(path, encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
     return [EmoBankSentence(id=r["id"], split=r["split"], valence=float(r["V"]), arousal=float(r["A"]),

@@ -538,7 +538,7 @@ def validation_report(bank: VectorBank, model, tokenizer, out_dir: PathLike, *, 
         batch_size: texts per forward pass (GoEmotions and EmoBank texts are short, so 32 costs little memory and
             runs several times faster on a CPU than extraction's 8; lower it for long corpus stories on a big model).
         data_dir: folder holding ``norms/``, ``goemotions/`` and ``emobank/`` (default: the package's data; see
-            :mod:`emokern.validation.datasets`).
+            :func:`emokern.core.emotions.load_norms` and :mod:`emokern.validation.datasets`).
         scenarios, intensity, steering_prompts: JSON files replacing the packaged implicit scenarios, intensity
             templates and steering sanity prompts of sections 5-7 (see :mod:`emokern.validation.concept_data` for their shapes).
         steering_strengths: the sanity check's strengths (default :data:`emokern.validation.concept_checks.STEERING_STRENGTHS`).
@@ -552,12 +552,13 @@ def validation_report(bank: VectorBank, model, tokenizer, out_dir: PathLike, *, 
     Raises:
         ValueError: too few emotions, a layer outside the model or the bank, a bad limit or corpus.
         emokern.core.bank.BankMismatchError: the bank belongs to another model.
-        emokern.validation.datasets.DataFileMissingError: a data file is missing (checked before any model forward).
+        emokern.util.data_files.DataFileMissingError: a data file is missing (checked before any model forward).
         emokern.experiments.common.InputFileError: a scenario, intensity or steering-prompt file is missing or
             malformed (also checked before any forward).
     """
     from emokern import __version__
-    from emokern.validation.datasets import load_emobank, load_goemotions, load_norms
+    from emokern.core.emotions import load_norms
+    from emokern.validation.datasets import load_emobank, load_goemotions
 
     K = len(bank.names)
     if K < MIN_EMOTIONS:
