@@ -134,3 +134,17 @@ def test_pearson_clips_rounding_past_one():
     x = [0.1 * i for i in range(50)]
     r = stats.pearson(x, [3.0 * v + 1.0 for v in x])
     assert r is not None and -1.0 <= r <= 1.0 and r == pytest.approx(1.0)
+
+
+def test_cache_argument_follows_the_forward_signature():
+    from emokern.util.kv_cache import cache_argument
+
+    class New:
+        def forward(self, input_ids, cache=None):
+            pass
+
+    class Old:
+        def forward(self, input_ids, past_key_values=None):
+            pass
+
+    assert cache_argument(New()) == "cache" and cache_argument(Old()) == "past_key_values"

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import inspect
 import logging
 import time
 from typing import List, Mapping, Optional, Sequence, Tuple
@@ -48,6 +47,7 @@ from emokern.core.models import _text_config
 from emokern.engines.hf import _resolve_arch, _select_layers
 from emokern.extraction.quality import evaluate, held_out_accuracy
 from emokern.extraction.vectors import emotion_membership, emotion_vectors
+from emokern.util.kv_cache import cache_argument
 
 __all__ = [
     "CHAT_REQUEST",
@@ -232,7 +232,7 @@ def _activations(model, tokenizer, texts, *, layers, first_token, fmt, batch_siz
     # Every text of a chat-format call starts with the same template tokens (the system and user turns): run them
     # once and reuse their keys and values for every batch, so that only the texts' own tokens go through the model.
     prefix = _shared_prefix(ids, positions)
-    cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    cache_arg = cache_argument(base)
 
     def make_hook(j: int):
         def hook(module, args, output):

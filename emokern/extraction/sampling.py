@@ -26,10 +26,11 @@ decoding. A row is finished after its first token in ``eos_ids``; the loop stops
 from __future__ import annotations
 
 import contextlib
-import inspect
 from typing import Iterator, Sequence, Tuple
 
 import torch
+
+from emokern.util.kv_cache import cache_argument
 
 __all__ = ["attention", "sample"]
 
@@ -95,8 +96,7 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
     B = input_ids.shape[0]
     generator = torch.Generator(device=device).manual_seed(int(seed))
     eos = torch.tensor(eos_ids, device=device)
-    # transformers renamed the cache argument and output field (past_key_values -> cache); take whichever exists
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_arg = cache_argument(model)
     position = mask.cumsum(1) - 1
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=position.clamp_min(0), use_cache=True,
                 logits_to_keep=1)

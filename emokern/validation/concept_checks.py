@@ -40,7 +40,6 @@ The data files (:mod:`emokern.validation.concept_data`) can be replaced (``emoke
 from __future__ import annotations
 
 import copy
-import inspect
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -49,6 +48,7 @@ import torch
 
 from emokern.core.bank import VectorBank
 from emokern.experiments.common import chat_text, progress_bar
+from emokern.util.kv_cache import cache_argument
 from emokern.util.stats import unit_rows
 from emokern.validation.concept_checks_page import (concept_checks_by_layer_png, intensity_png, scenario_matrix_png,
                                                     steering_ranks_png)
@@ -310,18 +310,13 @@ def _candidates(tokenizer, bank: VectorBank, probes) -> Tuple[List[str], List[Li
     return names, ids, info
 
 
-def _cache_arg(model) -> str:
-    # transformers renamed the cache argument and output field (past_key_values -> cache); take whichever exists
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def _next_logprobs(model, prefix_cache, turn: List[int], batch: int) -> torch.Tensor:
     """(batch, V) float32 next-token log-probabilities after ``turn`` fed on a copy of the shared prefix's cache."""
     cache = copy.deepcopy(prefix_cache)
     cache.batch_repeat_interleave(batch)
     device = model.get_input_embeddings().weight.device
     ids = torch.tensor([turn] * batch, device=device)
-    logits = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{_cache_arg(model): cache}).logits[:, -1]
+    logits = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_argument(model): cache}).logits[:, -1]
     return logits.float().log_softmax(-1).cpu()
 
 
@@ -379,7 +374,7 @@ def _steering(model, tokenizer, bank: VectorBank, prompts: SanityPrompts, streng
         base_logp, caches = [], []
         for head, turn in split:
             first = model(input_ids=torch.tensor([head], device=device), use_cache=True, logits_to_keep=1)
-            caches.append(getattr(first, _cache_arg(model)))
+            caches.append(getattr(first, cache_argument(model)))
             # unsteered by the same cached path as the steered rows, so that a rise is the steering's alone
             base_logp.append(_next_logprobs(model, caches[-1], turn, 1)[0])
         rises: Dict[Tuple[float, int], torch.Tensor] = {}
