@@ -40,10 +40,10 @@ from typing import List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
+from emokern.core.architecture import resolve_architecture, select_layers, text_config
 from emokern.core.bank import VectorBank
 # llama.cpp control vectors live in their own module; these names stay importable from here
 from emokern.extraction.control_vectors import ControlVectorFile, export_gguf_control_vector, read_gguf_control_vector  # noqa: F401
-from emokern.core.architecture import resolve_architecture, select_layers, text_config
 
 __all__ = [
     "CHAT_REQUEST",
