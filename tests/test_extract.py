@@ -19,7 +19,7 @@ from emokern.extraction.extract import (
     read_gguf_control_vector,
     story_activations,
 )
-from emokern.engines.hf import _get
+from emokern.core.architecture import get_module
 from tests.tiny_models import HIDDEN, LAYERS, VOCAB, tiny_model
 
 FIRST = 3  # first_token in these tests: the tiny texts are 2..30 words long
@@ -59,7 +59,7 @@ def reference_means(model, tok, texts, fmt, first_token):
     """Per-text means from output_hidden_states, one unpadded text at a time, with the final norm made the identity
     (Hugging Face's last hidden state is taken after it); also the mean norm over the averaged tokens."""
     parent_path, _, name = final_norm_path(model).rpartition(".")
-    parent = _get(model, parent_path)
+    parent = get_module(model, parent_path)
     norm = getattr(parent, name)
     setattr(parent, name, torch.nn.Identity())
     means, norms = [], []
@@ -350,7 +350,7 @@ def test_errors_name_the_argument():
 def story_token_states(model, tok, text, fmt):
     """(L, n_story_tokens, d) hidden states of the story's own tokens (final norm made the identity)."""
     parent_path, _, name = final_norm_path(model).rpartition(".")
-    parent = _get(model, parent_path)
+    parent = get_module(model, parent_path)
     norm = getattr(parent, name)
     setattr(parent, name, torch.nn.Identity())
     try:

@@ -117,7 +117,7 @@ TOP_SNIPPETS = 5
 # A Pearson r over fewer points is ±1 or undefined.
 MIN_CORRELATION_POINTS = 3
 
-# The final norm of each family emokern patches (emokern.engines.hf.ARCHITECTURES), as a dotted path from the causal LM.
+# The final norm of each family emokern patches (emokern.core.architecture.ARCHITECTURES), as a dotted path from the causal LM.
 _FINAL_NORM = {
     "llama": "model.norm",
     "mistral": "model.norm",
