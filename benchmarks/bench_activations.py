@@ -67,7 +67,7 @@ from emokern.extraction.extract import (  # noqa: E402
     _tokenize,
     story_activations,
 )
-from emokern.engines.hf import _resolve_arch  # noqa: E402
+from emokern.core.architecture import resolve_architecture  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FIRST_TOKEN = 50
@@ -190,7 +190,7 @@ def bare_inputs(tok, texts, fmt):
 def truncated(model, n_layers: int):
     """The model's base with its decoder-layer list cut to the first ``n_layers`` and its final norm replaced by the
     identity, restored on exit."""
-    spec, base, layers = _resolve_arch(model, None)
+    spec, base, layers = resolve_architecture(model)
     parent, attr = (base, spec.layers) if "." not in spec.layers else (None, None)
     if parent is None or getattr(parent, attr) is not layers or not isinstance(getattr(base, "norm", None),
                                                                                torch.nn.Module):

@@ -27,7 +27,8 @@ from emokern.ops import (
     project_and_steer,
     project_and_steer_,
 )
-from emokern.engines.hf import ArchSpec, PatchHandle, patch
+from emokern.core.architecture import ArchSpec
+from emokern.engines.hf import PatchHandle, patch
 from emokern.core.trace import Trace
 
 __version__ = "0.1.0"

@@ -166,7 +166,7 @@ def _reading_arguments(parser: argparse.ArgumentParser) -> None:
 def _extract_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="embedded model name, checkpoint dir or hub id")
     parser.add_argument("--out", default="emokern_out", help="output folder (corpus/ and bank/ inside; resumable)")
-    parser.add_argument("--preset", default="standard", help="corpus preset: standard, quick, mini or paper")
+    parser.add_argument("--preset", default="standard", help="corpus preset: standard, quick, base, mini or paper")
     parser.add_argument("--emotions", default=None, help="comma-separated emotions (default: the preset's)")
     parser.add_argument("--stories-per-emotion", type=int, default=None)
     _reading_arguments(parser)
@@ -195,7 +195,7 @@ def _corpus_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--model", default="smollm2-135m-instruct", help="embedded model name, checkpoint dir or hub id")
     parser.add_argument("--out", default="emokern_out/corpus", help="corpus directory (resumable)")
-    parser.add_argument("--preset", default="standard", help="corpus preset: standard, quick, mini or paper")
+    parser.add_argument("--preset", default="standard", help="corpus preset: standard, quick, base, mini or paper")
     parser.add_argument("--emotions", default=None, help="comma-separated emotions (default: the preset's)")
     parser.add_argument("--stories-per-emotion", type=int, default=None)
     parser.add_argument("--neutral", type=int, default=None, help="neutral dialogues (default: the preset's)")

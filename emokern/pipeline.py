@@ -47,7 +47,7 @@ def extract(model_name: str, out_dir, *, preset: str = "standard", dtype: torch.
     Args:
         model_name: an embedded model name (see ``emokern models``), a local checkpoint directory or a hub id.
         out_dir: output folder (created).
-        preset: corpus preset (``standard``, ``quick``, ``mini``, ``paper``); ``emotions`` /
+        preset: corpus preset (``standard``, ``quick``, ``base``, ``mini``, ``paper``); ``emotions`` /
             ``stories_per_emotion`` override it (and then the corpus is generated here).
         dtype: model dtype for generation and activations (bf16 runs fastest on CPUs with AMX).
         first_token, exclude, exclude_after: how stories are read (see :func:`emokern.extraction.extract.story_activations`

@@ -132,7 +132,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
           f"{errors['output']:.1e}, projections {errors['projections']:.1e}, gradient {errors['grad']:.1e}")
 
     # 2. The module inside the model: replace decoder layer `layer` by the layer followed by the module. (The decoder
-    # layers are model.model.layers in Llama, Mistral and Qwen; emokern.engines.hf.ARCHITECTURES lists other families.)
+    # layers are model.model.layers in Llama, Mistral and Qwen; emokern.core.architecture.ARCHITECTURES lists other
+    # families.)
     layers = model.model.layers
     original = layers[layer]
     kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)

@@ -108,13 +108,15 @@ def test_topics_file():
 
 
 def test_presets():
-    assert set(PRESETS) == {"standard", "quick", "mini", "paper"}
+    assert set(PRESETS) == {"standard", "quick", "base", "mini", "paper"}
     assert all(PRESETS[p].emotions is None for p in ("standard", "quick", "paper"))  # all 171
     assert PRESETS["mini"].emotions == ("desperate", "calm", "happy", "afraid")
     assert PRESETS["paper"].stories_per_emotion * len(load_emotions()) == 205_200
     assert PRESETS["paper"].style == "implicit" and PRESETS["standard"].style == "opening"
     for p in PRESETS.values():
-        assert p.description and p.prompt_format == "chat" and p.top_p == 0.95 and p.style in STYLES
+        assert p.description and p.top_p == 0.95 and p.style in STYLES
+        assert p.prompt_format == ("plain" if p.name == "base" else "chat")  # base models have no chat template
+    assert PRESETS["base"].emotions is None and PRESETS["base"].temperature == 0.8
     # 171 emotions: a batch size dividing 171 lets the standard corpus grow from the quick one
     assert 171 % PRESETS["standard"].batch_size == 0 and PRESETS["quick"].batch_size == PRESETS["standard"].batch_size
 
@@ -421,7 +423,7 @@ def test_load_errors(model, tokenizer, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, error", [
-    ({"preset": "huge"}, r"preset: expected one of standard, quick, mini, paper or a CorpusPreset; got 'huge'"),
+    ({"preset": "huge"}, r"preset: expected one of standard, quick, base, mini, paper or a CorpusPreset; got 'huge'"),
     ({"emotions": []}, r"emotions: expected a non-empty list of emotion names; got an empty list"),
     ({"emotions": "calm"}, r"emotions: expected a non-empty list"),
     ({"emotions": ["calm", "despearte"]}, r"got 'despearte' \(closest: desperate"),

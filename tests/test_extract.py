@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from emokern.core.bank import VectorBank
+from emokern.core.architecture import get_module
 from emokern.extraction.control_vectors import export_gguf_control_vector, read_gguf_control_vector
 from emokern.extraction.extract import CHAT_REQUEST, extract_bank, extract_bank_from_corpus, story_activations
 from emokern.extraction.quality import held_out_accuracy
 from emokern.extraction.vectors import emotion_vectors
-from emokern.engines.hf import _get
 from tests.tiny_models import HIDDEN, LAYERS, VOCAB, tiny_model
 
 FIRST = 3  # first_token in these tests: the tiny texts are 2..30 words long
@@ -53,7 +53,7 @@ def reference_means(model, tok, texts, fmt, first_token):
     """Per-text means from output_hidden_states, one unpadded text at a time, with the final norm made the identity
     (Hugging Face's last hidden state is taken after it); also the mean norm over the averaged tokens."""
     parent_path, _, name = final_norm_path(model).rpartition(".")
-    parent = _get(model, parent_path)
+    parent = get_module(model, parent_path)
     norm = getattr(parent, name)
     setattr(parent, name, torch.nn.Identity())
     means, norms = [], []
@@ -344,7 +344,7 @@ def test_errors_name_the_argument():
 def story_token_states(model, tok, text, fmt):
     """(L, n_story_tokens, d) hidden states of the story's own tokens (final norm made the identity)."""
     parent_path, _, name = final_norm_path(model).rpartition(".")
-    parent = _get(model, parent_path)
+    parent = get_module(model, parent_path)
     norm = getattr(parent, name)
     setattr(parent, name, torch.nn.Identity())
     try:

@@ -7,7 +7,7 @@ import torch
 
 import emokern
 from emokern.ops.reference import project_and_steer_ref
-from emokern.engines.hf import ARCHITECTURES, UnsupportedModelError, _get
+from emokern.core.architecture import ARCHITECTURES, UnsupportedModelError, get_module, site_module
 from tests.tiny_models import FAMILIES, LAYERS, VOCAB, tiny_bank, tiny_model
 
 NORM = 2.0  # the tiny banks' residual norm: strength s means s * 2.0 along the unit vector
@@ -33,11 +33,11 @@ class ReferenceHooks:
 
     def __init__(self, model, bank, site, layers, tables, seq_row, in_scope):
         spec = ARCHITECTURES[model.config.model_type]
-        blocks = _get(_get(model, spec.base), spec.layers)
+        blocks = get_module(get_module(model, spec.base), spec.layers)
         unit = bank.vectors / bank.vectors.norm(dim=-1, keepdim=True)
         self.handles = []
         for layer in layers:
-            module = blocks[layer] if site == "residual" else _get(blocks[layer], getattr(spec, site))
+            module = site_module(blocks[layer], site, spec)
             V = unit[bank.layer_slot(layer)]
 
             def hook(mod, args, output, V=V):
@@ -143,8 +143,9 @@ def test_one_call_per_site_equals_monitoring_then_steering(dtype):
             _steer(handle, scope0="generated", scope1="all")
             calls = []
             spy = lambda *args: calls.append(args[1].shape[0])  # noqa: E731  (K of each steering call)
-            real = handle._fixed_ops
-            handle._fixed_ops = (real[0], lambda *args: (spy(*args), real[1](*args))[1])
+            real = handle._fixed_kernels
+            handle._fixed_kernels = real._replace(project_and_steer=lambda *args: (spy(*args),
+                                                                                   real.project_and_steer(*args))[1])
             out = handle.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
                                   output_logits=True, return_dict_in_generate=True)
             results.append((out, handle.state.P.clone(), calls))
@@ -392,8 +393,8 @@ def test_per_sequence_steer_calls_update_only_their_rows_and_equal_a_full_rebuil
             handle._materialize()  # everything, from the settings
             for got, want in zip(incremental, buffers()):
                 assert torch.equal(got, want), f"after call {calls}"
-            assert handle._steered_sites == [any(op_site == s for c in handle._configs.values() for op in c.ops
-                                                 for op_site in op.sites) for s in range(st.S)]
+            assert handle._steered_sites == [any(entry.site == s for c in handle._configs.values()
+                                                 for entry in c.entries) for s in range(st.S)]
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])

@@ -27,7 +27,7 @@ def test_matches_reference(mode_rows):
     row = torch.where(torch.isin(row, torch.tensor(mode_rows, dtype=torch.int32)), row, -1)
     s = h + r  # what the engine's next layer sees as its residual stream
     want_s, want_P = project_and_steer_ref(s, V, row, *table, upcast=torch.float64)
-    worker._STEP["monitor"], worker._STEP["steer"] = True, [True]
+    worker._STEP_FLAGS["monitor"], worker._STEP_FLAGS["steer"] = True, [True]
     h_out, P = h.clone(), torch.full((16, V.shape[0]), math.nan)
     torch.ops.emokern_vllm.residual_site_(h_out, r, V, torch.cat([row, torch.full((9,), -1, dtype=torch.int32)]),
                                           *table, P, 0)
@@ -43,7 +43,7 @@ def test_matches_reference(mode_rows):
 
 def test_projection_only_when_nothing_steered():
     h, r, V, row, table = _case()
-    worker._STEP["monitor"], worker._STEP["steer"] = True, [False]
+    worker._STEP_FLAGS["monitor"], worker._STEP_FLAGS["steer"] = True, [False]
     h_out, P = h.clone(), torch.zeros(7, V.shape[0])
     torch.ops.emokern_vllm.residual_site_(h_out, r, V, row, *table, P, 0)
     assert torch.equal(h_out, h)
@@ -64,10 +64,10 @@ def test_overflowing_row_is_left_unsteered_and_reported(with_residual):
     a, b, lo, hi = (t.clone() for t in table)
     a[1, 2] = math.inf  # table slot 1 (token rows 2 and 5) sets vector 2's component to infinity
     r = r if with_residual else None
-    worker._STEP["monitor"], worker._STEP["steer"], worker._STEP["bad_rows"] = True, [True], []
+    worker._STEP_FLAGS["monitor"], worker._STEP_FLAGS["steer"], worker._STEP_FLAGS["bad_rows"] = True, [True], []
     h_out, P = h.clone(), torch.zeros(7, V.shape[0])
     torch.ops.emokern_vllm.residual_site_(h_out, r, V, row, a, b, lo, hi, P, 0)
-    assert sorted(worker._STEP["bad_rows"]) == [2, 5]
+    assert sorted(worker._STEP_FLAGS["bad_rows"]) == [2, 5]
     assert torch.isfinite(h_out).all()
     assert torch.equal(h_out[[2, 5]], h[[2, 5]])  # left as they were
     assert not torch.equal(h_out[[0, 3, 6]], h[[0, 3, 6]])  # the other steered rows were steered

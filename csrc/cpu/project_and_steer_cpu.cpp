@@ -9,16 +9,19 @@
 // at a time), and only those rows of h are rewritten, each element once, as round(h + D) while the block of D is
 // still in cache. Unsteered rows are read by the first GEMM and never stored to. When only a few vectors have a
 // nonzero delta (the patch steering a few of the K it monitors, in one call), D is instead combined from those
-// vectors' rows of V alone (the listed update, below), so V is read once, packed, for the projection. Two GEMM
-// engines:
+// vectors' rows of V alone (the listed update, below), so V is read once, packed, for the projection. Three GEMM
+// engines, chosen per call in this order:
 //
-// * F32Engine: fp32 operands and accumulation, on ATen's brgemm micro-kernel (oneDNN). Used for fp32 h, and for
-//   16-bit h on CPUs without AMX (the tile is widened to fp32 first).
 // * AmxEngine: 16-bit h on CPUs with AMX-BF16, on a hand-written AMX kernel. AMX multiplies bf16 pairs exactly
 //   and accumulates in fp32, so an fp32-accurate product only needs operands that are exact sums of bf16 values:
 //   a bf16 value is one term; an fp16 value (11-bit significand) is exactly hi + lo with hi = bf16(x),
 //   lo = x - hi; the fp32 delta is hi + lo up to 2^-16 relative, far below the final rounding to 16 bits. Each
 //   GEMM sums the cross products of the terms into the same accumulators, dropping lo*lo (2^-18 relative).
+// * Bf16DotEngine: bf16 h with an even d on CPUs with AVX512_BF16 but no AMX (Zen 4): the projection GEMM runs
+//   VDPBF16PS on bf16 h and bf16 V (exact products, fp32 accumulation); the steering GEMM stays fp32.
+// * F32Engine: fp32 operands and accumulation, on ATen's brgemm micro-kernel (oneDNN). Used for fp32 h, and for
+//   16-bit h that neither engine above takes (the tile is widened to fp32 first). A one-token tile's projection
+//   runs a row GEMV over the packed V^T instead (project_row_avx512, on AVX-512 CPUs).
 //
 // The engines read V re-laid out (transposed, packed); that packing is made once per V and cached
 // (pack_cache.h), so the tiled path also serves decoding. Direct path (few tokens, V not cacheable): packing V

@@ -47,6 +47,8 @@ from typing import Callable
 
 import torch
 
+from emokern.core.architecture import layer_list_of_length, text_config
+
 __all__ = [
     "CACHE_ENV",
     "DEFAULT_MODEL",
@@ -597,24 +599,9 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 # Fingerprint
 # ----------------------------------------------------------------------------------------------------------------------
 
-_FP_EMBED_ROWS = 4  # embedding rows sampled: 0, V//3, 2V//3, V-1
+# The embedding rows sampled are 0, V // 3, 2 * V // 3 and V - 1 (model_fingerprint).
 _FP_EMBED_COLS = 16  # leading values of each sampled row
 _FP_EDGE = 8  # leading and trailing values of each parameter of the last decoder layer
-
-
-def _text_config(config):
-    get = getattr(config, "get_text_config", None)
-    return get() if callable(get) else config
-
-
-def _decoder_layers(model, num_layers: int | None):
-    """The first ``nn.ModuleList`` (in ``named_modules`` order) with exactly ``num_layers`` entries, or ``None``."""
-    if not num_layers:
-        return None
-    for _, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers:
-            return module
-    return None
 
 
 def _sample(t: torch.Tensor) -> torch.Tensor:
@@ -647,7 +634,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     more than bfloat16 rounding changes it; changes elsewhere in the weights do not (it is a sample, not a checksum).
     The hash reads a few hundred values and costs well under a millisecond of compute plus one device sync.
     """
-    config = _text_config(model.config)
+    config = text_config(model.config)
     essentials = {k: getattr(config, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")}
     digest = hashlib.sha256(json.dumps(essentials, sort_keys=True, separators=(",", ":")).encode())
 
@@ -659,7 +646,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     for r in sorted({0, rows // 3, 2 * rows // 3, rows - 1}):
         put(_sample(embed[r, :_FP_EMBED_COLS]))
 
-    layers = _decoder_layers(model, essentials["num_hidden_layers"])
+    layers = layer_list_of_length(model, essentials["num_hidden_layers"])
     if layers is not None:
         named = sorted(layers[-1].named_parameters(), key=lambda kv: kv[0])
     else:

@@ -20,16 +20,27 @@ set        t (a number)                             (t * unit, 0, -inf, +inf)
 scale      s (a number, unitless)                   (0, s, -inf, +inf)
 clamp      (lo, hi), either None for no bound       (0, 1, lo * unit, hi * unit)
 =========  =======================================  ==============================================
+
+The column ``(a, b, lo, hi)`` is :func:`emokern.ops.api.mode_coefficients` applied to the scaled strength: the op
+layer owns that mapping (its :class:`~emokern.ops.SteeringTable` uses it too) and this module adds names, units and
+checks. The engines keep their tables as :func:`identity_tables` (steer nothing) and write into them the
+:class:`TableEntry` list that :func:`compile_entries` makes from a request: the Hugging Face patch
+(:meth:`emokern.PatchHandle.steer`), the vLLM plugin (:mod:`emokern.engines.vllm.spec`) and, through the patch,
+:mod:`emokern.engines.training`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, List, Mapping, Sequence, Tuple, Union
+from typing import Any, Callable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
-__all__ = ["MODES", "SCOPES", "check_mode", "check_scope", "number", "steer_items", "steer_params"]
+from emokern.ops.api import IDENTITY, STEERING_MODES, TABLE_NAMES, identity_tables, mode_coefficients, \
+    reset_to_identity
 
-MODES = ("add", "ablate", "set", "scale", "clamp")
+__all__ = ["IDENTITY", "MODES", "SCOPES", "TABLE_NAMES", "TableEntry", "check_mode", "check_scope",
+           "compile_entries", "identity_tables", "number", "reset_to_identity", "steer_items", "steer_params"]
+
+MODES = STEERING_MODES
 # The named scopes. The Hugging Face patch also takes (start, end) prompt spans and {"text": ...}; see check_scope.
 SCOPES = ("all", "prompt", "generated")
 
@@ -84,18 +95,20 @@ def steer_params(name: str, mode: str, value, unit: float) -> Tuple[float, float
 
     ``unit`` multiplies additive amounts, targets and clamp bounds (the layer's residual norm for relative
     strengths, 1.0 for absolute ones); scale factors are unitless. See the module docstring for the table.
+    Raises ValueError for an unknown mode, a missing, NaN or infinite strength, or clamp bounds with lo > hi;
+    TypeError for a strength that is not a number (or, for clamp, not a pair).
     """
     check_mode(mode)
     if mode == "ablate":
-        return 0.0, 0.0, -math.inf, math.inf
+        return mode_coefficients("ablate")
     if value is None:
         raise ValueError(f"steer: mode {mode!r} needs a strength for {name!r}")
     if mode == "add":
-        return number(name, value, "strength") * unit, 1.0, -math.inf, math.inf
+        return mode_coefficients("add", number(name, value, "strength") * unit)
     if mode == "set":
-        return number(name, value, "target") * unit, 0.0, -math.inf, math.inf
+        return mode_coefficients("set", number(name, value, "target") * unit)
     if mode == "scale":
-        return 0.0, number(name, value, "scale factor"), -math.inf, math.inf
+        return mode_coefficients("scale", number(name, value, "scale factor"))
     try:
         lo, hi = value
     except (TypeError, ValueError):
@@ -104,7 +117,44 @@ def steer_params(name: str, mode: str, value, unit: float) -> Tuple[float, float
     hi_v = math.inf if hi is None else number(name, hi, "clamp hi") * unit
     if lo_v > hi_v:
         raise ValueError(f"steer: clamp bounds for {name!r} must satisfy lo <= hi; got ({lo}, {hi})")
-    return 0.0, 1.0, lo_v, hi_v
+    return mode_coefficients("clamp", (lo_v, hi_v))
+
+
+class TableEntry(NamedTuple):
+    """One compiled setting: at steered site ``site`` (an engine's index into its list of patched sites), bank
+    vector ``k`` gets the op's ``(a, b, lo, hi)``. A plain tuple, so it sorts, compares and serialises as
+    ``(site, k, a, b, lo, hi)``."""
+
+    site: int
+    k: int
+    a: float
+    b: float
+    lo: float
+    hi: float
+
+
+def compile_entries(items: Sequence[Tuple[str, Any]], mode: str, *, index: Callable[[str], int],
+                    sites: Sequence[int], norms: Sequence[float], relative: bool = True,
+                    check: Optional[Callable[[str, Any, TableEntry], None]] = None) -> List[TableEntry]:
+    """The table entries of one steering request: for each ``(emotion, strength)`` of ``items`` (as
+    :func:`steer_items` returns them), in order, and for each site of ``sites``, in order, the entry
+    ``TableEntry(site, index(emotion), *steer_params(emotion, mode, strength, unit))`` with
+    ``unit = norms[site]`` when ``relative`` (strengths are fractions of that site's residual norm) else 1.0.
+
+    ``index`` maps an emotion name to its bank vector (e.g. :meth:`emokern.VectorBank.index`; its errors
+    propagate). ``check``, if given, is called as ``check(emotion, strength, entry)`` before each entry is kept
+    and may raise (the vLLM plugin bounds strengths there). Entries for the same ``(site, k)`` are all kept:
+    where the engines write them into a table the later one wins. Raises what :func:`steer_params` raises.
+    """
+    entries = []
+    for name, value in items:
+        k = index(name)
+        for site in sites:
+            entry = TableEntry(site, k, *steer_params(name, mode, value, norms[site] if relative else 1.0))
+            if check is not None:
+                check(name, value, entry)
+            entries.append(entry)
+    return entries
 
 
 def check_scope(scope) -> None:

@@ -26,114 +26,21 @@ from __future__ import annotations
 
 import copy
 import inspect
-import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
 from emokern.core import steering
+from emokern.core.architecture import SITES, ArchSpec, resolve_architecture, select_layers, site_module
 from emokern.core.bank import VectorBank
+from emokern.core.steering import TABLE_NAMES, TableEntry, identity_tables, reset_to_identity
+from emokern.core.trace import Trace
 from emokern.ops._extension import require_extension
 from emokern.ops.api import project, project_and_steer, project_and_steer_, resolve_backend
-from emokern.core.trace import Trace
+from emokern.util.stats import unit_rows
 
-__all__ = ["ArchSpec", "ARCHITECTURES", "SITES", "patch", "PatchHandle", "GenerationResult", "UnsupportedModelError"]
-
-SITES = ("residual", "attn", "mlp")
-MODES = steering.MODES
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """Where a model family keeps its parts (dotted attribute paths).
-
-    Attributes:
-        base: the base model, relative to the causal-LM object: it owns the decoder layers and receives the cache.
-        layers: the ModuleList of decoder layers, relative to ``base``.
-        attn: within a decoder layer, the module whose output is the attention block's contribution to the
-            residual stream (for Gemma 3, the post-attention norm that follows attention).
-        mlp: the same for the MLP block.
-    """
-
-    base: str
-    layers: str
-    attn: str
-    mlp: str
-
-
-_LLAMA_LIKE = ArchSpec(base="model", layers="layers", attn="self_attn", mlp="mlp")
-_GEMMA3 = ArchSpec(base="model", layers="layers", attn="post_attention_layernorm", mlp="post_feedforward_layernorm")
-ARCHITECTURES: Dict[str, ArchSpec] = {
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-    "qwen3": _LLAMA_LIKE,
-    "gemma3_text": _GEMMA3,
-    "gemma3": ArchSpec(base="model.language_model", layers="layers", attn=_GEMMA3.attn, mlp=_GEMMA3.mlp),
-    "gpt2": ArchSpec(base="transformer", layers="h", attn="attn", mlp="mlp"),
-}
-
-
-class UnsupportedModelError(ValueError):
-    """The model's architecture is not in :data:`ARCHITECTURES` and no ``arch=`` was given."""
-
-
-def _get(obj, path: str):
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _resolve_arch(model, arch: Optional[ArchSpec]) -> Tuple[ArchSpec, torch.nn.Module, torch.nn.ModuleList]:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    spec = arch or ARCHITECTURES.get(model_type)
-    if spec is None:
-        looked = sorted({f"{s.base}.{s.layers}" for s in ARCHITECTURES.values()})
-        raise UnsupportedModelError(
-            f"emokern does not know model_type {model_type!r} (known: {', '.join(sorted(ARCHITECTURES))}). It looks "
-            f"for decoder layers at {', '.join(looked)} and, inside each layer, for the attention and MLP outputs "
-            f"(e.g. 'self_attn'/'mlp'). Pass them explicitly: emokern.patch(model, bank, arch=emokern.ArchSpec("
-            f"base='model', layers='layers', attn='self_attn', mlp='mlp'))."
-        )
-    try:
-        base = _get(model, spec.base)
-        layers = _get(base, spec.layers)
-    except AttributeError as exc:
-        raise UnsupportedModelError(
-            f"model_type {model_type!r}: expected the decoder layers at '{spec.base}.{spec.layers}' but {exc}. Pass "
-            f"arch=emokern.ArchSpec(...) with the right module names."
-        ) from None
-    return spec, base, layers
-
-
-def _select_layers(layers, num_layers: int) -> List[int]:
-    """Layer indices from None (all), an int, a float fraction of depth, a slice, or a sequence of those."""
-    def one(x) -> int:
-        if isinstance(x, bool):
-            raise TypeError(f"layers: expected an int, a float fraction, a slice or a list; got {x!r}")
-        if isinstance(x, float):
-            if not 0.0 <= x <= 1.0:
-                raise ValueError(f"layers: a float is a fraction of depth in [0, 1]; got {x}")
-            return int(round(x * (num_layers - 1)))
-        if isinstance(x, int):
-            i = x + num_layers if x < 0 else x
-            if not 0 <= i < num_layers:
-                raise ValueError(f"layers: index {x} is out of range for a model with {num_layers} layers")
-            return i
-        raise TypeError(f"layers: expected an int, a float fraction, a slice or a list; got {type(x).__name__}")
-
-    if layers is None:
-        out = list(range(num_layers))
-    elif isinstance(layers, slice):
-        out = list(range(num_layers))[layers]
-    elif isinstance(layers, (int, float)):
-        out = [one(layers)]
-    else:
-        out = [one(x) for x in layers]
-    if not out:
-        raise ValueError(f"layers: the selection {layers!r} is empty")
-    return sorted(set(out))
+__all__ = ["patch", "PatchHandle", "GenerationResult", "SteeringState"]
 
 
 @dataclass
@@ -148,19 +55,31 @@ class GenerationResult:
 
 
 @dataclass
-class _SteerOp:
-    k: int
-    a: float
-    b: float
-    lo: float
-    hi: float
-    sites: Tuple[int, ...]
-
-
-@dataclass
 class _SequenceConfig:
-    ops: List[_SteerOp] = field(default_factory=list)
+    """The steering of one sequence (or, under the key None, of every sequence): its table entries in the order
+    they were given (a later entry for the same site and vector wins) and its scope."""
+
+    entries: List[TableEntry] = field(default_factory=list)
     scope: Any = "all"
+
+
+@dataclass(frozen=True)
+class SteeringState:
+    """A snapshot of a :class:`PatchHandle`'s steering (every sequence's table entries and scope), taken by
+    :meth:`PatchHandle.steering_state` and put back by :meth:`PatchHandle.restore_steering`. Opaque: it holds its
+    own copy, so later ``steer`` calls do not change it and it can be restored any number of times."""
+
+    configs: Dict[Optional[int], _SequenceConfig]
+    site_names: Tuple[str, ...]
+    bank_names: Tuple[str, ...]
+
+
+class _Kernels(NamedTuple):
+    """The two kernels a site hook calls, without argument checks: ``project(h, V, P)`` writes the projections
+    into ``P``; ``project_and_steer(h, V, row, a, b, lo, hi, P)`` also steers ``h`` in place."""
+
+    project: Callable[..., None]
+    project_and_steer: Callable[..., None]
 
 
 class _State:
@@ -176,7 +95,7 @@ class _State:
         self.V = V  # (S, K, d) model dtype
         self.S, self.K = V.shape[0], V.shape[1]
         self.device = V.device
-        self.steering = False  # host flag: any op configured (branching on it is a guard, not a sync)
+        self.steering = False  # host flag: some site is steered (branching on it is a guard, not a sync)
         self.row: Optional[torch.Tensor] = None  # (B*S_tokens,) int32 for the current forward
         # (S, B*S_tokens, K) fp32: every site's projections in the current forward, copied into the trace P by one
         # index_copy_ when the forward ends (one copy per forward instead of one per site)
@@ -191,14 +110,8 @@ class _State:
         S, K, dev = self.S, self.K, self.device
         self.B_cap, self.T_cap, self.slots = batch, tokens, slots
         self.Vs = torch.zeros(S, slots, self.V.shape[2], dtype=self.V.dtype, device=dev)
-        self.a = torch.zeros(S, batch, slots, device=dev)
-        self.b = torch.ones(S, batch, slots, device=dev)
-        self.lo = torch.full((S, batch, slots), -math.inf, device=dev)
-        self.hi = torch.full((S, batch, slots), math.inf, device=dev)
-        self.a_all = torch.zeros(S, batch, K, device=dev)
-        self.b_all = torch.ones(S, batch, K, device=dev)
-        self.lo_all = torch.full((S, batch, K), -math.inf, device=dev)
-        self.hi_all = torch.full((S, batch, K), math.inf, device=dev)
+        self.a, self.b, self.lo, self.hi = identity_tables(S, batch, slots, device=dev)
+        self.a_all, self.b_all, self.lo_all, self.hi_all = identity_tables(S, batch, K, device=dev)
         self.seq_row = torch.full((batch,), -1, dtype=torch.int32, device=dev)
         self.scope = torch.zeros(batch, tokens + 1, dtype=torch.bool, device=dev)
         self.P = torch.full((S, batch, tokens + 1, K), float("nan"), device=dev)
@@ -220,25 +133,23 @@ class PatchHandle:
         self.site_names = [f"layer{layer}.{site}" for layer in layers for site in sites]
         self._site_layers = [layer for layer in layers for _ in sites]
         param = next(model.parameters())
-        unit = bank.vectors / bank.vectors.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+        unit = unit_rows(bank.vectors)
         V = torch.stack([unit[bank.layer_slot(layer)] for layer in self._site_layers])
         self._norms = [float(bank.residual_norm[bank.layer_slot(layer)]) for layer in self._site_layers]
         self.state = _State(V.to(device=param.device, dtype=param.dtype).contiguous(), batch, tokens)
         K = self.state.K
         # the tables of "steer nothing" (every row -1 reads none of them): the differentiable op's projection-only call
-        self._no_steering = (torch.zeros(1, K, device=param.device), torch.ones(1, K, device=param.device),
-                             torch.full((1, K), -math.inf, device=param.device),
-                             torch.full((1, K), math.inf, device=param.device))
+        self._no_steering = identity_tables(1, K, device=param.device)
         self._configs: Dict[Optional[int], _SequenceConfig] = {}
         self._host: Optional[Dict[str, torch.Tensor]] = None  # host copies of the steering buffers (see _materialize)
         self._used: List[int] = []  # bank indices of the steered vectors, in slot order
         self._prompt: Optional[dict] = None
         self._steered_sites = [False] * len(self.site_names)
         self._needs_prompt = False
-        # On CPU (or with an explicit backend) the op does not depend on the number of tokens: pick it once.
+        # On CPU (or with an explicit backend) the kernels do not depend on the number of tokens: pick them once.
         dev = self.state.device
         fixed = resolve_backend(backend, dev, 1) == resolve_backend(backend, dev, 1 << 30)
-        self._fixed_ops = self._ops(1) if fixed else None
+        self._fixed_kernels = self._kernels(1) if fixed else None
         # The C++ CPU kernel updates h from the vectors with a nonzero delta only, so a site that is monitored and
         # steered makes one call over all K with the full-width tables (the projection reads V once). The CUDA and
         # Triton kernels' update reads every vector of V, so there the two calls stay.
@@ -253,7 +164,7 @@ class PatchHandle:
         for layer in layers:
             block = layer_modules[layer]
             for site in sites:
-                module = block if site == "residual" else _get(block, getattr(spec, site))
+                module = site_module(block, site, spec)
                 self._hooks.append(module.register_forward_hook(self._make_site_hook(i)))
                 i += 1
         model._emokern_patch = self
@@ -309,8 +220,9 @@ class PatchHandle:
         # The inference path. On the C++ CPU kernel a monitored and steered site is one call over all K with the
         # full-width tables: the projections recorded are those of the site's input, and the update reads only the
         # steered vectors' rows of V (the kernel skips vectors whose delta is 0; an earlier fused call whose update
-        # ran over all K read all of V a second time and was reverted). Elsewhere, monitoring projects onto all K
-        # vectors first and steering then works on the few steered vectors only (Vs and the slot tables).
+        # ran over all K read all of V a second time and was reverted; the timings are in the README, "Monitoring
+        # and steering in one call"). Elsewhere, monitoring projects onto all K vectors first and steering then works
+        # on the few steered vectors only (Vs and the slot tables).
         def hook(module, args, output):
             st = self.state
             steer = st.steering and self._steered_sites[i]
@@ -321,21 +233,21 @@ class PatchHandle:
                 return self._site_in_graph(i, h, output, steer)
             h2 = h.view(-1, h.shape[-1])
             V, Vs, a, b, lo, hi, _ = st.site_views[i]
-            ops = self._fixed_ops or self._ops(h2.shape[0])
+            kernels = self._fixed_kernels or self._kernels(h2.shape[0])
             grad = torch.is_grad_enabled()  # grad on but no train=True: record without autograd, steer through it
             if steer and self.monitor and self._one_call and not (grad and h.requires_grad):
-                ops[1](h2, V, st.row, *st.site_tables_all[i], st.scratch_sites[i])
+                kernels.project_and_steer(h2, V, st.row, *st.site_tables_all[i], st.scratch_sites[i])
                 return None
             if self.monitor:
                 if grad:
                     with torch.no_grad():
-                        ops[0](h2.detach(), V, st.scratch_sites[i])
+                        kernels.project(h2.detach(), V, st.scratch_sites[i])
                 else:
-                    ops[0](h2, V, st.scratch_sites[i])
+                    kernels.project(h2, V, st.scratch_sites[i])
             if steer:
                 if grad and h.requires_grad:
                     return self._steer_in_graph(i, h, h2, output)
-                ops[1](h2, Vs, st.row, a, b, lo, hi, st.steer_scratch)
+                kernels.project_and_steer(h2, Vs, st.row, a, b, lo, hi, st.steer_scratch)
             return None
 
         return hook
@@ -384,19 +296,19 @@ class PatchHandle:
                                "the last one began (call the model first, outside torch.no_grad())")
         return self._graph[i]
 
-    def _ops(self, num_tokens: int):
-        """``(project(h, V, P), steer(h, V, row, a, b, lo, hi, P))`` for this call: the registered ops themselves
+    def _kernels(self, num_tokens: int) -> _Kernels:
+        """The two kernels of the backend for a call on ``num_tokens`` tokens: the registered ops themselves
         (arguments were validated when the patch was made; per-call checks would cost more than the kernel at decode
         sizes), or the reference in place."""
         which = resolve_backend(self.backend, self.state.device, num_tokens)
         if which == "reference":
-            return (lambda h, V, P: project(h, V, P_out=P, backend="reference", validate=False),
-                    lambda h, V, row, a, b, lo, hi, P: project_and_steer_(h, V, row, a, b, lo, hi, P_out=P,
-                                                                          backend="reference", validate=False))
+            return _Kernels(lambda h, V, P: project(h, V, P_out=P, backend="reference", validate=False),
+                            lambda h, V, row, a, b, lo, hi, P: project_and_steer_(h, V, row, a, b, lo, hi, P_out=P,
+                                                                                  backend="reference", validate=False))
         if which == "triton":
-            return torch.ops.emokern.project_triton, torch.ops.emokern.project_and_steer_triton_
+            return _Kernels(torch.ops.emokern.project_triton, torch.ops.emokern.project_and_steer_triton_)
         require_extension()
-        return torch.ops.emokern.project, torch.ops.emokern.project_and_steer_
+        return _Kernels(torch.ops.emokern.project, torch.ops.emokern.project_and_steer_)
 
     # ------------------------------------------------------------------------------------------ capacity
     def reserve(self, batch: Optional[int] = None, tokens: Optional[int] = None, slots: Optional[int] = None) -> None:
@@ -441,13 +353,9 @@ class PatchHandle:
         steering.check_mode(mode)
         items = steering.steer_items(emotions, strength)
         site_ids = self._sites_for_layers(layers)
-        self._check_scope(scope)
-        new_ops = []
-        for name, value in items:
-            k = self.bank.index(name)
-            for s in site_ids:
-                unit = self._norms[s] if relative else 1.0
-                new_ops.append(self._op(name, k, mode, value, unit, s))
+        steering.check_scope(scope)
+        new_entries = steering.compile_entries(items, mode, index=self.bank.index, sites=site_ids, norms=self._norms,
+                                               relative=relative)
         keys = [None] if sequences is None else ([sequences] if isinstance(sequences, int) else list(sequences))
         for key in keys:
             if key is not None and not 0 <= key:
@@ -456,7 +364,7 @@ class PatchHandle:
         previous = {key: copy.deepcopy(self._configs.get(key)) for key in keys}
         for key in keys:
             config = self._configs.setdefault(key, _SequenceConfig())
-            config.ops.extend(new_ops)
+            config.entries.extend(new_entries)
             config.scope = scope
         try:
             if keys and max((k for k in keys if k is not None), default=-1) >= self.state.B_cap:
@@ -478,6 +386,39 @@ class PatchHandle:
         self._materialize()
         return self
 
+    def steering_state(self) -> SteeringState:
+        """A snapshot of the current steering (every :meth:`steer` setting since the last :meth:`clear_steering`,
+        for every sequence, with its scope), to put back later with :meth:`restore_steering`::
+
+            state = handle.steering_state()
+            handle.steer({"desperate": 0.05})      # for a while
+            handle.restore_steering(state)         # exactly the steering of before
+
+        The snapshot is a copy: later changes to the handle's steering do not reach it."""
+        return SteeringState(copy.deepcopy(self._configs), tuple(self.site_names), tuple(self.bank.names))
+
+    def restore_steering(self, state: SteeringState) -> "PatchHandle":
+        """Replace the current steering by a snapshot from :meth:`steering_state` of this patch (the same patched
+        sites and bank), as if the calls that made it were repeated; the device buffers are rewritten in place
+        (never reallocated unless more vectors are steered than the slots hold). The snapshot stays usable.
+
+        Returns ``self``. Raises TypeError for anything but a :class:`SteeringState`, ValueError for one taken from
+        a patch with other sites or another bank, and what :meth:`steer` raises when the snapshot's scopes do not
+        fit the prompt registered since (the steering is then cleared rather than left half-restored)."""
+        if not isinstance(state, SteeringState):
+            raise TypeError(f"restore_steering: expected a SteeringState from handle.steering_state(); got "
+                            f"{type(state).__name__}")
+        if state.site_names != tuple(self.site_names) or state.bank_names != tuple(self.bank.names):
+            raise ValueError("restore_steering: the state was taken from a patch with other sites or another bank "
+                             f"(its sites: {list(state.site_names)}; this patch's: {self.site_names})")
+        self._configs = copy.deepcopy(state.configs)
+        try:
+            self._materialize()
+        except Exception:
+            self.clear_steering()
+            raise
+        return self
+
     def _sites_for_layers(self, layers) -> List[int]:
         if layers is None:
             return list(range(len(self.site_names)))
@@ -486,14 +427,6 @@ class PatchHandle:
         if unknown:
             raise ValueError(f"steer: layers {unknown} are not patched (patched layers: {self.layers})")
         return [i for i, layer in enumerate(self._site_layers) if layer in wanted]
-
-    @staticmethod
-    def _op(name: str, k: int, mode: str, value, unit: float, site: int) -> _SteerOp:
-        return _SteerOp(k, *steering.steer_params(name, mode, value, unit), (site,))
-
-    @staticmethod
-    def _check_scope(scope) -> None:
-        steering.check_scope(scope)
 
     def _materialize(self, sequences: Optional[Sequence[int]] = None) -> None:
         """Write the host-side steering configuration into the fixed device buffers (reallocating only when more
@@ -505,9 +438,9 @@ class PatchHandle:
         """
         used: List[int] = []
         for config in self._configs.values():
-            for op in config.ops:
-                if op.k not in used:
-                    used.append(op.k)
+            for entry in config.entries:
+                if entry.k not in used:
+                    used.append(entry.k)
         st = self.state
         if len(used) > st.slots:
             st.allocate(st.B_cap, st.T_cap, 1 << (len(used) - 1).bit_length())
@@ -519,72 +452,66 @@ class PatchHandle:
         if incremental:
             rows = sorted({seq for seq in sequences if seq is not None and 0 <= seq < B})
         else:
-            host = self._host = {
-                "a": torch.zeros(S, B, slots), "b": torch.ones(S, B, slots),
-                "lo": torch.full((S, B, slots), -math.inf), "hi": torch.full((S, B, slots), math.inf),
-                "seq_row": torch.full((B,), -1, dtype=torch.int32), "scope": torch.zeros(B, T + 1, dtype=torch.bool),
-            }
+            host = self._host = dict(zip(TABLE_NAMES, identity_tables(S, B, slots)))
+            host["seq_row"] = torch.full((B,), -1, dtype=torch.int32)
+            host["scope"] = torch.zeros(B, T + 1, dtype=torch.bool)
             rows = range(B)
         for seq in rows:
             self._fill_row(host, seq, slot_of, T)
         if incremental:
             for seq in rows:
-                for name in ("a", "b", "lo", "hi"):
+                for name, full in zip(TABLE_NAMES, self._full_width(host, used, [seq])):
                     getattr(st, name)[:, seq].copy_(host[name][:, seq])
-                    getattr(st, name + "_all")[:, seq].copy_(self._full_width(host, name, used, [seq])[:, 0])
+                    getattr(st, name + "_all")[:, seq].copy_(full[:, 0])
                 st.seq_row[seq:seq + 1].copy_(host["seq_row"][seq:seq + 1])
                 st.scope[seq].copy_(host["scope"][seq])
         else:
             Vs = torch.zeros_like(st.Vs)
             for k, j in slot_of.items():
                 Vs[:, j] = st.V[:, k]
-            for name in ("a", "b", "lo", "hi", "seq_row", "scope"):
+            for name in TABLE_NAMES + ("seq_row", "scope"):
                 getattr(st, name).copy_(host[name])
-            for name in ("a", "b", "lo", "hi"):
-                getattr(st, name + "_all").copy_(self._full_width(host, name, used, range(B)))
+            for name, full in zip(TABLE_NAMES, self._full_width(host, used, range(B))):
+                getattr(st, name + "_all").copy_(full)
             st.Vs.copy_(Vs)
         self._used = used
         steered_sites = [False] * S
         live = B if self._prompt is None else min(B, self._prompt["batch"])
         for key, config in self._configs.items():
             if key is None or key < live:
-                for op in config.ops:
-                    for site in op.sites:
-                        steered_sites[site] = True
+                for entry in config.entries:
+                    steered_sites[entry.site] = True
         self._steered_sites = steered_sites
-        self._needs_prompt = any(c.ops and c.scope != "all" for c in self._configs.values())
+        self._needs_prompt = any(c.entries and c.scope != "all" for c in self._configs.values())
         st.steering = any(steered_sites)
 
-    _NEUTRAL = {"a": 0.0, "b": 1.0, "lo": -math.inf, "hi": math.inf}  # the identity setting of each table
-
-    def _full_width(self, host: Dict[str, torch.Tensor], name: str, used: List[int], rows) -> torch.Tensor:
-        """Table ``name`` of the sequences ``rows`` with one column per bank vector, (S, len(rows), K): the slot
-        columns of the host table placed at their vectors' indices, the identity elsewhere."""
+    def _full_width(self, host: Dict[str, torch.Tensor], used: List[int], rows) -> Tuple[torch.Tensor, ...]:
+        """The four tables of the sequences ``rows`` with one column per bank vector, each (S, len(rows), K): the
+        slot columns of the host tables placed at their vectors' indices, the identity elsewhere."""
         rows = list(rows)
-        full = torch.full((self.state.S, len(rows), self.state.K), self._NEUTRAL[name])
+        full = identity_tables(self.state.S, len(rows), self.state.K)
         if used:
-            full[:, :, used] = host[name][:, rows, :len(used)]
+            for name, table in zip(TABLE_NAMES, full):
+                table[:, :, used] = host[name][:, rows, :len(used)]
         return full
 
     def _fill_row(self, host: Dict[str, torch.Tensor], seq: int, slot_of: Dict[int, int], T: int) -> None:
         """Reset row ``seq`` of the host buffers and write its settings (the everyone-settings, then its own)."""
-        for name, neutral in self._NEUTRAL.items():
-            host[name][:, seq] = neutral
+        reset_to_identity([host[name] for name in TABLE_NAMES], (slice(None), seq))
         host["seq_row"][seq] = -1
         host["scope"][seq] = False
         prompt = self._prompt
         everyone = self._configs.get(None, _SequenceConfig())
         own = self._configs.get(seq)
-        ops = everyone.ops + (own.ops if own else [])
-        if not ops or (prompt is not None and seq >= prompt["batch"]):
+        entries = everyone.entries + (own.entries if own else [])
+        if not entries or (prompt is not None and seq >= prompt["batch"]):
             return
         host["seq_row"][seq] = seq
         a, b, lo, hi = host["a"], host["b"], host["lo"], host["hi"]
-        for op in ops:
-            j = slot_of[op.k]
-            for s in op.sites:
-                a[s, seq, j], b[s, seq, j], lo[s, seq, j], hi[s, seq, j] = op.a, op.b, op.lo, op.hi
-        host["scope"][seq] = self._scope_mask(own.scope if own and own.ops else everyone.scope, seq, T)
+        for e in entries:  # in order, so a later entry for the same site and vector wins
+            j = slot_of[e.k]
+            a[e.site, seq, j], b[e.site, seq, j], lo[e.site, seq, j], hi[e.site, seq, j] = e.a, e.b, e.lo, e.hi
+        host["scope"][seq] = self._scope_mask(own.scope if own and own.entries else everyone.scope, seq, T)
 
     def _scope_mask(self, scope, seq: int, T: int) -> torch.Tensor:
         mask = torch.zeros(T + 1, dtype=torch.bool)
@@ -751,14 +678,14 @@ def patch(model, bank: VectorBank, *, layers=None, sites: Union[str, Sequence[st
     """Patch a loaded ``transformers`` causal LM in place to monitor and steer with ``bank``; returns the handle.
 
     Args:
-        model: a causal LM whose ``config.model_type`` is in :data:`ARCHITECTURES` (or pass ``arch``).
+        model: a causal LM whose ``config.model_type`` is in :data:`emokern.core.architecture.ARCHITECTURES` (or pass ``arch``).
         bank: the vectors; refused if made for another hidden size, or another model fingerprint unless ``force``.
         layers: None (all layers), an index, a float fraction of depth, a slice, or a list of those. Every
             selected layer must be in the bank.
         sites: any of ``"residual"`` (decoder layer output), ``"attn"``, ``"mlp"`` (block outputs before the
             residual add).
         tokenizer: used for prompts given as text, token strings in traces, and decoded outputs.
-        arch: an :class:`ArchSpec` for models not in the table.
+        arch: an :class:`~emokern.core.architecture.ArchSpec` for models not in the table.
         backend: op backend (see :func:`emokern.ops.resolve_backend`).
         monitor: record projections (set False to only steer).
         force: accept a bank whose model fingerprint differs (hidden size must still match).
@@ -778,9 +705,9 @@ def patch(model, bank: VectorBank, *, layers=None, sites: Union[str, Sequence[st
     bad = [s for s in sites if s not in SITES]
     if bad or not sites:
         raise ValueError(f"patch: 'sites' must be a non-empty subset of {SITES}; got {sites}")
-    spec, base, layer_modules = _resolve_arch(model, arch)
+    spec, base, layer_modules = resolve_architecture(model, arch)
     bank.check_model(model, force=force)
-    chosen = _select_layers(layers, len(layer_modules))
+    chosen = select_layers(layers, len(layer_modules))
     missing = [layer for layer in chosen if layer not in bank.layers]
     if missing:
         raise ValueError(f"patch: the bank has no vectors for layers {missing} (it covers {bank.layers})")

@@ -22,7 +22,6 @@ differentiable op; a forward under ``torch.no_grad()`` runs the inference path u
 from __future__ import annotations
 
 import contextlib
-import copy
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
@@ -96,13 +95,12 @@ def preventative_steering(handle, emotions: Union[str, Sequence[str], Mapping[st
 
     Meant around the training steps of a fine-tune (with ``train=True`` the steering is differentiable, so the
     gradient sees the steered model); on leaving the block, normally or by an exception, the handle's steering is
-    what it was before (usually none), so evaluation and inference run the model as fine-tuned, unsteered.
-    Yields the handle.
+    what it was before (usually none), so evaluation and inference run the model as fine-tuned, unsteered
+    (:meth:`PatchHandle.steering_state` before, :meth:`PatchHandle.restore_steering` after). Yields the handle.
     """
-    saved = copy.deepcopy(handle._configs)
+    saved = handle.steering_state()
     handle.steer(emotions, strength, **steer_options)
     try:
         yield handle
     finally:
-        handle._configs = saved
-        handle._materialize()
+        handle.restore_steering(saved)

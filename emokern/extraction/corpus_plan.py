@@ -99,6 +99,24 @@ PRESETS: dict[str, CorpusPreset] = {
             style="opening",
         ),
         CorpusPreset(
+            name="base",
+            description=(
+                "For small base models without a chat template (Gemma-3-270M): the standard recipe written as plain "
+                "text, at temperature 0.8 (at 0.6 a 270M base model loops: benchmarks/bench_recipe.py dropped 115 of "
+                "its 192 standard stories as repetitive), 16 stories per emotion (one on each of 16 premises) + 48 "
+                "neutral dialogues, <= 64 new tokens each: sized to generate in about an hour on this project's "
+                "2-core machine. Read it with fmt='raw' (emokern extract --format raw)."),
+            emotions=None,
+            stories_per_emotion=16,
+            neutral=48,
+            max_new_tokens=64,
+            batch_size=171,
+            min_words=20,
+            temperature=0.8,
+            prompt_format="plain",
+            style="opening",
+        ),
+        CorpusPreset(
             name="mini",
             description="4 emotions x 2 stories + 4 neutral dialogues, <= 40 new tokens: for tests and CI.",
             emotions=("desperate", "calm", "happy", "afraid"),

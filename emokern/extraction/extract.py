@@ -42,9 +42,8 @@ from typing import List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from emokern.core.architecture import resolve_architecture, select_layers, text_config
 from emokern.core.bank import VectorBank
-from emokern.core.models import _text_config
-from emokern.engines.hf import _resolve_arch, _select_layers
 from emokern.extraction.quality import evaluate, held_out_accuracy
 from emokern.extraction.vectors import emotion_membership, emotion_vectors
 from emokern.util.kv_cache import cache_argument
@@ -208,8 +207,8 @@ def _activations(model, tokenizer, texts, *, layers, first_token, fmt, batch_siz
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected an int >= 1; got {batch_size!r}")
     _check_exclusion(texts, exclude_spans, exclude_after)
-    _, base, decoder_layers = _resolve_arch(model, None)
-    layer_ids = _select_layers(layers, len(decoder_layers))
+    _, base, decoder_layers = resolve_architecture(model)
+    layer_ids = select_layers(layers, len(decoder_layers))
     ids, spans, excluded = _tokenize(tokenizer, texts, fmt, argument, exclude_spans, exclude_after)
     n, L = len(texts), len(layer_ids)
     positions = [_averaged_positions(span, first_token, ex) for span, ex in zip(spans, excluded)]
@@ -224,7 +223,7 @@ def _activations(model, tokenizer, texts, *, layers, first_token, fmt, batch_siz
     left = getattr(tokenizer, "padding_side", "right") == "left"
     # Longest first: similar lengths share a batch (little padding) and an out-of-memory error comes at once.
     order = sorted(range(n), key=lambda i: -len(ids[i]))
-    means = torch.empty(n, L, int(_text_config(model.config).hidden_size))
+    means = torch.empty(n, L, int(text_config(model.config).hidden_size))
     norm_sum = torch.zeros(L, dtype=torch.float64, device=device)
     n_averaged = 0
     state = {}
@@ -344,7 +343,7 @@ def story_activations(model, tokenizer, texts: Sequence[str], *, layers=None, fi
     """Per-text mean residual-stream activations at the chosen layers, without running the LM head.
 
     Args:
-        model: a Hugging Face causal LM of a family in :data:`emokern.engines.hf.ARCHITECTURES`.
+        model: a Hugging Face causal LM of a family in :data:`emokern.core.architecture.ARCHITECTURES`.
         tokenizer: its fast tokenizer (character offsets locate the story's tokens); for ``fmt="chat"`` it needs a
             chat template. Its ``padding_side`` is respected; padding never enters a mean.
         texts: n non-blank strings.
@@ -461,7 +460,7 @@ def extract_bank(model, tokenizer, story_texts: Sequence[str], story_labels: Seq
     ev = emotion_vectors(acts, story_labels, names, neutral, variance=variance)
     t3 = time.perf_counter()
     counts = torch.bincount(member[member >= 0], minlength=len(names)).tolist()
-    config = _text_config(model.config)
+    config = text_config(model.config)
     n_model_layers = int(config.num_hidden_layers)
     two_thirds = min(layer_ids, key=lambda x: (abs(x - round(2 / 3 * (n_model_layers - 1))), x))
     quality, chosen, rule = None, None, None

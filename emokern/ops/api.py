@@ -31,8 +31,14 @@ __all__ = [
     "project",
     "project_and_steer_",
     "project_and_steer",
+    "IDENTITY",
+    "STEERING_MODES",
     "SteeringTable",
+    "TABLE_NAMES",
+    "identity_tables",
+    "mode_coefficients",
     "orthonormalize",
+    "reset_to_identity",
     "resolve_backend",
 ]
 
@@ -499,16 +505,68 @@ def project_and_steer(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Helpers for building arguments
+# Helpers for building arguments: the steering tables
 # --------------------------------------------------------------------------------------------------------------
+# The four tables, in the order the op takes them.
+TABLE_NAMES = ("a", "b", "lo", "hi")
+# The entry that leaves a projection unchanged: q = clamp(0 + 1 * P, -inf, +inf) = P.
+IDENTITY = (0.0, 1.0, -math.inf, math.inf)
+# The steering modes, each one row of mode_coefficients. emokern.core.steering's spec language uses the same names.
+STEERING_MODES = ("add", "ablate", "set", "scale", "clamp")
+
+
+def mode_coefficients(mode: str, value=None) -> Tuple[float, float, float, float]:
+    """The op's table entry ``(a, b, lo, hi)`` for one steering mode, ``q = clamp(a + b * P, lo, hi)``:
+
+    =========  ===========================  =============================
+    mode       ``value``                    ``(a, b, lo, hi)``
+    =========  ===========================  =============================
+    add        c                            (c, 1, -inf, +inf)
+    ablate     unused                       (0, 0, -inf, +inf)
+    set        t                            (t, 0, -inf, +inf)
+    scale      s                            (0, s, -inf, +inf)
+    clamp      (lo, hi)                     (0, 1, lo, hi)
+    =========  ===========================  =============================
+
+    ``value`` is taken as given, in the projection's units (the caller scales and validates it: see
+    :class:`SteeringTable` and :func:`emokern.core.steering.steer_params`); numbers are returned as ``float``.
+    Raises ValueError for a mode not in :data:`STEERING_MODES`.
+    """
+    if mode == "add":
+        return float(value), 1.0, -math.inf, math.inf
+    if mode == "ablate":
+        return 0.0, 0.0, -math.inf, math.inf
+    if mode == "set":
+        return float(value), 0.0, -math.inf, math.inf
+    if mode == "scale":
+        return 0.0, float(value), -math.inf, math.inf
+    if mode == "clamp":
+        lo, hi = value
+        return 0.0, 1.0, float(lo), float(hi)
+    raise ValueError(f"mode_coefficients: 'mode' must be one of {STEERING_MODES}; got {mode!r}")
+
+
+def identity_tables(*shape: int, device: Union[str, torch.device, None] = None) -> Tuple[torch.Tensor, ...]:
+    """Four new fp32 tensors ``(a, b, lo, hi)`` of ``shape`` filled with :data:`IDENTITY` (0, 1, -inf, +inf): tables
+    that steer nothing. ``shape`` is (R, K) for the op; engines keep more leading dimensions (site, sequence)."""
+    return tuple(torch.full(shape, value, dtype=torch.float32, device=device) for value in IDENTITY)
+
+
+def reset_to_identity(tables: Sequence[torch.Tensor], index) -> None:
+    """Write :data:`IDENTITY` into ``tables[i][index]`` for each of the four tables ``(a, b, lo, hi)``, in place."""
+    for table, value in zip(tables, IDENTITY):
+        table[index] = value
+
+
 _Index = Union[int, slice, Sequence[int], torch.Tensor]
 
 
 class SteeringTable:
     """Per-row steering parameters ``a, b, lo, hi`` (R, K) fp32, starting as the identity (no change).
 
-    Each method sets the parameters of rows ``r`` and vectors ``k`` (int, slice, list or index tensor) and returns
-    ``self`` so calls chain. The table unpacks into the four tensors the op takes::
+    Each method sets the parameters of rows ``r`` and vectors ``k`` (int, slice, list or index tensor) to the entry
+    of :func:`mode_coefficients` and returns ``self`` so calls chain. The table unpacks into the four tensors the op
+    takes::
 
         table = SteeringTable(R=2, K=V.shape[0]).add(0, k=3, c=4.0).ablate(1, k=[0, 5])
         project_and_steer_(h, V, row, *table)
@@ -517,15 +575,13 @@ class SteeringTable:
     def __init__(self, R: int, K: int, *, device: Union[str, torch.device, None] = None):
         if R < 1 or K < 1:
             raise ValueError(f"SteeringTable: R and K must be >= 1; got R = {R}, K = {K}")
-        self.a = torch.zeros(R, K, dtype=torch.float32, device=device)
-        self.b = torch.ones(R, K, dtype=torch.float32, device=device)
-        self.lo = torch.full((R, K), -math.inf, dtype=torch.float32, device=device)
-        self.hi = torch.full((R, K), math.inf, dtype=torch.float32, device=device)
+        self.a, self.b, self.lo, self.hi = identity_tables(R, K, device=device)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return iter((self.a, self.b, self.lo, self.hi))
 
-    def _set(self, r: _Index, k: _Index, a: float, b: float, lo: float = -math.inf, hi: float = math.inf):
+    def _set(self, r: _Index, k: _Index, entry: Tuple[float, float, float, float]) -> "SteeringTable":
+        a, b, lo, hi = entry
         for name, value in (("a", a), ("b", b)):
             if not math.isfinite(value):
                 raise ValueError(f"SteeringTable: '{name}' must be finite; got {value}")
@@ -536,27 +592,27 @@ class SteeringTable:
 
     def identity(self, r: _Index = slice(None), k: _Index = slice(None)) -> "SteeringTable":
         """Leave the projections unchanged (a = 0, b = 1, no clamp)."""
-        return self._set(r, k, 0.0, 1.0)
+        return self._set(r, k, IDENTITY)
 
     def add(self, r: _Index, k: _Index, c: float) -> "SteeringTable":
         """Add ``c`` to the projection: ``q = P + c`` (for a unit vector, ``h += c * v``)."""
-        return self._set(r, k, float(c), 1.0)
+        return self._set(r, k, mode_coefficients("add", c))
 
     def ablate(self, r: _Index, k: _Index) -> "SteeringTable":
         """Remove the component along the vector: ``q = 0``."""
-        return self._set(r, k, 0.0, 0.0)
+        return self._set(r, k, mode_coefficients("ablate"))
 
     def set(self, r: _Index, k: _Index, target: float) -> "SteeringTable":
         """Set the projection to ``target``: ``q = target``."""
-        return self._set(r, k, float(target), 0.0)
+        return self._set(r, k, mode_coefficients("set", target))
 
     def scale(self, r: _Index, k: _Index, s: float) -> "SteeringTable":
         """Scale the projection: ``q = s * P``."""
-        return self._set(r, k, 0.0, float(s))
+        return self._set(r, k, mode_coefficients("scale", s))
 
     def clamp(self, r: _Index, k: _Index, lo: float = -math.inf, hi: float = math.inf) -> "SteeringTable":
         """Clamp the projection into ``[lo, hi]``."""
-        return self._set(r, k, 0.0, 1.0, float(lo), float(hi))
+        return self._set(r, k, mode_coefficients("clamp", (lo, hi)))
 
 
 def orthonormalize(V: torch.Tensor) -> torch.Tensor:

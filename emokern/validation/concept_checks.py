@@ -98,9 +98,9 @@ def last_token_states(model, tokenizer, prompts: Sequence[str], layers: Sequence
     """(n, L, d) float32: the residual stream (output of decoder layer ``layers[j]``, before any final norm) at the
     last token of each user message rendered as a chat prompt with the assistant's turn opened
     (:func:`emokern.experiments.common.chat_text`). One prompt per forward, so no padding can shift a position."""
-    from emokern.engines.hf import _resolve_arch
+    from emokern.core.architecture import resolve_architecture
 
-    _, base, decoder_layers = _resolve_arch(model, None)
+    _, base, decoder_layers = resolve_architecture(model)
     device = model.get_input_embeddings().weight.device
     out = torch.empty(len(prompts), len(layers), int(model.get_input_embeddings().weight.shape[1]))
     caught: Dict[int, torch.Tensor] = {}

@@ -58,6 +58,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from emokern.core.architecture import get_module, text_config
 from emokern.core.bank import VectorBank
 from emokern.util.stats import pearson, pearson_p_value, unit_rows
 from emokern.validation import concept_checks, concept_data
@@ -119,7 +120,7 @@ TOP_SNIPPETS = 5
 # A Pearson r over fewer points is ±1 or undefined.
 MIN_CORRELATION_POINTS = 3
 
-# The final norm of each family emokern patches (emokern.engines.hf.ARCHITECTURES), as a dotted path from the causal LM.
+# The final norm of each family emokern patches (emokern.core.architecture.ARCHITECTURES), as a dotted path from the causal LM.
 _FINAL_NORM = {
     "llama": "model.norm",
     "mistral": "model.norm",
@@ -136,11 +137,6 @@ PathLike = Union[str, os.PathLike]
 # ----------------------------------------------------------------------------------------------------------------------
 # Small helpers
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def _text_config(model):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def _correlation(x: Sequence[float], y: Sequence[float]) -> Dict:
@@ -164,7 +160,7 @@ def _correlation(x: Sequence[float], y: Sequence[float]) -> Dict:
 
 def _resolve_layer(bank: VectorBank, model, layer: Optional[int]) -> Tuple[int, str]:
     """The model layer to report on and where it came from (see :func:`validation_report`)."""
-    n_layers = int(_text_config(model).num_hidden_layers)
+    n_layers = int(text_config(model.config).num_hidden_layers)
     if layer is None:
         layer, source = bank.default_layer()
     elif isinstance(layer, bool) or not isinstance(layer, int):
@@ -360,10 +356,7 @@ def _final_norm(model) -> Tuple[str, torch.nn.Module]:
     if model_type not in _FINAL_NORM:
         raise ValueError(f"model: expected a model_type with a known final norm ({', '.join(sorted(_FINAL_NORM))}) "
                          f"for the logit lens; got {model_type!r}")
-    module = model
-    for part in _FINAL_NORM[model_type].split("."):
-        module = getattr(module, part)
-    return _FINAL_NORM[model_type], module
+    return _FINAL_NORM[model_type], get_module(model, _FINAL_NORM[model_type])
 
 
 def logit_lens(vectors: torch.Tensor, model, tokenizer, *, k: int = TOP_TOKENS) -> Tuple[List[Dict], str]:
@@ -584,7 +577,7 @@ def validation_report(bank: VectorBank, model, tokenizer, out_dir: PathLike, *, 
     out_dir.mkdir(parents=True, exist_ok=True)
     vectors = bank.vectors[bank.layer_slot(layer)]
     featured = [e for e in FEATURED_EMOTIONS if e in bank.names] or bank.names[:len(FEATURED_EMOTIONS)]
-    config = _text_config(model)
+    config = text_config(model.config)
 
     read = _layer_means(model, tokenizer, layer, batch_size, progress)
     external_fmt = _external_fmt(bank, tokenizer)

@@ -24,6 +24,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from emokern.util.stats import unit_rows
+
 __all__ = ["Config", "from_env", "load"]
 
 ENV_BANK = "EMOKERN_VLLM_BANK"
@@ -105,7 +107,7 @@ def _load(config: Config) -> Loaded:
                          f"{bank.layers}")
     slots = [bank.layer_slot(layer) for layer in layers]
     vectors = bank.vectors[slots]
-    unit = vectors / vectors.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # as emokern.engines.hf: unit directions
+    unit = unit_rows(vectors)  # unit directions, as in emokern.engines.hf
     has_stats = bank.neutral_mean is not None and bank.neutral_std is not None
     return Loaded(config, bank, layers, unit.contiguous(), [float(bank.residual_norm[s]) for s in slots],
                   bank.neutral_mean[slots].float() if has_stats else None,

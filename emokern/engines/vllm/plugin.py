@@ -54,16 +54,23 @@ def _check_extension() -> None:
     environment, and the checkout's ``_C`` was built against another torch. It may load without an error yet
     register nothing, and the engine would die at its first step (``'_OpNamespace' 'emokern' object has no
     attribute 'project'``)."""
+    import importlib
+
     import emokern
     import torch
 
-    from emokern.ops import _extension
+    from emokern.ops._extension import HAS_CPU_KERNELS, HAS_CUDA_KERNELS
 
-    if _extension.HAS_CPU_KERNELS or _extension.HAS_CUDA_KERNELS:
+    if HAS_CPU_KERNELS or HAS_CUDA_KERNELS:
         return
+    try:  # the reason, for the message: a failed import leaves nothing in sys.modules, so it fails the same again
+        importlib.import_module("emokern._C")
+        cause = "loaded, but it registered no kernels"
+    except (ImportError, OSError) as exc:
+        cause = str(exc)
     raise RuntimeError(
         f"emokern.engines.vllm: the emokern imported from {emokern.__path__[0]} has no compiled ops for torch "
-        f"{torch.__version__} (emokern._C: {_extension._load_error or 'loaded, but it registered no kernels'}). "
+        f"{torch.__version__} (emokern._C: {cause}). "
         f"If that is a source checkout, Python put the current directory first on its import path: start Python "
         f"with -P (or set PYTHONSAFEPATH=1), or run from another directory, so that the emokern installed in this "
         f"environment is used (make vllm-env builds it).")

@@ -34,9 +34,10 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, List, Mapping, Optional, Tuple
+from typing import Any, List, Mapping, Optional
 
 from emokern.core import steering
+from emokern.core.steering import TableEntry
 
 __all__ = ["Alert", "MAX_STRENGTH", "RequestSpec", "SpecError", "parse", "KEY"]
 
@@ -67,12 +68,12 @@ class Alert:
 class RequestSpec:
     """A parsed spec against one bank and set of installed layers (sites = their positions in that list).
 
-    ``ops``: ``(site, k, a, b, lo, hi)`` table entries, later ones overriding earlier ones for the same
-    ``(site, k)``; ``scope``; ``monitor_k`` / ``monitor_sites`` (None: not monitored); ``monitor_prompt``;
+    ``entries``: the table entries ``(site, k, a, b, lo, hi)`` (:class:`~emokern.core.steering.TableEntry`), at most
+    one per ``(site, k)`` (a later setting in the spec replaced an earlier one); ``scope``; ``monitor_k`` / ``monitor_sites`` (None: not monitored); ``monitor_prompt``;
     ``alert``.
     """
 
-    ops: List[Tuple[int, int, float, float, float, float]] = field(default_factory=list)
+    entries: List[TableEntry] = field(default_factory=list)
     scope: str = "all"
     monitor_k: Optional[List[int]] = None
     monitor_sites: Optional[List[int]] = None
@@ -81,7 +82,7 @@ class RequestSpec:
 
     @property
     def steered_sites(self) -> List[int]:
-        return sorted({op[0] for op in self.ops})
+        return sorted({entry.site for entry in self.entries})
 
     def cache_salt(self, prompt_len: int) -> Optional[str]:
         """A salt for vLLM's prefix cache: equal only for requests whose KV blocks hold the same steering state
@@ -96,10 +97,10 @@ class RequestSpec:
         salt. Cost: such requests share cached blocks only with requests that have the same prompt length (for
         equal tokens: the same prompt), not with earlier turns of their conversation.
         """
-        if not self.ops:
+        if not self.entries:
             return None
         where = "all" if self.scope == "all" else [self.scope, int(prompt_len)]
-        canonical = json.dumps([where, sorted(self.ops)], separators=(",", ":"))
+        canonical = json.dumps([where, sorted(self.entries)], separators=(",", ":"))
         return "emokern:" + hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
@@ -173,27 +174,26 @@ def _steer(spec: RequestSpec, items, loaded) -> None:
             raise _fail(where + "['scope']", f"one of {steering.SCOPES} (token spans and text scopes need the "
                                              f"Hugging Face patch)", scope)
         sites = _layers(where + "['layers']", item.get("layers"), loaded.layers)
+        def check(name, value, entry: TableEntry) -> None:
+            _check_bounds(where, name, mode, value, entry[2:], relative, loaded.residual_norm[entry.site],
+                          loaded.layers[entry.site])
+
         try:
             steering.check_mode(mode)
             steering.check_scope(scope)
             pairs = steering.steer_items(item["emotions"], item.get("strength"))
-            for name, value in pairs:
-                k = _index(where + "['emotions']", loaded.bank, name)
-                for s in sites:
-                    unit = loaded.residual_norm[s] if relative else 1.0
-                    params = steering.steer_params(name, mode, value, unit)
-                    _check_bounds(where, name, mode, value, params, relative, loaded.residual_norm[s],
-                                  loaded.layers[s])
-                    spec.ops.append((s, k, *params))
+            spec.entries.extend(steering.compile_entries(
+                pairs, mode, index=lambda name: _index(where + "['emotions']", loaded.bank, name), sites=sites,
+                norms=loaded.residual_norm, relative=relative, check=check))
         except SpecError:
             raise
         except (TypeError, ValueError) as exc:
             raise SpecError(f"extra_args['emokern']{where}: {exc}") from None
         spec.scope = scope
     last = {}
-    for op in spec.ops:  # a later setting of the same vector at the same site replaces the earlier one
-        last[op[:2]] = op
-    spec.ops = list(last.values())
+    for entry in spec.entries:  # a later setting of the same vector at the same site replaces the earlier one
+        last[entry.site, entry.k] = entry
+    spec.entries = list(last.values())
 
 
 def _monitor(spec: RequestSpec, value, loaded) -> None:

@@ -29,7 +29,6 @@ steering and its record, ends at its next token as if the model had ended it (``
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import OrderedDict
 from typing import Dict, List, Optional
@@ -37,17 +36,20 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from emokern.core.architecture import find_decoder_layers
+from emokern.core.steering import identity_tables, reset_to_identity
 from emokern.engines.vllm import spec as spec_mod
 
 logger = logging.getLogger("emokern.engines.vllm")
 
 __all__ = ["Installation", "install", "installation"]
 
-# Host flags read by the op on CPU, set by begin_step: the op skips the work no request of the step asked for.
-# Only on CPU: on CUDA a captured graph would freeze whichever branch was taken at capture time.
-# ``bad_rows``: token rows of this step whose steered result was not finite (filled by the op on CPU only: on CUDA it
+# The current engine step's host flags, read by the op on CPU and set by begin_step: the op skips the work no request
+# of the step asked for ("monitor": some request records; "steer": per site, some request steers there). Only on
+# CPU: on CUDA a captured graph would freeze whichever branch was taken at capture time.
+# "bad_rows": token rows of this step whose steered result was not finite (filled by the op on CPU only: on CUDA it
 # would cost a host sync per layer; the rows are still left unsteered there).
-_STEP = {"monitor": True, "steer": [], "bad_rows": []}
+_STEP_FLAGS = {"monitor": True, "steer": [], "bad_rows": []}
 # Seconds spent inside the op on CPU (its body runs eagerly even in a compiled graph): the plugin's in-forward cost.
 _OP_SECONDS = [0.0]
 
@@ -76,8 +78,8 @@ def _site(h, r, V, row, a, b, lo, hi, P, site: int) -> None:
     if n > P.shape[0]:
         raise RuntimeError(f"emokern.engines.vllm: a forward of {n} tokens exceeds the buffers ({P.shape[0]} rows); the "
                            f"engine's max_num_batched_tokens changed after installation")
-    steer = site < len(_STEP["steer"]) and _STEP["steer"][site]
-    if h.device.type == "cpu" and not steer and not _STEP["monitor"]:
+    steer = site < len(_STEP_FLAGS["steer"]) and _STEP_FLAGS["steer"][site]
+    if h.device.type == "cpu" and not steer and not _STEP_FLAGS["monitor"]:
         return
     s = h if r is None else h + r
     if h.device.type == "cpu" and not steer:
@@ -91,7 +93,7 @@ def _site(h, r, V, row, a, b, lo, hi, P, site: int) -> None:
     if h.device.type == "cpu":
         bad = steered & ~finite
         if bool(bad.any()):
-            _STEP["bad_rows"].extend(torch.nonzero(bad).flatten().tolist())
+            _STEP_FLAGS["bad_rows"].extend(torch.nonzero(bad).flatten().tolist())
     keep = (steered & finite)[:, None]
     h.copy_(torch.where(keep, s if r is None else s - r, h))
 
@@ -99,24 +101,6 @@ def _site(h, r, V, row, a, b, lo, hi, P, site: int) -> None:
 @residual_site_.register_fake
 def _(h, r, V, row, a, b, lo, hi, P, site):
     return None
-
-
-# The decoder-layer list, relative to vLLM's model object, by the first path that exists.
-_LAYER_PATHS = ("model.layers", "language_model.model.layers", "model.language_model.layers", "transformer.h")
-
-
-def _find_layers(model) -> torch.nn.ModuleList:
-    for path in _LAYER_PATHS:
-        obj = model
-        try:
-            for part in path.split("."):
-                obj = getattr(obj, part)
-        except AttributeError:
-            continue
-        if isinstance(obj, torch.nn.ModuleList):
-            return obj
-    raise RuntimeError(f"emokern.engines.vllm: cannot find the decoder layers of {type(model).__name__} (looked at "
-                       f"{', '.join(_LAYER_PATHS)})")
 
 
 class _Record:
@@ -164,10 +148,7 @@ class Installation:
         self.T = int(sched.max_num_batched_tokens) + int(sched.max_num_seqs)  # rows of the per-token buffers
         self.R = int(sched.max_num_seqs)  # steering slots: one per request that can be in a batch
         self.V = loaded.unit_vectors.to(device=device, dtype=dtype).contiguous()
-        self.a = torch.zeros(self.S, self.R, self.K, device=device)
-        self.b = torch.ones(self.S, self.R, self.K, device=device)
-        self.lo = torch.full((self.S, self.R, self.K), -math.inf, device=device)
-        self.hi = torch.full((self.S, self.R, self.K), math.inf, device=device)
+        self.a, self.b, self.lo, self.hi = identity_tables(self.S, self.R, self.K, device=device)
         self.row = torch.full((self.S, self.T), -1, dtype=torch.int32, device=device)
         self.P = torch.zeros(self.S, self.T, self.K, dtype=torch.float32, device=device)
         on_cpu = device.type == "cpu"
@@ -181,18 +162,19 @@ class Installation:
         self.records: "OrderedDict[str, _Record]" = OrderedDict()
         self.stop_requests: set = set()  # requests to end at their next sampled token (stopping alerts, failures)
         self.failed: "OrderedDict[str, str]" = OrderedDict()  # request -> its error, until taken (bounded)
-        self.steps = 0
+        self.steps_run = 0  # engine steps (forwards) seen, for stats()
         self.recomputed = 0  # monitored positions computed again (chunk re-runs, recompute after preemption)
         self.host_seconds = 0.0  # time spent in begin_step + end_step (the plugin's host work per step)
         self._rows_used = 0
-        _STEP["steer"] = [False] * self.S
-        layers = _find_layers(model)
+        _STEP_FLAGS["steer"] = [False] * self.S
+        layers = find_decoder_layers(model)
         beyond = [layer for layer in loaded.layers if layer >= len(layers)]
         if beyond:
             raise ValueError(f"EMOKERN_VLLM_LAYERS: layers {beyond} do not exist in {vconfig.model_config.model}, "
                              f"which has {len(layers)} decoder layers")
-        self._step: List[tuple] = []  # (req_id, first row, positions, prompt_len) of this step's monitored requests
-        self._steered: List[tuple] = []  # (req_id, first row, end row) of this step's steered requests
+        # this step's monitored requests: (req_id, first row, positions, prompt_len)
+        self._monitored_in_step: List[tuple] = []
+        self._steered_in_step: List[tuple] = []  # this step's steered requests: (req_id, first row, end row)
         self.hooks = []
         for s, layer in enumerate(loaded.layers):
             module = layers[layer]
@@ -242,9 +224,8 @@ class Installation:
                     break
         slot = self.free.pop()
         self.slots[req_id] = slot
-        self.a[:, slot], self.b[:, slot] = 0.0, 1.0
-        self.lo[:, slot], self.hi[:, slot] = -math.inf, math.inf
-        for s, k, a, b, lo, hi in spec.ops:
+        reset_to_identity((self.a, self.b, self.lo, self.hi), (slice(None), slot))
+        for s, k, a, b, lo, hi in spec.entries:
             self.a[s, slot, k], self.b[s, slot, k], self.lo[s, slot, k], self.hi[s, slot, k] = a, b, lo, hi
         return slot
 
@@ -301,8 +282,8 @@ class Installation:
         steer_sites = [False] * self.S
         monitor = False
         batch_ids = set(req_ids)
-        self._step, self._steered = [], []
-        _STEP["bad_rows"] = []
+        self._monitored_in_step, self._steered_in_step = [], []
+        _STEP_FLAGS["bad_rows"] = []
         for i, req_id in enumerate(req_ids):
             start, end = int(qsl[i]), int(qsl[i + 1])
             try:
@@ -311,7 +292,7 @@ class Installation:
                     continue
                 positions = int(computed[i]) + np.arange(end - start)
                 prompt_len = int(prompt_lens[i])
-                if spec.ops:
+                if spec.entries:
                     if spec.scope == "all":
                         mask = np.ones(end - start, dtype=bool)
                     elif spec.scope == "prompt":
@@ -322,36 +303,36 @@ class Installation:
                     for s in spec.steered_sites:
                         row[s, start:end][mask] = slot
                         steer_sites[s] = True
-                    self._steered.append((req_id, start, end))
+                    self._steered_in_step.append((req_id, start, end))
             except Exception as exc:  # noqa: BLE001 - whatever went wrong belongs to this request alone
                 row[:, start:end] = -1
                 self.fail(req_id, f"{type(exc).__name__}: {exc}")
                 continue
             if spec.monitor_k is not None:
                 monitor = True
-                self._step.append((req_id, start, positions, prompt_len))
+                self._monitored_in_step.append((req_id, start, positions, prompt_len))
         if self.row_host is not self.row:
             self.row[:, :used].copy_(self.row_host[:, :used], non_blocking=True)
             self._row_copied.record()
-        _STEP["monitor"] = monitor
-        _STEP["steer"] = steer_sites
+        _STEP_FLAGS["monitor"] = monitor
+        _STEP_FLAGS["steer"] = steer_sites
 
     def _end_step(self) -> None:
         """Copy the monitored requests' projections of the step that just ran into their records."""
-        self.steps += 1
-        if _STEP["bad_rows"]:
-            bad = np.asarray(_STEP["bad_rows"])
-            for req_id, start, end in self._steered:
+        self.steps_run += 1
+        if _STEP_FLAGS["bad_rows"]:
+            bad = np.asarray(_STEP_FLAGS["bad_rows"])
+            for req_id, start, end in self._steered_in_step:
                 if ((bad >= start) & (bad < end)).any():
                     self.fail(req_id, "the steered residual stream was not finite (overflow); the request's "
                                       "steering was dropped")
-        if not self._step:
+        if not self._monitored_in_step:
             return
         if self.P_host is not self.P:
             total = self._rows_used
             self.P_host[:, :total].copy_(self.P[:, :total])
         P = self.P_host.numpy()
-        for req_id, start, positions, prompt_len in self._step:
+        for req_id, start, positions, prompt_len in self._monitored_in_step:
             record = self.records.get(req_id)
             if record is None:
                 continue
@@ -505,7 +486,7 @@ class Installation:
     def stats(self) -> dict:
         return {"layers": list(self.loaded.layers), "emotions": len(self.loaded.names), "buffer_rows": self.T,
                 "slots": self.R, "slots_in_use": len(self.slots), "records": len(self.records),
-                "failed": len(self.failed), "steps": self.steps,
+                "failed": len(self.failed), "steps": self.steps_run,
                 "recomputed_positions": self.recomputed, "host_seconds": round(self.host_seconds, 6),
                 "op_seconds": round(_OP_SECONDS[0], 6),
                 "hooks": len(self.hooks), "bank": self.loaded.config.bank_path}
