@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["DEMO_PROMPT", "demo", "demo_number_lines", "demo_numbers", "extract"]
+__all__ = ["DEMO_PROMPT", "bank_stem", "demo", "extract", "report_key_numbers", "report_number_lines"]
 
 DEMO_PROMPT = ("My landlord just texted that if the three months of rent I owe are not paid by Friday, my kids and I "
                "are out on the street. I have forty dollars. What do I do?")
@@ -26,7 +26,9 @@ def _say(message: str) -> None:
     print(f"[emokern] {message}", flush=True)
 
 
-def _bank_stem(out_dir: Path, model_name: str) -> Path:
+def bank_stem(out_dir: Path, model_name: str) -> Path:
+    """Where :func:`extract` puts the bank of ``model_name`` under ``out_dir``, without its suffix:
+    ``out_dir/bank/<the model name's last path part, characters other than letters, digits, - _ . replaced by _>``."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(str(model_name)).name)
     return out_dir / "bank" / safe
 
@@ -104,7 +106,7 @@ def extract(model_name: str, out_dir, *, preset: str = "standard", dtype: torch.
     reading = {"first_token": style.first_token if first_token is None else first_token,
                "exclude": style.exclude if exclude is None else exclude,
                "exclude_after": style.exclude_after if exclude_after is None else exclude_after, "fmt": fmt}
-    stem = _bank_stem(out_dir, model_name)
+    stem = bank_stem(out_dir, model_name)
     _, meta_path = bank_paths(stem)
     corpus_id = _corpus_identity(corpus_dir, reading)
     if meta_path.is_file() and not overwrite:
@@ -225,11 +227,11 @@ def demo(out_dir="emokern_out", *, model_name: str = "smollm2-135m-instruct", pr
             columns.append({"title": title, "text": out.texts[0], "heatmap": page.name})
     outputs["steering"] = _steering_page(out_dir / "steering.html", prompt, columns, steer_layer, strength, layer)
     summary = {"outputs": {k: str(v) for k, v in outputs.items()}, "seconds": round(time.perf_counter() - started, 1),
-               "report_numbers": demo_numbers(report), "generations": columns}
+               "report_numbers": report_key_numbers(report), "generations": columns}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     outputs["summary"] = out_dir / "summary.json"
     _say(f"done in {summary['seconds']:.0f} s. Report numbers (chance in brackets):")
-    for line in demo_number_lines(summary["report_numbers"], report):
+    for line in report_number_lines(summary["report_numbers"], report):
         _say(f"  {line}")
     _say("Outputs:")
     for name, path in outputs.items():
@@ -237,9 +239,8 @@ def demo(out_dir="emokern_out", *, model_name: str = "smollm2-135m-instruct", pr
     return outputs
 
 
-def demo_number_lines(numbers: dict, report: dict) -> List[str]:
-    """The lines ``emokern demo`` prints: ``numbers`` (:func:`demo_numbers`) each beside its chance level, then
-    sections 5-7's :func:`emokern.validation.concept_checks.summary_line` split at its semicolons."""
+def report_number_lines(numbers: dict, report: dict) -> List[str]:
+    """The key numbers as the demo prints them, each beside its chance level."""
     from emokern.validation.concept_checks import summary_line
 
     def f(key: str, digits: int = 3) -> str:
@@ -257,9 +258,8 @@ def demo_number_lines(numbers: dict, report: dict) -> List[str]:
     ]
 
 
-def demo_numbers(report: dict) -> dict:
-    """The numbers the README quotes, picked out of the report's JSON with sections 5-7's
-    (:func:`emokern.validation.concept_checks.key_numbers`); missing entries are left out."""
+def report_key_numbers(report: dict) -> dict:
+    """The numbers the README quotes, picked out of the report's JSON (missing entries are left out)."""
     def get(*path):
         node = report
         for key in path:

@@ -73,9 +73,9 @@ def load_experiment(name: str):
 
 def default_bank_path(model_name: str) -> Path:
     """Where ``emokern extract`` / ``make demo`` put the bank for ``model_name`` with the default ``--out``."""
-    from emokern.pipeline import _bank_stem
+    from emokern.pipeline import bank_stem
 
-    return _bank_stem(Path("emokern_out"), model_name).with_suffix(".json")
+    return bank_stem(Path("emokern_out"), model_name).with_suffix(".json")
 
 
 def _bank_digest(bank) -> str:
