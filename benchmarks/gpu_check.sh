@@ -31,7 +31,7 @@ if [ -n "${WHEELS:-}" ] && [ -d "$WHEELS" ]; then
 fi
 # Hopper only, to keep the build short; all 16 cores.
 step build env EMOKERN_BUILD_CUDA=1 EMOKERN_CUDA_ARCHS=9.0 MAX_JOBS=16 "$PY" setup.py build_ext --inplace
-step import "$PY" -c "import emokern.ops._extension as e; print('CPU', e.HAS_CPU_KERNELS, 'CUDA', e.HAS_CUDA_KERNELS)"
+step import "$PY" -c "import emokern.ops.extension as e; print('CPU', e.HAS_CPU_KERNELS, 'CUDA', e.HAS_CUDA_KERNELS)"
 # The op on every backend (CUDA and Triton in bf16 too), opcheck and compile, then the patch.
 step tests_ops "$PY" -m pytest -q -ra tests/test_project_and_steer.py tests/test_triton_kernels.py \
   tests/test_torch_library.py tests/test_errors.py tests/test_autograd.py tests/test_cuda_graphs.py

@@ -249,7 +249,7 @@ def test_torch_compile_fullgraph_matches_eager():
 
 
 def _cpu_kernels():
-    from emokern.ops._extension import HAS_CPU_KERNELS
+    from emokern.ops.extension import HAS_CPU_KERNELS
 
     return HAS_CPU_KERNELS
 

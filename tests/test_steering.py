@@ -106,7 +106,7 @@ def test_identity_table_leaves_h_unchanged_through_the_op(backend, dtype):
 
 
 def _has_cpu_kernels() -> bool:
-    from emokern.ops._extension import HAS_CPU_KERNELS
+    from emokern.ops.extension import HAS_CPU_KERNELS
 
     return HAS_CPU_KERNELS
 
