@@ -6,7 +6,6 @@ error of plain PyTorch at the same precision, plus a small per-dtype absolute to
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
