@@ -7,7 +7,8 @@ Measured, on the embedded SmolLM2-135M-Instruct with the ``make demo`` bank, bfl
   ``--starts`` times;
 * **in the page** — headless Chromium (Playwright, ``/usr/bin/chromium``) loads the page, types the prompt and
   presses Send; the page's own clock (``performance.now()``, a MutationObserver on the reply) gives the time from
-  the click to the first reply token on screen, and reply tokens per second from the first token on screen to the
+  the click to the first reply token on screen (and, from the page's status line, the server's own count: from
+  the moment the request's turn came to its first token), and reply tokens per second from the first token on screen to the
   last (``(n - 1) / t``), greedy (temperature 0), up to ``--tokens`` new tokens;
 * **generate** — in this process, the same model (unpatched), the same chat-templated prompt ids, greedy
   ``model.generate``: time to first token = ``generate(max_new_tokens=1)``, tokens/s = ``(n - 1) / (t_n - t_1)``
@@ -24,6 +25,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -100,7 +102,9 @@ def page_rep(browser, url: str, tokens: int) -> dict:
     status = page.inner_text(".pane .status")
     page.close()
     n = b["n"]
+    server = re.search(r"first token (\d+) ms", status)
     return {"ttft_s": (b["first"] - b["click"]) / 1000, "n": n,
+            "server_ttft_s": int(server.group(1)) / 1000 if server else None,
             "tokens_per_s": (n - 1) / ((b["last"] - b["first"]) / 1000) if n > 1 else None, "status": status}
 
 
@@ -166,7 +170,8 @@ def main() -> None:
         "load_average_at_end": os.getloadavg(), "model": "smollm2-135m-instruct", "dtype": "bfloat16",
         "bank": args.bank, "prompt": PROMPT, "max_new_tokens": args.tokens, "reps": args.reps,
         "start_to_usable_page_s": {"runs": starts, "median": statistics.median(starts)},
-        "page": {"runs": page, "ttft_s_median": med(page, "ttft_s"), "tokens_per_s_median": med(page, "tokens_per_s")},
+        "page": {"runs": page, "ttft_s_median": med(page, "ttft_s"), "tokens_per_s_median": med(page, "tokens_per_s"),
+                 "server_ttft_s_median": med(page, "server_ttft_s")},
         "generate": {"runs": gen, "ttft_s_median": med(gen, "ttft_s"),
                      "tokens_per_s_median": med(gen, "tokens_per_s")},
     }
@@ -177,6 +182,7 @@ def main() -> None:
     print(json.dumps({k: v for k, v in result.items() if k not in ("page", "generate")} |
                      {"page_ttft_s": result["page"]["ttft_s_median"],
                       "page_tokens_per_s": result["page"]["tokens_per_s_median"],
+                      "page_server_ttft_s": result["page"]["server_ttft_s_median"],
                       "generate_ttft_s": result["generate"]["ttft_s_median"],
                       "generate_tokens_per_s": result["generate"]["tokens_per_s_median"]}, indent=1))
     print(f"wrote {out}")
