@@ -239,3 +239,51 @@ def test_cli_defaults_listen_on_this_machine_only():
     args = build_parser().parse_args(["ui"])
     assert args.host == "127.0.0.1" and args.vllm is None
     assert args.bank == "emokern_out/bank/smollm2-135m-instruct.json"
+
+
+def test_a_page_that_goes_away_stops_its_generation():
+    model, tok = tiny_chat_model()
+    be = HFBackend(model, tok, tiny_chat_bank(model), model_name="tiny", limits=Limits(max_new_tokens=5000))
+    with serve(create_app(be)) as url:
+        with httpx.Client(timeout=60) as c:
+            with c.stream("POST", f"{url}/api/generate", json=body(max_new_tokens=5000)) as r:
+                for line in r.iter_lines():
+                    if line.startswith("event: token"):
+                        break  # the page closes the stream (Stop, or the tab is closed) after the first token
+            job_id = None
+            for _ in range(600):  # the worker stops at its next token and keeps the trace of what it made
+                job_id = next((f"g{i}" for i in range(1, 4) if be.trace(f"g{i}") is not None), None)
+                if job_id:
+                    break
+                threading.Event().wait(0.05)
+            assert job_id is not None
+            assert be.trace(job_id).projections.shape[1] < 1000
+            after = events(c.post(f"{url}/api/generate", json=body(max_new_tokens=3)).text)
+    be.close()
+    assert by_name(after, "done")[0]["n_generated"] == 3
+
+
+def test_the_command_serves_a_saved_model_and_bank(tmp_path):
+    import subprocess
+    import sys
+
+    model, tok = tiny_chat_model()
+    bank = tiny_chat_bank(model)
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    bank.save(tmp_path / "bank")
+    proc = subprocess.Popen([sys.executable, "-m", "emokern", "ui", "--model", str(tmp_path / "model"), "--bank",
+                             str(tmp_path / "bank.json"), "--port", "0", "--dtype", "float32", "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("emokern ui: http://127.0.0.1:"), line
+        url = line.split()[2]
+        with httpx.Client(timeout=60) as c:
+            assert c.get(url).status_code == 200
+            info = c.get(url + "api/info").json()
+            assert info["emotions"] == list(bank.names) and info["backend"] == "hf"
+            assert by_name(events(c.post(url + "api/generate", json=body(max_new_tokens=3)).text), "done")
+    finally:
+        proc.terminate()
+        proc.wait(30)

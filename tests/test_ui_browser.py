@@ -209,3 +209,22 @@ def test_two_tabs_steering_differently_get_their_own_results(browser, server, tm
         assert "".join(tokens) == "".join(t.replace("\n", "↵\n").replace("\t", "→") for t in refs[name])
         pg.screenshot(path=str(tmp_path / f"tab-{name}.png"))
     context.close()
+
+
+def test_alert_highlights_and_stops(page, tmp_path):
+    pg = page
+    setup(pg)
+    pg.check("#alert-on")
+    pg.fill("#alert-emotion", "calm")
+    pg.fill("#alert-z", "-1000")  # crossed by every token: fires at the first reply token read back
+    pg.fill("#alert-tokens", "2")
+    pg.check("#alert-stop")
+    send(pg, "Hello")
+    pane = pg.locator(".pane").first
+    line = pane.locator(".alert-line")
+    assert line.is_visible() and "calm above z -1000 for 2 tokens" in line.inner_text()
+    assert "the reply was stopped" in line.inner_text() and "ended: alert" in pane.locator(".status").inner_text()
+    assert pane.locator(".tok.fired").count() == 1
+    assert pane.locator(".tok.over").count() == 2  # the two reply tokens read before it stopped
+    assert pane.locator(".tok:not(.prompt)").count() == 3
+    pg.screenshot(path=str(tmp_path / "alert.png"))
