@@ -144,7 +144,21 @@ def test_type_stream_colour_steer_hover_export(page, server, tmp_path):
     heat = pg.context.new_page()
     heat.goto(html_path.as_uri())
     heat.screenshot(path=str(tmp_path / "4-exported-heatmap.png"))
+    # the page colours every token as the static heatmap does (same scale, same sinks); the page's z-scores are
+    # rounded to 4 decimals, so a channel may differ by one or two
+    style = "s => [s.dataset.t ?? s.dataset.i, s.classList.contains('sink'), getComputedStyle(s).backgroundColor]"
+    static = heat.eval_on_selector_all(".tok", f"els => els.map({style})")
+    live = panes.nth(1).locator(".tok").evaluate_all(f"els => els.map({style})")
     heat.close()
+    assert [(t, sink) for t, sink, _ in static] == [(t, sink) for t, sink, _ in live]
+    assert sum(sink for _, sink, _ in live) >= 1
+
+    def rgb(css):
+        return [int(x) for x in css[css.index("(") + 1:css.index(")")].split(",")[:3]]
+
+    for (_, sink, a), (_, _, b) in zip(static, live):
+        if not sink:
+            assert max(abs(x - y) for x, y in zip(rgb(a), rgb(b))) <= 2, (a, b)
 
 
 def test_bad_input_shows_a_message_and_the_page_keeps_working(page, tmp_path):

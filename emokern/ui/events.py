@@ -9,7 +9,7 @@ Events, in order:
   reads it (chat template included), one string per token (:meth:`emokern.Trace.decode_tokens`).
 * ``token`` ``{"i": position, "text"}`` — one generated token (``i`` counts from the prompt's first token).
 * ``readout`` ``{"start": position, "z": [[K z-scores], ...], "norm": [...]}`` — the readout of positions
-  ``start, start+1, ...``: every emotion's z-score against neutral text at the readout layer (2 decimals, null when
+  ``start, start+1, ...``: every emotion's z-score against neutral text at the readout layer (4 decimals, null when
   not a number) and the L2 norm of the raw projections over all K emotions (the attention-sink rule's input, see
   :meth:`emokern.Trace.sink_positions`). A position is read when it is fed to the model, so a generated token's
   readout arrives one step after the token, and the last generated token has none.
@@ -38,7 +38,7 @@ def sse(event: str, data: dict) -> str:
 
 
 def _round(v: float) -> Optional[float]:
-    return None if not math.isfinite(v) else round(v, 2)
+    return None if not math.isfinite(v) else round(v, 4)
 
 
 def readout_rows(proj: torch.Tensor, mean: Optional[torch.Tensor], std: Optional[torch.Tensor]) -> dict:
