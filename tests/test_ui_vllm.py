@@ -46,13 +46,16 @@ class FakeVLLM:
             body = await request.json()
             self.bodies.append(body)
             try:
-                spec = vllm_spec.parse(body["vllm_xargs"]["emokern"], self.loaded)
+                vllm_spec.parse(body["vllm_xargs"]["emokern"], self.loaded)
             except vllm_spec.SpecError as exc:
                 return JSONResponse({"error": {"message": str(exc), "type": "BadRequestError", "code": 400}}, 400)
             self.n += 1
             rid = f"cmpl-{self.n}"
             W, N, K = len(body["prompt"]), body["max_tokens"], len(self.bank.names)
-            push = {op[1]: op[2] / self.loaded.residual_norm[0] * 10 for op in spec.ops}
+            raw = json.loads(body["vllm_xargs"]["emokern"])  # (parsed above only to refuse what the plugin refuses)
+            items = raw.get("steer") or []
+            push = {self.bank.index(name): value * 10 for item in (items if isinstance(items, list) else [items])
+                    for name, value in item["emotions"].items()}
             letters = [chr(ord("a") + (body["seed"] + i) % 26) for i in range(N)]
             ids = [self.tok(c, add_special_tokens=False)["input_ids"][0] for c in letters]
             rows = [[[0.01 * t + k + (push.get(k, 0.0) if t >= W else 0.0) for k in range(K)]]
