@@ -14,6 +14,11 @@ Measured, on the embedded SmolLM2-135M-Instruct with the ``make demo`` bank, bfl
   ``model.generate``: time to first token = ``generate(max_new_tokens=1)``, tokens/s = ``(n - 1) / (t_n - t_1)``
   with ``n`` the page's reply length (``min_new_tokens`` forces the same length).
 
+* **in process** — the same server code without a browser or a socket (Starlette's test client in this process,
+  the model loaded here and patched), ``max_new_tokens=1``: the server's first-token time, alternating with
+  ``generate(max_new_tokens=1)`` on the same patched model; then unpatched ``generate`` again. This separates what
+  the server does from what the browser and the HTTP path add on the same cores.
+
 Page and generate reps alternate (``--reps`` each); medians. The server and this process each use
 ``--threads`` torch threads and never run at the same time. Writes
 ``benchmarks/results/bench_ui_<machine>.json``.
@@ -161,6 +166,27 @@ def main() -> None:
     finally:
         stop(proc)
 
+    from starlette.testclient import TestClient
+
+    from emokern.core.bank import VectorBank
+    from emokern.ui.app import create_app
+    from emokern.ui.backends import HFBackend
+
+    backend = HFBackend(model, tok, VectorBank.load(args.bank))
+    in_process = {"server_ttft_s": [], "patched_generate_ttft_s": [], "unpatched_generate_ttft_s": []}
+    with TestClient(create_app(backend)) as client:
+        for _ in range(args.reps):
+            text = client.post("/api/generate", json={"messages": [{"role": "user", "content": PROMPT}],
+                                                      "max_new_tokens": 1, "temperature": 0}).text
+            done = [json.loads(b.split("data: ", 1)[1]) for b in text.split("\n\n") if b.startswith("event: done")]
+            in_process["server_ttft_s"].append(done[0]["ttft_s"])
+            in_process["patched_generate_ttft_s"].append(generate_rep(model, ids, 2)["ttft_s"])
+    backend.close()
+    for _ in range(args.reps):
+        in_process["unpatched_generate_ttft_s"].append(generate_rep(model, ids, 2)["ttft_s"])
+    in_process = {k: {"runs": v, "median": statistics.median(v)} for k, v in in_process.items()}
+    print("in process:", {k: round(v["median"], 3) for k, v in in_process.items()})
+
     def med(rows, key):
         return statistics.median(r[key] for r in rows)
 
@@ -175,6 +201,7 @@ def main() -> None:
         "generate": {"runs": gen, "ttft_s_median": med(gen, "ttft_s"),
                      "tokens_per_s_median": med(gen, "tokens_per_s")},
     }
+    result["in_process_first_token"] = in_process
     result["page_over_generate_tokens_per_s"] = result["page"]["tokens_per_s_median"] / \
         result["generate"]["tokens_per_s_median"]
     out = ROOT / "benchmarks" / "results" / f"bench_ui_{machine_slug(device_name('cpu'))}.json"

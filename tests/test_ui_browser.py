@@ -69,9 +69,8 @@ def setup(pg, *, max_new=16):
 def send(pg, prompt, button="#send"):
     pg.fill("#prompt", prompt)
     pg.click(button)
-    pg.wait_for_function("document.querySelectorAll('.pane').length > 0 && "
-                         "[...document.querySelectorAll('.pane .status')].every(s => /ended|failed|stopped/.test(s.textContent))",
-                         timeout=TIMEOUT)
+    pg.wait_for_function("document.querySelectorAll('.pane').length > 0 && [...document.querySelectorAll("
+                         "'.pane .status')].every(s => /ended|failed|stopped/.test(s.textContent))", timeout=TIMEOUT)
 
 
 def reply_text(pane) -> str:
@@ -135,7 +134,8 @@ def test_type_stream_colour_steer_hover_export(page, server, tmp_path):
     path = tmp_path / "trace.json"
     dl.value.save_as(path)
     data = json.loads(path.read_text())
-    assert "".join(t for t, p in zip(data["tokens"][0], data["is_prompt"][0]) if not p) == reply_text(panes.nth(1)).replace("↵", "")
+    exported_reply = "".join(t for t, p in zip(data["tokens"][0], data["is_prompt"][0]) if not p)
+    assert exported_reply == reply_text(panes.nth(1)).replace("↵", "")
     with pg.expect_download(timeout=TIMEOUT) as dl:
         panes.nth(1).locator(".export-html").click()
     html_path = tmp_path / "heatmap.html"
@@ -197,7 +197,8 @@ def test_two_tabs_steering_differently_get_their_own_results(browser, server, tm
         for name, steer in (("calm", [{"emotions": {"calm": 1.5}, "layers": [1, 2]}]),
                             ("sad", [{"emotions": {"sad": -1.5}, "layers": [1, 2]}])):
             text = c.post(f"{url}/api/generate", json=dict(payload, steer=steer)).text
-            done = [json.loads(b.split("data: ", 1)[1]) for b in text.strip().split("\n\n") if b.startswith("event: done")]
+            done = [json.loads(b.split("data: ", 1)[1]) for b in text.strip().split("\n\n")
+                    if b.startswith("event: done")]
             refs[name] = done[0]["tokens"]
     assert refs["calm"] != refs["sad"]
     context = browser.new_context(viewport={"width": 1300, "height": 900})

@@ -77,7 +77,9 @@ class FakeVLLM:
                              "finish_reason": "length" if i == N - 1 else None}]}
                         yield f"data: {json.dumps(chunk)}\n\n"
                     z = [[[round((r[0][k] - mean[0][k]) / std[0][k], 2) for k in range(K)]] for r in rows[W:]]
-                    yield f"data: {json.dumps({'id': rid, 'choices': [], 'emokern': [{'layers': [LAYER], 'emotions': list(self.bank.names), 'values': 'zscore', 'tokens': z, 'alert': None, 'error': None}]})}\n\n"
+                    readout = {"layers": [LAYER], "emotions": list(self.bank.names), "values": "zscore",
+                               "tokens": z, "alert": None, "error": None}
+                    yield f"data: {json.dumps({'id': rid, 'choices': [], 'emokern': [readout]})}\n\n"
                     yield "data: [DONE]\n\n"
                 finally:
                     self.in_flight -= 1

@@ -42,8 +42,8 @@ def main() -> None:
             page.dispatch_event("#colour-emotion", "change")
             page.fill("#prompt", PROMPT)
             page.click("#compare")
-            page.wait_for_function("[...document.querySelectorAll('.pane .status')].length === 2 && "
-                                   "[...document.querySelectorAll('.pane .status')].every(s => s.textContent.includes('ended'))",
+            page.wait_for_function("[...document.querySelectorAll('.pane .status')].length === 2 && [...document"
+                                   ".querySelectorAll('.pane .status')].every(s => s.textContent.includes('ended'))",
                                    timeout=300_000)
             page.mouse.move(5, 5)  # off the tokens: the layout moved under the pointer, no hover panel here
             page.wait_for_selector("#hover", state="hidden")

@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, AsyncIterator, Callable, List, Optional
+from typing import AsyncIterator, Callable, List, Optional
 
 import torch
 
@@ -206,7 +206,7 @@ class HFBackend(Backend):
                 future.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, None))
                 while (item := await queue.get()) is not None:
                     yield sse(*item)
-                future.result()  # _run reports its own errors as events; anything here is a bug worth logging
+                future.result()  # _run turns every exception into an error event; this re-raises only a bug of its own
         finally:
             self._pending -= 1
             job.cancelled = True  # the page closed the stream early: the worker stops at its next token

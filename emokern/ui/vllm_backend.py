@@ -145,7 +145,8 @@ class VLLMBackend(Backend):
                             # one event per token id; the chunk's text goes with its first token (the page
                             # re-renders every token's own text at the end)
                             for n, token in enumerate(new or ([None] if text else [])):
-                                yield sse("token", {"i": W + len(generated) + len(texts), "text": text if n == 0 else ""})
+                                i = W + len(generated) + len(texts)
+                                yield sse("token", {"i": i, "text": text if n == 0 else ""})
                                 if token is None:
                                     texts.append(text)
                                 else:
