@@ -26,7 +26,9 @@ def _say(message: str) -> None:
     print(f"[emokern] {message}", flush=True)
 
 
-def _bank_stem(out_dir: Path, model_name: str) -> Path:
+def bank_stem(out_dir: Path, model_name: str) -> Path:
+    """Where :func:`extract` puts the bank of ``model_name`` under ``out_dir``, without its suffix:
+    ``out_dir/bank/<the model name's last path part, characters other than letters, digits, - _ . replaced by _>``."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(str(model_name)).name)
     return out_dir / "bank" / safe
 
@@ -102,7 +104,7 @@ def extract(model_name: str, out_dir, *, preset: str = "standard", dtype: torch.
     reading = {"first_token": style.first_token if first_token is None else first_token,
                "exclude": style.exclude if exclude is None else exclude,
                "exclude_after": style.exclude_after if exclude_after is None else exclude_after, "fmt": fmt}
-    stem = _bank_stem(out_dir, model_name)
+    stem = bank_stem(out_dir, model_name)
     _, meta_path = bank_paths(stem)
     corpus_id = _corpus_identity(corpus_dir, reading)
     if meta_path.is_file() and not overwrite:

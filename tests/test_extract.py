@@ -20,7 +20,7 @@ from emokern.extraction.extract import (
     story_activations,
 )
 from emokern.core.architecture import get_module
-from tests.tiny_models import HIDDEN, LAYERS, VOCAB, tiny_model
+from emokern.testing.families import HIDDEN, LAYERS, VOCAB, tiny_model
 
 FIRST = 3  # first_token in these tests: the tiny texts are 2..30 words long
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]

@@ -14,7 +14,7 @@ from emokern.core.trace import Trace
 from emokern.ui.app import create_app
 from emokern.ui.backends import HFBackend
 from emokern.ui.requests import Limits
-from tests.tiny_chat import tiny_chat_bank, tiny_chat_model
+from emokern.testing.chat import tiny_chat_bank, tiny_chat_model
 from tests.ui_server import serve
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -14,7 +14,7 @@ import pytest
 from emokern.ui.app import create_app
 from emokern.ui.backends import HFBackend
 from emokern.ui.requests import Limits
-from tests.tiny_chat import tiny_chat_bank, tiny_chat_model
+from emokern.testing.chat import tiny_chat_bank, tiny_chat_model
 from tests.ui_server import serve
 
 CHROMIUM = os.environ.get("EMOKERN_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"

@@ -21,7 +21,7 @@ from emokern.engines.vllm import spec as vllm_spec
 from emokern.ui.app import create_app
 from emokern.ui.requests import SpecLayers
 from emokern.ui.vllm_backend import VLLMBackend
-from tests.tiny_chat import tiny_chat_bank, tiny_chat_model
+from emokern.testing.chat import tiny_chat_bank, tiny_chat_model
 from tests.ui_server import serve
 
 LAYER = 2

@@ -33,7 +33,7 @@ the report often reads, adding a vector is little more than the logit lens). Str
 mean residual norm, as everywhere in emokern.
 
 The data files can be replaced (``emokern report --scenarios / --intensity / --steering-prompts``); a malformed file
-raises :class:`emokern.experiments.common.InputFileError` naming the file and the entry.
+raises :class:`emokern.experiments.inputs.InputFileError` naming the file and the entry.
 """
 
 from __future__ import annotations
@@ -51,7 +51,9 @@ import numpy as np
 import torch
 
 from emokern.core.bank import VectorBank
-from emokern.experiments.common import InputFileError, chat_text, progress_bar, require, require_str
+from emokern.experiments.chat import chat_text
+from emokern.experiments.inputs import InputFileError, require, require_str
+from emokern.experiments.run_dir import progress_bar
 from emokern.validation.report import _e, _figure, _fmt, _img, _save, _table
 
 __all__ = [
@@ -237,7 +239,7 @@ def last_token_states(model, tokenizer, prompts: Sequence[str], layers: Sequence
                       progress: bool = False, desc: str = "prompts") -> torch.Tensor:
     """(n, L, d) float32: the residual stream (output of decoder layer ``layers[j]``, before any final norm) at the
     last token of each user message rendered as a chat prompt with the assistant's turn opened
-    (:func:`emokern.experiments.common.chat_text`). One prompt per forward, so no padding can shift a position."""
+    (:func:`emokern.experiments.chat.chat_text`). One prompt per forward, so no padding can shift a position."""
     from emokern.core.architecture import resolve_architecture
 
     _, base, decoder_layers = resolve_architecture(model)
