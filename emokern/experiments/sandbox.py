@@ -95,6 +95,9 @@ project's 2-core AMD EPYC (bubblewrap 0.8.0, 20 interleaved repetitions, while o
 run of a three-test candidate took 276 ms (median) under ``"bwrap"`` and 192 ms under ``"python-guard"`` (paired
 difference 59 ms), nothing next to the seconds a model takes to write the candidate; the start-up probe, one program,
 182 ms once per run.
+
+(Over 600 lines on purpose: this docstring is the sandbox's security specification, and the child's start, pipes,
+limits and signed report are one mechanism, read and reviewed together.)
 """
 
 from __future__ import annotations
