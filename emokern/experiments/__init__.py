@@ -20,8 +20,12 @@ conditions and layers), :mod:`~emokern.experiments.chat` (chat prompts as text),
 (batched rollouts with per-sequence steering and monitoring), :mod:`~emokern.experiments.rollout_sweep` (a steering
 sweep of rollouts, its tables and plots), :mod:`~emokern.experiments.statistics` (Wilson intervals),
 :mod:`~emokern.experiments.judge` (the optional LLM judge) and :mod:`~emokern.experiments.page` (``report.html``).
-Reward hacking's coding tasks run in :mod:`~emokern.experiments.sandbox` (with :mod:`~emokern.experiments.bwrap`
-and the programs in ``sandboxed/``).
+An experiment's own parts sit beside it: ``preferences`` reads the model in :mod:`~.preference_reads`, fits Elo in
+:mod:`~.bradley_terry` and plots in :mod:`~.preferences_plots`; ``reward_hacking`` takes its tasks from
+:mod:`~.coding_tasks`, talks to the model with :mod:`~.coding_prompts`, runs the tests with :mod:`~.coding_tests` in
+:mod:`~.sandbox` (kernel walls in :mod:`~.bwrap`, the sandboxed programs in ``sandboxed/``), labels the code with
+:mod:`~.code_inspection` and plots in :mod:`~.reward_hacking_plots`; ``blackmail`` and ``sycophancy`` sample
+through :mod:`~.rollout_sweep`.
 
 Outputs, in ``out/``: ``config.json``, ``units/`` (finished work; a rerun skips it), ``result.json``, PNG plots,
 the recorded rollouts or episodes with their monitored means (and, for reward hacking, the per-token trace of one

@@ -31,8 +31,8 @@ def ordered_pairs(n: int) -> List[Tuple[int, int]]:
 
 
 def _token_span(offsets: Sequence[Tuple[int, int]], start: int, end: int) -> Tuple[int, int]:
-    """``(first, last + 1)`` of the tokens whose character range overlaps ``[start, end)`` (as
-    ``PatchHandle._text_span``: a token that carries a leading space with the first word belongs to the span)."""
+    """``(first, last + 1)`` of the tokens whose character range overlaps ``[start, end)``, as the patch places a
+    text scope (a token that carries a leading space with the first word belongs to the span)."""
     tokens = [i for i, (s, e) in enumerate(offsets) if e > start and s < end and e > s]
     if not tokens:
         raise ValueError(f"no token covers characters {start}..{end}")

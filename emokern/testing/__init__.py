@@ -8,7 +8,9 @@ promises (steering touches only what it should, monitoring reads what was steere
 * :mod:`emokern.testing.chat`: a chat model for experiments and examples: a byte-level tokenizer with a chat template
   (:func:`~.chat.tiny_chat_tokenizer`), a 4-layer Llama (:func:`~.chat.tiny_chat_model`), and banks over real
   emotion names, random (:func:`~.chat.tiny_chat_bank`) or with statistics measured on the model
-  (:func:`~.chat.calibrated_chat_bank`).
+  (:func:`~.chat.calibrated_chat_bank`);
+* :mod:`emokern.testing.available`: :func:`~.available.model_available`, whether an embedded model is on disk (the
+  tests that need the real SmolLM2 skip without it).
 
 Nothing here is imported by ``import emokern``; transformers and tokenizers are imported when a builder is called.
 """
