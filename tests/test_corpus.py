@@ -37,6 +37,7 @@ from emokern.extraction.corpus import (
 from emokern.core.emotions import load_emotions
 from emokern.extraction.prompts import NAMES, NEUTRAL_TASKS, STYLES
 from emokern.testing.available import model_available
+from emokern.testing.words import word_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -53,16 +54,7 @@ TINY = dataclasses.replace(PRESETS["mini"], name="tiny", min_words=4, max_new_to
 
 
 def tiny_tokenizer(chat_template: str | None = TEMPLATE):
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
-
-    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = Whitespace()
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                                     eos_token="</s>")
-    tokenizer.chat_template = chat_template
-    return tokenizer
+    return word_tokenizer(WORDS, pad="[PAD]", eos="</s>", chat_template=chat_template)
 
 
 def tiny_llama(seed: int = 0):

@@ -35,6 +35,7 @@ from emokern.core.models import (
     model_fingerprint,
 )
 from emokern.testing.available import model_available
+from emokern.testing.words import word_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -54,14 +55,7 @@ def tiny_llama(seed: int = 0, **overrides):
 
 
 def tiny_tokenizer():
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
-
-    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, 64)}}
-    tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = Whitespace()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    return word_tokenizer(["[UNK]"] + [f"w{i}" for i in range(1, 64)])
 
 
 @pytest.fixture

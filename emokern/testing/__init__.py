@@ -9,6 +9,8 @@ promises (steering touches only what it should, monitoring reads what was steere
   (:func:`~.chat.tiny_chat_tokenizer`), a 4-layer Llama (:func:`~.chat.tiny_chat_model`), and banks over real
   emotion names, random (:func:`~.chat.tiny_chat_bank`) or with statistics measured on the model
   (:func:`~.chat.calibrated_chat_bank`);
+* :mod:`emokern.testing.words`: word-level tokenizers (one token per word, ids from a list) for tests that plant
+  words (:func:`~.words.word_tokenizer`, :func:`~.words.vocab_of`);
 * :mod:`emokern.testing.available`: :func:`~.available.model_available`, whether an embedded model is on disk (the
   tests that need the real SmolLM2 skip without it).
 
@@ -17,6 +19,7 @@ Nothing here is imported by ``import emokern``; transformers and tokenizers are 
 
 from emokern.testing.chat import calibrated_chat_bank, tiny_chat_bank, tiny_chat_model, tiny_chat_tokenizer
 from emokern.testing.families import tiny_bank, tiny_model
+from emokern.testing.words import vocab_of, word_tokenizer
 
 __all__ = ["calibrated_chat_bank", "tiny_bank", "tiny_chat_bank", "tiny_chat_model", "tiny_chat_tokenizer",
-           "tiny_model"]
+           "tiny_model", "vocab_of", "word_tokenizer"]
