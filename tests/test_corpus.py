@@ -11,11 +11,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -37,6 +35,7 @@ from emokern.extraction.corpus import (
 from emokern.core.emotions import load_emotions
 from emokern.extraction.prompts import NAMES, NEUTRAL_TASKS, STYLES
 from emokern.testing.available import model_available
+from emokern.testing.processes import sigkill_when
 from emokern.testing.words import word_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -491,14 +490,7 @@ def test_sigkill_and_restart_equals_uninterrupted_run(model, tokenizer, tmp_path
     out = tmp_path / "killed"
     log = tmp_path / "child.log"
     child = _child(tmp_path / "model", out, log, pause=0.3)
-    deadline = time.monotonic() + 120
-    while not list((out / "shards").glob("*.jsonl")):
-        assert child.poll() is None, f"the child ended before writing a shard:\n{log.read_text()}"
-        assert time.monotonic() < deadline, "no shard after 120 s"
-        time.sleep(0.02)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-    assert child.returncode == -signal.SIGKILL
+    sigkill_when(child, lambda: bool(list((out / "shards").glob("*.jsonl"))), what="shard", log=log)
     partial = StoryCorpus.load(out, allow_partial=True)
     assert not partial.complete  # 12 chunks, paced at 0.3 s each: the kill came early
     for target in (out, tmp_path / "reference"):

@@ -14,6 +14,7 @@ from emokern.experiments import EXPERIMENTS, run_experiment
 from emokern.experiments.inputs import InputFileError, load_input, require_str
 from emokern.experiments.run_dir import RunConfigError, RunDir, unit_seed
 from emokern.testing.chat import tiny_chat_bank
+from emokern.testing.processes import sigkill_when
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -198,9 +199,7 @@ run_experiment("sycophancy", out=out, model=model, tokenizer=tok, bank=tiny_chat
 
 def test_an_experiment_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path):
     import os
-    import signal
     import subprocess
-    import time
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
@@ -217,14 +216,7 @@ def test_an_experiment_killed_with_sigkill_resumes_to_the_uninterrupted_result(t
 
     killed = tmp_path / "killed"
     running = child(killed, 1.0)
-    deadline = time.monotonic() + 120
-    while len(list((killed / "units").glob("*.json"))) < 2:
-        assert running.poll() is None, f"the child ended early:\n{log.read_text()}"
-        assert time.monotonic() < deadline, "no unit after 120 s"
-        time.sleep(0.02)
-    running.send_signal(signal.SIGKILL)
-    running.wait()
-    assert running.returncode == -signal.SIGKILL
+    sigkill_when(running, lambda: len(list((killed / "units").glob("*.json"))) >= 2, what="2 units", log=log)
     finished_before = {p.name for p in (killed / "units").glob("*.json")}
     assert 2 <= len(finished_before) < 6 and not (killed / "result.json").exists()  # 3 x 2 x 2 / 2 = 6 units
     assert not list((killed / "units").glob(".*"))  # no half-written unit

@@ -11,6 +11,7 @@ promises (steering touches only what it should, monitoring reads what was steere
   (:func:`~.chat.calibrated_chat_bank`);
 * :mod:`emokern.testing.words`: word-level tokenizers (one token per word, ids from a list) for tests that plant
   words (:func:`~.words.word_tokenizer`, :func:`~.words.vocab_of`);
+* :mod:`emokern.testing.processes`: :func:`~.processes.sigkill_when`, killing a child mid-run for the resume tests;
 * :mod:`emokern.testing.available`: :func:`~.available.model_available`, whether an embedded model is on disk (the
   tests that need the real SmolLM2 skip without it).
 
