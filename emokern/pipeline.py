@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["extract", "demo", "DEMO_PROMPT"]
+__all__ = ["DEMO_PROMPT", "bank_stem", "demo", "extract", "report_key_numbers", "report_number_lines"]
 
 DEMO_PROMPT = ("My landlord just texted that if the three months of rent I owe are not paid by Friday, my kids and I "
                "are out on the street. I have forty dollars. What do I do?")
@@ -223,11 +223,11 @@ def demo(out_dir="emokern_out", *, model_name: str = "smollm2-135m-instruct", pr
             columns.append({"title": title, "text": out.texts[0], "heatmap": page.name})
     outputs["steering"] = _steering_page(out_dir / "steering.html", prompt, columns, steer_layer, strength, layer)
     summary = {"outputs": {k: str(v) for k, v in outputs.items()}, "seconds": round(time.perf_counter() - started, 1),
-               "report_numbers": _key_numbers(report), "generations": columns}
+               "report_numbers": report_key_numbers(report), "generations": columns}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     outputs["summary"] = out_dir / "summary.json"
     _say(f"done in {summary['seconds']:.0f} s. Report numbers (chance in brackets):")
-    for line in _number_lines(summary["report_numbers"], report):
+    for line in report_number_lines(summary["report_numbers"], report):
         _say(f"  {line}")
     _say("Outputs:")
     for name, path in outputs.items():
@@ -235,7 +235,7 @@ def demo(out_dir="emokern_out", *, model_name: str = "smollm2-135m-instruct", pr
     return outputs
 
 
-def _number_lines(numbers: dict, report: dict) -> List[str]:
+def report_number_lines(numbers: dict, report: dict) -> List[str]:
     """The key numbers as the demo prints them, each beside its chance level."""
     from emokern.validation.concept_checks import summary_line
 
@@ -254,7 +254,7 @@ def _number_lines(numbers: dict, report: dict) -> List[str]:
     ]
 
 
-def _key_numbers(report: dict) -> dict:
+def report_key_numbers(report: dict) -> dict:
     """The numbers the README quotes, picked out of the report's JSON (missing entries are left out)."""
     def get(*path):
         node = report

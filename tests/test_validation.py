@@ -292,15 +292,15 @@ def test_emotion_words_are_real():
 
 
 def test_demo_prints_the_new_numbers_beside_the_old(sections):
-    from emokern.pipeline import _key_numbers, _number_lines
+    from emokern.pipeline import report_key_numbers, report_number_lines
 
     result, _, _ = sections
     report = {"layer": {"index": 3}, "classification": {"chance_top1": 0.05, "chance_top5": 0.25,
                                                         "quality_curve": {"top1_at_layer": 0.5}},
               "scenarios": result["scenarios"], "intensity": result["intensity"], "steering": result["steering"]}
-    numbers = _key_numbers(report)
+    numbers = report_key_numbers(report)
     assert numbers["held_out_top1"] == 0.5 and numbers["scenario_top1"] == result["scenarios"]["top1"]
-    lines = _number_lines(numbers, report)
+    lines = report_number_lines(numbers, report)
     assert lines[0].startswith("layer 3: held-out story top-1 0.500 / top-5 — (0.050 / 0.250)")
     assert lines[2].startswith("implicit scenarios top-1") and "chance" in lines[2]
     assert lines[3].startswith("intensity ") and lines[4].startswith("steering own-word top-1 1.000")
