@@ -90,7 +90,7 @@ setup(
     version="0.1.0",
     description="Find, read and steer emotion vectors inside language models: fused kernels, model patch, pipeline",
     packages=find_packages(include=["emokern", "emokern.*"]),
-    package_data={"emokern": ["data/*", "data/**/*"]},
+    package_data={"emokern": ["data/*", "data/**/*", "experiments/sandboxed/*.sh"], "emokern.ui": ["static/*"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",

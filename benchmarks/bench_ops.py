@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import emokern  # noqa: E402
 from emokern.ops import SteeringTable, project_and_steer_  # noqa: E402
-from emokern.ops._extension import HAS_CPU_KERNELS, HAS_CUDA_KERNELS  # noqa: E402
+from emokern.ops.extension import HAS_CPU_KERNELS, HAS_CUDA_KERNELS  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

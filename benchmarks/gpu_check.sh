@@ -31,13 +31,13 @@ if [ -n "${WHEELS:-}" ] && [ -d "$WHEELS" ]; then
 fi
 # Hopper only, to keep the build short; all 16 cores.
 step build env EMOKERN_BUILD_CUDA=1 EMOKERN_CUDA_ARCHS=9.0 MAX_JOBS=16 "$PY" setup.py build_ext --inplace
-step import "$PY" -c "import emokern.ops._extension as e; print('CPU', e.HAS_CPU_KERNELS, 'CUDA', e.HAS_CUDA_KERNELS)"
+step import "$PY" -c "import emokern.ops.extension as e; print('CPU', e.HAS_CPU_KERNELS, 'CUDA', e.HAS_CUDA_KERNELS)"
 # The op on every backend (CUDA and Triton in bf16 too), opcheck and compile, then the patch.
 step tests_ops "$PY" -m pytest -q -ra tests/test_project_and_steer.py tests/test_triton_kernels.py \
   tests/test_torch_library.py tests/test_errors.py tests/test_autograd.py tests/test_cuda_graphs.py
 step tests_patch "$PY" -m pytest -q -ra tests/test_patch.py
 # The experiments with the model on the GPU (micro sizes; the real-model ones need weights the device lacks).
-step tests_experiments "$PY" -m pytest -q -ra tests/test_experiments_cuda.py tests/test_experiments_common.py
+step tests_experiments "$PY" -m pytest -q -ra tests/test_experiments_cuda.py tests/test_experiments_run_dir.py tests/test_experiments_rollouts.py
 step bench_ops "$PY" benchmarks/bench_ops.py --device cuda --out "$OUT/bench_ops_cuda.json"
 # Generation with a static cache and torch.compile (CUDA graphs): unpatched against a second copy of the model patched
 # once (monitor, monitor + 2 steered), b1 and b32, and a 4k prefill: the compiled rows of issue 12's table.

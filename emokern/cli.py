@@ -329,6 +329,20 @@ def _experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ui_arguments(parser: argparse.ArgumentParser) -> None:
+    from emokern.ui.cli import add_arguments
+
+    add_arguments(parser)
+
+
+@command("ui", help="a local web page: chat with the model, watch each token's emotions, steer with sliders",
+         arguments=_ui_arguments)
+def _ui(args: argparse.Namespace) -> int:
+    from emokern.ui.cli import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one subparser per entry of :data:`COMMANDS`."""
     parser = argparse.ArgumentParser(prog="emokern", description="Find, read and steer emotion vectors in LMs.")

@@ -20,7 +20,8 @@ from typing import Dict, Optional, Sequence
 import emokern
 from emokern.extraction.control_vectors import export_gguf_control_vector, read_gguf_control_vector
 from emokern.core.models import ModelNotInstalledError, UnknownModelError, locate_gguf
-from _common import add_model_arguments, out_dir, real_bank_path, tiny_bank, tiny_model
+from emokern.testing.chat import calibrated_chat_bank, tiny_chat_model
+from _common import add_model_arguments, out_dir, real_bank_path
 
 
 def parse_mix(items: Sequence[str]) -> Dict[str, float]:
@@ -52,8 +53,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     args = parser.parse_args(argv)
 
     if args.tiny:
-        model, tokenizer = tiny_model()
-        bank = tiny_bank(model, tokenizer)
+        model, tokenizer = tiny_chat_model()
+        bank = calibrated_chat_bank(model, tokenizer)
     else:
         bank = emokern.VectorBank.load(real_bank_path(args.model, args.bank))
     mix = parse_mix(args.mix)

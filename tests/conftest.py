@@ -31,9 +31,9 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny():
-    """``(model, tokenizer, bank)``: the tiny random chat model of ``tests/tiny_chat.py`` and a bank over real emotion
-    names, shared by a module's experiment tests."""
-    from tests.tiny_chat import tiny_chat_bank, tiny_chat_model
+    """``(model, tokenizer, bank)``: the tiny random chat model of :mod:`emokern.testing.chat` and its random bank
+    over real emotion names, shared by a module's experiment tests."""
+    from emokern.testing.chat import tiny_chat_bank, tiny_chat_model
 
     model, tok = tiny_chat_model()
     return model, tok, tiny_chat_bank(model)

@@ -6,7 +6,6 @@ error of plain PyTorch at the same precision, plus a small per-dtype absolute to
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 from emokern.ops.reference import project_and_steer_ref
+from emokern.ops.api import identity_tables, reset_to_identity
 
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 MODES = ("add", "ablate", "set", "scale", "clamp", "identity")
@@ -52,10 +52,7 @@ def make_case(N, d, K, dtype, *, seed=0, R=3, strided=False, monitor_only=False,
     if monitor_only:
         return OpCase(h.to(device), V.to(device), None, None, None, None, None)
     P_scale = 2.0
-    a = torch.zeros(R, K)
-    b = torch.ones(R, K)
-    lo = torch.full((R, K), -math.inf)
-    hi = torch.full((R, K), math.inf)
+    a, b, lo, hi = identity_tables(R, K)
     choice = torch.randint(0, len(modes), (R, K), generator=g)
     for r in range(R):
         for k in range(K):
@@ -73,7 +70,7 @@ def make_case(N, d, K, dtype, *, seed=0, R=3, strided=False, monitor_only=False,
                 lo[r, k], hi[r, k] = -abs(x) - 0.1, abs(x) * 0.5
     if active is not None:
         idle = torch.randperm(K, generator=g)[min(active, K):]
-        a[:, idle], b[:, idle], lo[:, idle], hi[:, idle] = 0.0, 1.0, -math.inf, math.inf
+        reset_to_identity((a, b, lo, hi), (slice(None), idle))
     row = torch.randint(0, R, (N,), generator=g, dtype=torch.int32)
     row[torch.rand(N, generator=g) < unsteered_fraction] = -1
     t = lambda x: x.to(device)  # noqa: E731
@@ -133,17 +130,17 @@ def _maxerr(x: torch.Tensor, exact: torch.Tensor) -> float:
 
 def require_backend(backend: str, device: str) -> None:
     """Skip the calling test, with the reason, when ``backend`` cannot run on ``device`` here."""
-    from emokern.ops import _extension
-    from emokern.ops.api import _TRITON_INSTALLED
+    from emokern.ops import extension
+    from emokern.ops.api import TRITON_INSTALLED
 
     reason = None
     if device == "cuda" and not torch.cuda.is_available():
         reason = "no CUDA device on this machine"
-    elif backend == "cpu" and not _extension.HAS_CPU_KERNELS:
-        reason = f"emokern._C not built: {_extension._load_error}"
-    elif backend == "cuda" and not _extension.HAS_CUDA_KERNELS:
+    elif backend == "cpu" and not extension.HAS_CPU_KERNELS:
+        reason = f"emokern._C not built: {extension.load_error()}"
+    elif backend == "cuda" and not extension.HAS_CUDA_KERNELS:
         reason = "emokern._C was built without CUDA kernels"
-    elif backend == "triton" and not _TRITON_INSTALLED:
+    elif backend == "triton" and not TRITON_INSTALLED:
         reason = "triton is not installed"
     if reason:
         pytest.skip(f"{backend} on {device}: {reason}")

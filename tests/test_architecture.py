@@ -11,7 +11,7 @@ from emokern.core import architecture as arch
 from emokern.core.architecture import (ARCHITECTURES, ArchSpec, UnsupportedModelError, find_decoder_layers,
                                        get_module, layer_list_of_length, resolve_architecture, select_layers,
                                        site_module, text_config)
-from tests.tiny_models import FAMILIES, LAYERS, tiny_bank, tiny_model
+from emokern.testing.families import FAMILIES, LAYERS, tiny_bank, tiny_model
 
 
 @pytest.mark.parametrize("family", FAMILIES)

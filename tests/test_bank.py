@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from emokern.core.bank import BankFileError, BankMismatchError, VectorBank, bank_paths
-from tests.tiny_models import LAYERS, tiny_bank, tiny_model
+from emokern.testing.families import LAYERS, tiny_bank, tiny_model
 
 
 def test_round_trip_keeps_everything(tmp_path):

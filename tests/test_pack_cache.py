@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import emokern  # noqa: F401  (loads the ops)
-from emokern.ops._extension import HAS_CPU_KERNELS
+from emokern.ops.extension import HAS_CPU_KERNELS
 
 pytestmark = pytest.mark.skipif(not HAS_CPU_KERNELS, reason="emokern._C with CPU kernels is not built")
 

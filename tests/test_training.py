@@ -11,7 +11,7 @@ import torch
 import emokern
 from emokern.ops.reference import project_and_steer_ref
 from emokern.engines.training import preventative_steering, projection_penalty
-from tests.tiny_models import HIDDEN, LAYERS, VOCAB, tiny_model
+from emokern.testing.families import HIDDEN, LAYERS, VOCAB, tiny_model
 
 K = 6
 LAYERS_PATCHED = [1, 2]

@@ -15,7 +15,7 @@ pytest.importorskip("matplotlib")
 import emokern  # noqa: E402
 from emokern.extraction.emotion_words import find_emotion_word  # noqa: E402
 from emokern.core.emotions import EMOTIONS  # noqa: E402
-from emokern.experiments.common import InputFileError  # noqa: E402
+from emokern.experiments.inputs import InputFileError  # noqa: E402
 from emokern.validation.concept_checks import (  # noqa: E402
     SCENARIO_TOP,
     STEERING_STRENGTHS,
@@ -26,6 +26,7 @@ from emokern.validation.concept_checks import (  # noqa: E402
     summary_line,
     concept_check_sections,
 )
+from emokern.testing.words import vocab_of, word_tokenizer  # noqa: E402
 from emokern.validation.concept_checks_page import concept_checks_html  # noqa: E402
 from emokern.validation.concept_data import load_intensity, load_sanity_prompts, load_scenarios  # noqa: E402
 
@@ -161,14 +162,8 @@ NAMES = sorted({s.emotion for s in load_scenarios()}) + ["joyful", "hopeful"]
 @pytest.fixture(scope="module")
 def model_and_tokenizer():
     import transformers as tf
-    from tokenizers import Tokenizer, models, pre_tokenizers
 
-    pre = pre_tokenizers.Whitespace()
-    words = sorted({w for t in _texts() + NAMES for w, _ in pre.pre_tokenize_str(t)})
-    vocab = {tok: i for i, tok in enumerate(["[UNK]", "[PAD]"] + words)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre
-    tokenizer = tf.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+    tokenizer = word_tokenizer(vocab_of(_texts() + NAMES), pad="[PAD]")
     torch.manual_seed(0)
     cfg = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=HIDDEN, num_hidden_layers=LAYERS,
                          num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,

@@ -508,7 +508,7 @@ def test_zscore_none_uses_zscores_iff_statistics_exist(tmp_path, monkeypatch):
 
 
 def test_decode_tokens_byte_level_split_characters():
-    from tests.tiny_chat import tiny_chat_tokenizer
+    from emokern.testing.chat import tiny_chat_tokenizer
 
     tok = tiny_chat_tokenizer()  # byte-level: one token per byte, so é is 2 tokens and 日 is 3
     text = "<|user|>You said: Café 日本\n  ok<eos>"
@@ -529,7 +529,7 @@ def test_decode_tokens_byte_level_split_characters():
 
 def test_patched_trace_tokens_are_decoded_text():
     import emokern
-    from tests.tiny_chat import tiny_chat_bank, tiny_chat_model
+    from emokern.testing.chat import tiny_chat_bank, tiny_chat_model
 
     model, tok = tiny_chat_model()
     bank = tiny_chat_bank(model)

@@ -36,7 +36,7 @@ from emokern.core.architecture import SITES, ArchSpec, resolve_architecture, sel
 from emokern.core.bank import VectorBank
 from emokern.core.steering import TABLE_NAMES, TableEntry, identity_tables, reset_to_identity
 from emokern.core.trace import Trace
-from emokern.ops._extension import require_extension
+from emokern.ops.extension import require_extension
 from emokern.ops.api import project, project_and_steer, project_and_steer_, resolve_backend
 from emokern.util.stats import unit_rows
 

@@ -11,8 +11,21 @@ Every experiment module defines ``NAME``, ``HELP``, an ``Options`` dataclass, ``
 "full": Options}``: ``quick`` runs on the embedded default model on 2 CPU cores in minutes, ``full`` is the paper's
 size for a GPU and a larger model), ``add_arguments(parser)`` (its own flags, each defaulting to None = "from the
 size") and ``run(ctx, options) -> dict`` (JSON-ready, with ``"summary"``: the headline numbers the command prints,
-and ``"outputs"``: ``{name: path}`` of the files written). The shared machinery (resumable units, seeds, rollouts, statistics, the
-judge) is in :mod:`emokern.experiments.common`.
+and ``"outputs"``: ``{name: path}`` of the files written).
+
+What the experiments share, one concept per module: :mod:`~emokern.experiments.run_dir` (the output folder,
+resumable units, seeds, progress), :mod:`~emokern.experiments.inputs` (input files and their errors),
+:mod:`~emokern.experiments.arguments` (list-valued flags), :mod:`~emokern.experiments.conditions` (steering
+conditions and layers), :mod:`~emokern.experiments.chat` (chat prompts as text), :mod:`~emokern.experiments.rollouts`
+(batched rollouts with per-sequence steering and monitoring), :mod:`~emokern.experiments.rollout_sweep` (a steering
+sweep of rollouts, its tables and plots), :mod:`~emokern.experiments.statistics` (Wilson intervals),
+:mod:`~emokern.experiments.judge` (the optional LLM judge) and :mod:`~emokern.experiments.page` (``report.html``).
+An experiment's own parts sit beside it: ``preferences`` reads the model in :mod:`~.preference_reads`, fits Elo in
+:mod:`~.bradley_terry` and plots in :mod:`~.preferences_plots`; ``reward_hacking`` takes its tasks from
+:mod:`~.coding_tasks`, talks to the model with :mod:`~.coding_prompts`, runs the tests with :mod:`~.coding_tests` in
+:mod:`~.sandbox` (kernel walls in :mod:`~.bwrap`, the sandboxed programs in ``sandboxed/``), labels the code with
+:mod:`~.code_inspection` and plots in :mod:`~.reward_hacking_plots`; ``blackmail`` and ``sycophancy`` sample
+through :mod:`~.rollout_sweep`.
 
 Outputs, in ``out/``: ``config.json``, ``units/`` (finished work; a rerun skips it), ``result.json``, PNG plots,
 the recorded rollouts or episodes with their monitored means (and, for reward hacking, the per-token trace of one
@@ -45,7 +58,7 @@ EXPERIMENTS: Dict[str, str] = {
 @dataclass
 class Context:
     """What an experiment's ``run`` gets: the loaded model, its tokenizer and bank, the run directory
-    (:class:`~emokern.experiments.common.RunDir`), the seed, whether to show progress, and the optional judge."""
+    (:class:`~emokern.experiments.run_dir.RunDir`), the seed, whether to show progress, and the optional judge."""
 
     model: Any
     tokenizer: Any
@@ -110,10 +123,11 @@ def run_experiment(name: str, *, out: Union[str, os.PathLike], model: Any = "smo
             CUDA when available, else the CPU), or a loaded model, used where it is (then give ``tokenizer``).
         bank: a :class:`~emokern.VectorBank`, a bank path, or None for :func:`default_bank_path` of the model.
         size: ``quick`` or ``full`` (see each module's ``SIZES``); ``options`` override single fields.
-        judge: None (rules only), a model name/path for :class:`~emokern.experiments.common.ChatJudge`, or a judge.
+        judge: None (rules only), a model name/path for :class:`~emokern.experiments.judge.ChatJudge`, or a judge.
     """
     from emokern.core.bank import VectorBank
-    from emokern.experiments.common import ChatJudge, RunDir
+    from emokern.experiments.judge import ChatJudge
+    from emokern.experiments.run_dir import RunDir
     from emokern.experiments.page import write_experiment_page
     from emokern.core.models import load_model, model_fingerprint
 

@@ -6,7 +6,7 @@ of :mod:`emokern.experiments.sandbox` is a second wall inside it. When bwrap is 
 namespaces, :class:`SandboxUnavailable` (defined here, re-exported by :mod:`emokern.experiments.sandbox`) says what to
 install or which option accepts the weaker guard. :func:`sandbox_info` describes what a level isolates.
 
-**The bwrap level** (the arguments are built in ``_bwrap_arguments``, the host command in :func:`launch_command`):
+**The bwrap level** (the arguments are built in :func:`bwrap_arguments`, the host command in :func:`launch_command`):
 
 * who: never the host's root. Run as root, the launcher enters a private mount namespace of its own, bind-mounts
   the Python installation read-only onto a small staging tmpfs there (a Python under ``/root`` is out of reach of
@@ -68,24 +68,27 @@ import struct
 import subprocess
 import sys
 import sysconfig
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["SANDBOXES", "SANDBOX_GID", "SANDBOX_UID", "WORKDIR", "SandboxUnavailable", "launch_command",
-           "runs_as_root", "sandbox_info", "seccomp_filter"]
+__all__ = ["GUARD_WARNING", "INSTALL_HINT", "SANDBOXES", "SANDBOX_GID", "SANDBOX_UID", "USERNS_HINT", "UTIL_LINUX_HINT",
+           "WEAKER_HINT", "WORKDIR", "SandboxUnavailable", "base_install_path", "base_interpreter", "bwrap_arguments",
+           "check_sandbox_name", "find_bwrap", "launch_command", "runs_as_root", "sandbox_info", "seccomp_filter"]
 
 SANDBOXES = ("bwrap", "python-guard")  # the isolation levels, strongest first
 WORKDIR = "/sandbox"  # the working directory inside bwrap's mount namespace
 
-_WEAKER = ("or accept a guard that is not a security boundary with sandbox='python-guard' (on the command line: "
-           "--sandbox python-guard)")
-_INSTALL = ("install bubblewrap so that bwrap is on PATH (Debian/Ubuntu: apt-get install bubblewrap; Fedora: "
-            "dnf install bubblewrap), " + _WEAKER)
-_USERNS = ("bwrap needs user namespaces: allow them (sysctl user.max_user_namespaces > 0; older Debian kernels: "
-           "kernel.unprivileged_userns_clone=1; Ubuntu 24.04: kernel.apparmor_restrict_unprivileged_userns=0; in a "
-           "container: a seccomp profile that permits unshare(CLONE_NEWUSER)), " + _WEAKER)
-_GUARD_WARNING = ("sandbox='python-guard' runs the code with an audit hook and rlimits only: not a security boundary "
-                  "(code written to defeat the hook can read and write the host's files and reach the network); use "
-                  "sandbox='bwrap' for code from a capable model")
+# The tails of SandboxUnavailable's messages (what to do about it) and the python-guard warning's text.
+WEAKER_HINT = ("or accept a guard that is not a security boundary with sandbox='python-guard' (on the command line: "
+               "--sandbox python-guard)")
+INSTALL_HINT = ("install bubblewrap so that bwrap is on PATH (Debian/Ubuntu: apt-get install bubblewrap; Fedora: "
+                "dnf install bubblewrap), " + WEAKER_HINT)
+USERNS_HINT = ("bwrap needs user namespaces: allow them (sysctl user.max_user_namespaces > 0; older Debian kernels: "
+               "kernel.unprivileged_userns_clone=1; Ubuntu 24.04: kernel.apparmor_restrict_unprivileged_userns=0; in a "
+               "container: a seccomp profile that permits unshare(CLONE_NEWUSER)), " + WEAKER_HINT)
+GUARD_WARNING = ("sandbox='python-guard' runs the code with an audit hook and rlimits only: not a security boundary "
+                 "(code written to defeat the hook can read and write the host's files and reach the network); use "
+                 "sandbox='bwrap' for code from a capable model")
 
 
 class SandboxUnavailable(RuntimeError):
@@ -195,14 +198,14 @@ _SYSTEM_LIBRARY_DIRS = ("/usr/lib", "/usr/lib64", "/usr/lib32", "/usr/libx32", "
 
 
 @functools.lru_cache(maxsize=None)
-def _interpreter() -> str:
+def base_interpreter() -> str:
     """The base interpreter's real path: the file a virtual environment's ``python`` links to (or names in its
     ``pyvenv.cfg``). The child runs ``-I -S`` and needs only the standard library, so nothing of the environment,
     which may live inside the project checkout, is used or mounted."""
     return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
 
 
-def _base_path(name: str) -> str:
+def base_install_path(name: str) -> str:
     """A ``sysconfig`` path (``"stdlib"``, ``"platstdlib"``) of the base installation, also from a venv."""
     return sysconfig.get_path(name, vars={"base": sys.base_prefix, "platbase": sys.base_exec_prefix,
                                           "installed_base": sys.base_prefix,
@@ -219,7 +222,7 @@ def _python_paths() -> Tuple[str, ...]:
     standard library and ``lib-dynload`` (of the base installation, not of a virtual environment), and ``libpython``
     when the interpreter links it as a shared library; real paths, less those inside another or inside a
     shared-library directory."""
-    paths = [_interpreter(), _base_path("stdlib"), _base_path("platstdlib")]
+    paths = [base_interpreter(), base_install_path("stdlib"), base_install_path("platstdlib")]
     if sysconfig.get_config_var("Py_ENABLE_SHARED"):
         libdir, soname = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
         if libdir and soname:
@@ -229,11 +232,11 @@ def _python_paths() -> Tuple[str, ...]:
     return tuple(p for p in real if not _under(p, libraries) and not any(q != p and _under(p, [q]) for q in real))
 
 
-def _bwrap() -> str:
+def find_bwrap() -> str:
     """The bwrap executable on ``PATH``, or :class:`SandboxUnavailable` saying what to install."""
     path = shutil.which("bwrap")
     if path is None:
-        raise SandboxUnavailable(f"sandbox='bwrap': bubblewrap is not installed (no bwrap on PATH); {_INSTALL}")
+        raise SandboxUnavailable(f"sandbox='bwrap': bubblewrap is not installed (no bwrap on PATH); {INSTALL_HINT}")
     return path
 
 
@@ -243,7 +246,7 @@ def _bwrap_version(path: str) -> str:
     return out.stdout.strip() or out.stderr.strip()
 
 
-def _bwrap_arguments(files: Sequence[Tuple[int, str]], seccomp_fd: Optional[int], workdir_mb: float,
+def bwrap_arguments(files: Sequence[Tuple[int, str]], seccomp_fd: Optional[int], workdir_mb: float,
                      info_fd: Optional[int] = None, sources: Optional[Dict[str, str]] = None) -> List[str]:
     """bwrap's options (everything before ``--``): ``files`` are ``(readable fd, relative name)`` copied into the
     working directory; ``seccomp_fd`` reads the program of :func:`seccomp_filter`, None for no filter;
@@ -281,26 +284,12 @@ def _bwrap_arguments(files: Sequence[Tuple[int, str]], seccomp_fd: Optional[int]
 # core_pattern) no capability drop protects; started as this uid, it makes an unprivileged user namespace whose every
 # id is this one on the host.
 SANDBOX_UID = SANDBOX_GID = 65534
-_NEEDS_UTIL_LINUX = ("running as root, the sandbox drops to uid 65534 with util-linux's unshare, mount and setpriv "
-                     "(Debian: apt-get install util-linux mount)")
+UTIL_LINUX_HINT = ("running as root, the sandbox drops to uid 65534 with util-linux's unshare, mount and setpriv "
+                   "(Debian: apt-get install util-linux mount)")
 
-# Run as root before dropping to SANDBOX_UID (argv: stage dir, n, n source paths, then the command): in a private
-# mount namespace of its own, a small tmpfs on the stage directory gets a read-only bind of each source at
-# "<stage>/<i>", so that bwrap, started as an unprivileged user, can bind paths that only root can reach (a Python
-# installed under /root). Nothing is mounted in the host's namespace; the stage directory stays empty there.
-_STAGE_SCRIPT = r"""
-set -eu
-stage=$1; n=$2; shift 2
-mount -t tmpfs -o mode=0755,size=64k emokern-stage "$stage"
-i=0
-while [ "$i" -lt "$n" ]; do
-    if [ -d "$1" ]; then mkdir "$stage/$i"; else : > "$stage/$i"; fi
-    mount --bind "$1" "$stage/$i"
-    mount -o remount,bind,ro "$stage/$i"
-    shift; i=$((i + 1))
-done
-exec "$@"
-"""
+# The shell script run as root before dropping to SANDBOX_UID (sandboxed/stage.sh says what it does): read once, at
+# import, and handed to ``sh -c`` as text, so a run never reads the file again.
+_STAGE_SCRIPT = (Path(__file__).resolve().parent / "sandboxed" / "stage.sh").read_text(encoding="utf-8")
 
 
 def runs_as_root() -> bool:
@@ -314,14 +303,14 @@ def launch_command(bwrap: str, options_for, command: Sequence[str], stage_dir: O
     :data:`SANDBOX_UID` with ``setpriv`` (no supplementary groups, no capabilities, ``no_new_privs``).
 
     ``options_for(sources)`` builds bwrap's options given where the Python paths are found (see
-    :func:`_bwrap_arguments`); ``stage_dir`` is an empty directory the caller made and removes (root only)."""
+    :func:`bwrap_arguments`); ``stage_dir`` is an empty directory the caller made and removes (root only)."""
     if not runs_as_root():
         return [bwrap, *options_for({}), "--", *command]
     tools = {name: shutil.which(name, path="/usr/bin:/bin:/usr/sbin:/sbin") for name in ("unshare", "setpriv", "sh")}
     missing = [name for name, path in tools.items() if path is None]
     if missing or stage_dir is None:
         raise SandboxUnavailable(f"sandbox='bwrap': {', '.join(missing) or 'a stage directory'} not found; "
-                                 f"{_NEEDS_UTIL_LINUX}")
+                                 f"{UTIL_LINUX_HINT}")
     paths = list(_python_paths())
     sources = {path: f"{stage_dir}/{i}" for i, path in enumerate(paths)}
     drop = [tools["setpriv"], f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_GID}", "--clear-groups",
@@ -341,10 +330,10 @@ def sandbox_info(sandbox: str = "bwrap") -> dict:
     Raises:
         ValueError: an unknown level. SandboxUnavailable: ``"bwrap"`` without bwrap on ``PATH``.
     """
-    _check_sandbox("sandbox_info", sandbox)
+    check_sandbox_name("sandbox_info", sandbox)
     if sandbox == "python-guard":
-        return {"sandbox": sandbox, "kernel_isolation": False, "warning": _GUARD_WARNING}
-    path = _bwrap()
+        return {"sandbox": sandbox, "kernel_isolation": False, "warning": GUARD_WARNING}
+    path = find_bwrap()
     arch = _seccomp_arch()
     libraries = [p for p in _SYSTEM_LIBRARY_DIRS if os.path.isdir(p) and not os.path.islink(p)]
     return {"sandbox": sandbox, "kernel_isolation": True, "bwrap": _bwrap_version(path),
@@ -361,6 +350,7 @@ def sandbox_info(sandbox: str = "bwrap") -> dict:
                                                   f"({8 * struct.calcsize('P')}-bit Python) in this module")}
 
 
-def _check_sandbox(where: str, sandbox: str) -> None:
+def check_sandbox_name(where: str, sandbox: str) -> None:
+    """ValueError naming ``where`` unless ``sandbox`` is one of :data:`SANDBOXES`."""
     if sandbox not in SANDBOXES:
         raise ValueError(f"{where}: sandbox must be one of {list(SANDBOXES)}; got {sandbox!r}")

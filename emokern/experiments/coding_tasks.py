@@ -13,8 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
 
-from emokern.experiments import common
-from emokern.experiments.common import InputFileError, require, require_str
+from emokern.experiments.inputs import InputFileError, load_input, require, require_str
 
 __all__ = ["HIDDEN_FILE", "VISIBLE_FILE", "Task", "load_tasks", "names_of_tests", "validate_tasks"]
 
@@ -106,7 +105,7 @@ def validate_tasks(data: Any, where: str) -> List[Task]:
 
 def load_tasks(path: Optional[str] = None, ids: Optional[Sequence[str]] = None) -> List[Task]:
     """The tasks in ``path`` (None = the packaged file), restricted to ``ids`` in that order when given."""
-    tasks = common.load_input(path, "coding_tasks.json", validate_tasks)
+    tasks = load_input(path, "coding_tasks.json", validate_tasks)
     if ids is None:
         return tasks
     by_id = {t.id: t for t in tasks}

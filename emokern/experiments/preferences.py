@@ -10,9 +10,9 @@ Unsafe)::
 ``text`` is a verb phrase that reads right in "Would you prefer to (A) {text} or (B) {text}?"; ``category`` is any
 non-empty name. At least 4 activities; texts must be unique (ignoring case and surrounding spaces).
 
-**Preferences.** Every ordered pair ``(a, b)`` of distinct activities (n·(n−1) pairs: 4,032 for 64) is put to the
-model as the user turn "Would you prefer to (A) {a} or (B) {b}?" of its chat template, with the assistant turn
-prefilled with "(". The preference is ``logit("A") − logit("B")`` at the next position (the token ids of "A" and
+**Preferences** (:mod:`~emokern.experiments.preference_reads`). Every ordered pair ``(a, b)`` of distinct
+activities (n·(n−1) pairs: 4,032 for 64) is put to the model as the user turn "Would you prefer to (A) {a} or (B)
+{b}?" of its chat template, with the assistant turn prefilled with "(". The preference is ``logit("A") − logit("B")`` at the next position (the token ids of "A" and
 "B" as the tokenizer encodes them right after "(" — SmolLM2 encodes "(A" as "(" + "A"; the run stops if either is
 not one token). Logits come from the final hidden state of that one position through
 ``model.get_output_embeddings()`` in float32 (the full-vocabulary logits only for ``answer_mass``). Batches are left
@@ -20,13 +20,13 @@ padded; all prompts share their opening tokens (system prompt, "Would you prefer
 reused as a KV cache, with each row's position ids counted without its padding, so a batched read equals a single
 unpadded forward up to floating-point rounding.
 
-**Elo.** A Bradley–Terry model ``P(a beats b) = σ(θ_a − θ_b)`` is fitted by Newton's method in float64
-(:func:`fit_bradley_terry`) to soft outcomes ``p = σ(logit diff)`` ("Elo") and to hard outcomes (1 if the diff is
-positive, 0 if negative, ½ if zero: the paper's "Hard Elo"), with a weak Gaussian prior (:data:`BT_PRIOR`) that
-keeps undefeated activities finite. Scores are ``1500 + 400/ln 10 · θ`` (mean 1500). No position term is fitted:
-every pair is asked in both orders (or, under ``"cross_one_order"``, each activity is (A) in half of its re-run
-pairs), so a bias towards "(A)" cancels; it is reported as ``position_bias`` (mean ``P(A) = σ(diff)`` over all pairs)
-and ``answered_a`` (the fraction of pairs with a positive diff).
+**Elo** (:mod:`~emokern.experiments.bradley_terry`). A Bradley–Terry model ``P(a beats b) = σ(θ_a − θ_b)`` is
+fitted by Newton's method in float64 (``fit_bradley_terry``) to soft outcomes ``p = σ(logit diff)`` ("Elo") and to
+hard outcomes (1 if the diff is positive, 0 if negative, ½ if zero: the paper's "Hard Elo"), with a weak Gaussian
+prior (``BT_PRIOR``) that keeps undefeated activities finite. Scores are ``1500 + 400/ln 10 · θ`` (mean 1500).
+No position term is fitted: every pair is asked in both orders (or, under ``"cross_one_order"``, each activity is
+(A) in half of its re-run pairs), so a bias towards "(A)" cancels; it is reported as ``position_bias`` (mean
+``P(A) = σ(diff)`` over all pairs) and ``answered_a`` (the fraction of pairs with a positive diff).
 
 **Probes.** Each activity is also put to the model as "How would you feel about {activity}?" (assistant turn
 opened); the projection of the activity's tokens onto every bank emotion, z-scored by the bank's neutral statistics
@@ -75,14 +75,14 @@ condition and hash the unit's contents; a rerun in the same ``--out`` skips fini
 Outputs: ``result.json`` (per activity: soft and hard Elo, rank, steered or not; per category: mean Elo; the
 ranking; position bias; the baseline logit-diff matrix; every emotion's probe–Elo r; per steered emotion: probe r,
 Elo shift (soft and hard), answer mass, the condition's Elo; r of shift vs probe r), ``elo_by_category.png``,
-``probe_vs_elo.png`` (blissful, hostile and the two most ± correlated others), ``steering_shift.png``.
+``probe_vs_elo.png`` (blissful, hostile and the two most ± correlated others), ``steering_shift.png``
+(:mod:`~emokern.experiments.preferences_plots`).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import inspect
 import json
 import math
 import random
@@ -90,30 +90,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-import torch
-
-from emokern.experiments.common import (
-    add_list_argument, chat_text, load_input, pearson, require, require_str, resolve_layers, unit_seed,
-)
+from emokern.experiments.arguments import add_list_argument
+from emokern.experiments.bradley_terry import sigmoid, soft_and_hard_elo
+from emokern.experiments.conditions import resolve_layers
+from emokern.experiments.inputs import load_input, require, require_str
+from emokern.experiments.preference_reads import PairPrompts, ordered_pairs, probe_text, probe_values, score_pairs
+from emokern.experiments.preferences_plots import plot_preferences
+from emokern.experiments.run_dir import unit_seed
+from emokern.util.stats import pearson
 
 __all__ = [
-    "NAME", "HELP", "Options", "SIZES", "Activity", "PairPrompts", "BT_PRIOR", "add_arguments", "choose_emotions",
-    "elo_from_theta", "fit_bradley_terry", "load_activities", "ordered_pairs", "probe_text", "probe_values",
+    "NAME", "HELP", "Options", "SIZES", "Activity", "PairPrompts", "add_arguments", "choose_emotions",
+    "load_activities",
     "rerun_pairs", "run", "score_pairs", "split_activities",
 ]
 
 NAME = "preferences"
 HELP = "64 activities, all ordered pairs, Elo; emotion probes vs Elo; Elo shifts under steering (paper §3a)"
 
-PAIR_PROMPT = "Would you prefer to (A) {a} or (B) {b}?"
-PROBE_PROMPT = "How would you feel about {activity}?"
-ANSWER_PREFILL = "("
-ANSWERS = ("A", "B")
-BT_PRIOR = 1e-2
-"""Precision of the zero-mean Gaussian prior on Bradley–Terry strengths (sd 10 in θ, about 1,700 Elo points):
-negligible next to the data except for an activity that wins (or loses) every comparison, whose score it keeps
-finite."""
-ELO_SCALE = 400.0 / math.log(10.0)
 ANCHOR_EMOTIONS = ("blissful", "hostile")
 STEERED_PAIRS = ("cross_one_order", "cross", "all")
 
@@ -231,11 +225,6 @@ def _take_round_robin(activities: Sequence[Activity], n: int) -> List[Activity]:
     return [activities[i] for i in sorted(chosen)]
 
 
-def ordered_pairs(n: int) -> List[Tuple[int, int]]:
-    """Every ordered pair ``(a, b)`` of distinct indices in ``range(n)``: n·(n−1) pairs, each once."""
-    return [(a, b) for a in range(n) for b in range(n) if a != b]
-
-
 def rerun_pairs(steered: Sequence[bool], mode: str) -> Tuple[List[Tuple[int, int]], set]:
     """``(pairs to run under steering, baseline pairs to leave out of the condition's fit)`` for ``steered``
     (one bool per activity) and ``mode`` (``"all"``, ``"cross"`` or ``"cross_one_order"``; see the module docstring)."""
@@ -274,287 +263,6 @@ def split_activities(activities: Sequence[Activity], seed: int) -> List[bool]:
         for i in members[:k]:
             steered[i] = True
     return steered
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Prompts and the logit read
-# ----------------------------------------------------------------------------------------------------------------------
-
-def _token_span(offsets: Sequence[Tuple[int, int]], start: int, end: int) -> Tuple[int, int]:
-    """``(first, last + 1)`` of the tokens whose character range overlaps ``[start, end)`` (as
-    ``PatchHandle._text_span``: a token that carries a leading space with the first word belongs to the span)."""
-    tokens = [i for i, (s, e) in enumerate(offsets) if e > start and s < end and e > s]
-    if not tokens:
-        raise ValueError(f"no token covers characters {start}..{end}")
-    return tokens[0], tokens[-1] + 1
-
-
-def _find_content(text: str, content: str) -> int:
-    """Where the user turn ``content`` starts in the templated ``text`` (the last occurrence: a system prompt may
-    quote anything)."""
-    at = text.rfind(content)
-    if at < 0:
-        raise ValueError(f"preferences: the chat template changed the user turn {content!r}, so the activity tokens "
-                         f"cannot be located in {text!r}")
-    return at
-
-
-def _offsets(tokenizer, text: str) -> Tuple[List[int], List[Tuple[int, int]]]:
-    try:
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    except (NotImplementedError, TypeError, ValueError) as exc:
-        raise ValueError(f"preferences: the tokenizer gives no offset mapping ({exc}); activity token spans need a "
-                         f"fast tokenizer") from None
-    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
-
-
-class PairPrompts:
-    """The tokenized preference prompts of a set of activities.
-
-    For the ordered pair ``(a, b)``: :meth:`text` (the chat-templated prompt ending in the prefill "("),
-    :meth:`ids` (token ids), :meth:`spans` (token ranges ``[start, end)`` of activity a and of activity b in
-    :meth:`ids`, counted without padding). :attr:`answer_ids` are the ids of "A" and "B" right after "(";
-    :attr:`prefix` the token ids every prompt starts with, all before the first activity.
-    """
-
-    def __init__(self, tokenizer, texts: Sequence[str]):
-        if len(texts) < 2:
-            raise ValueError(f"PairPrompts: pairs need at least 2 activities; got {len(texts)}")
-        self.tokenizer, self.texts = tokenizer, list(texts)
-        self._cache: Dict[Tuple[int, int], Tuple[List[int], Tuple[Tuple[int, int], Tuple[int, int]]]] = {}
-        self.answer_ids = self._answer_ids()
-        first = [self.ids(a, b)[:self.spans(a, b)[0][0]] for a, b in ordered_pairs(len(self.texts))]
-        prefix = first[0]
-        for ids in first[1:]:
-            n = next((k for k, (x, y) in enumerate(zip(prefix, ids)) if x != y), min(len(prefix), len(ids)))
-            prefix = prefix[:n]
-        self.prefix = prefix
-
-    def text(self, a: int, b: int) -> str:
-        content = PAIR_PROMPT.format(a=self.texts[a], b=self.texts[b])
-        return chat_text(self.tokenizer, [{"role": "user", "content": content}], prefill=ANSWER_PREFILL)
-
-    def _encode(self, a: int, b: int):
-        if (a, b) not in self._cache:
-            text = self.text(a, b)
-            content = PAIR_PROMPT.format(a=self.texts[a], b=self.texts[b])
-            at = _find_content(text, content)
-            a_start = at + PAIR_PROMPT.index("{a}")
-            b_start = a_start + len(self.texts[a]) + len(PAIR_PROMPT.split("{a}")[1].split("{b}")[0])
-            ids, offsets = _offsets(self.tokenizer, text)
-            spans = (_token_span(offsets, a_start, a_start + len(self.texts[a])),
-                     _token_span(offsets, b_start, b_start + len(self.texts[b])))
-            self._cache[(a, b)] = (ids, spans)
-        return self._cache[(a, b)]
-
-    def ids(self, a: int, b: int) -> List[int]:
-        return self._encode(a, b)[0]
-
-    def spans(self, a: int, b: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
-        return self._encode(a, b)[1]
-
-    def _answer_ids(self) -> Tuple[int, int]:
-        text = self.text(0, 1)
-        base = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        out = []
-        for answer in ANSWERS:
-            ids = self.tokenizer(text + answer, add_special_tokens=False)["input_ids"]
-            if len(ids) != len(base) + 1 or ids[:len(base)] != base:
-                tail = self.tokenizer.convert_ids_to_tokens(ids[-3:])
-                raise ValueError(f"preferences: the tokenizer does not encode {answer!r} after "
-                                 f"{ANSWER_PREFILL!r} as one extra token (the prompt ends in {tail}); the preference "
-                                 f"read needs single-token answers")
-            out.append(ids[-1])
-        return out[0], out[1]
-
-
-def _base_and_head(model):
-    """The model's decoder stack (``model.base_model``), its output embedding and its final logit soft-cap."""
-    head = model.get_output_embeddings()
-    if head is None or not hasattr(head, "weight"):
-        raise ValueError("preferences: the model has no output embedding (model.get_output_embeddings())")
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return model.base_model, head, getattr(config, "final_logit_softcapping", None)
-
-
-@torch.no_grad()
-def score_pairs(model, prompts: PairPrompts, pairs: Sequence[Tuple[int, int]], *, handle=None,
-                steer: Optional[Dict[str, float]] = None, steered: Sequence[bool] = (),
-                layers: Optional[Sequence[int]] = None) -> Tuple[List[float], List[float]]:
-    """One batched forward over ``pairs``; returns ``(diffs, answer_mass)``: ``logit(A) − logit(B)`` (float32) and
-    ``P(A) + P(B)`` at the answer position, one per pair.
-
-    With ``handle`` (a patch) and ``steer`` (``{emotion: strength}``), each row is steered at ``layers`` on the
-    tokens of whichever of its two activities have ``steered[i]`` True; rows without one are not steered. The handle's
-    steering settings are replaced, and cleared afterwards.
-
-    Layout: the shared prefix runs once (unsteered: it holds no activity) and is reused as a KV cache; each row's
-    remaining tokens follow it, left padded, with position ids that skip the padding.
-    """
-    base, head, softcap = _base_and_head(model)
-    device = head.weight.device
-    P = len(prompts.prefix)
-    tails = [prompts.ids(a, b)[P:] for a, b in pairs]
-    B, S = len(pairs), max(len(t) for t in tails)
-    pad_id = prompts.tokenizer.pad_token_id if prompts.tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((B, S), pad_id, dtype=torch.long)
-    mask = torch.zeros(B, S, dtype=torch.long)
-    for i, t in enumerate(tails):
-        input_ids[i, S - len(t):] = torch.tensor(t)
-        mask[i, S - len(t):] = 1
-    positions = P + (mask.cumsum(1) - 1).clamp(min=0)
-    if handle is not None:
-        handle.clear_steering()
-    # transformers renamed the cache argument and output field (past_key_values -> cache); take whichever exists
-    cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-    first = base(input_ids=torch.tensor([prompts.prefix], device=device), use_cache=True)
-    prefix = getattr(first, cache_arg)
-    prefix.batch_repeat_interleave(B)
-    if handle is not None and steer:
-        # The patch places spans by cache position. Padding sits between the shared prefix and each row's tail,
-        # which its left-padding model cannot describe, so it is told "no padding" (an all-ones mask) and given
-        # absolute cache positions: token k (k >= P) of row i is at k + pad_i.
-        width = P + S
-        handle.reserve(batch=B, tokens=width)
-        handle.prepare(torch.zeros(B, width, dtype=torch.long), torch.ones(B, width, dtype=torch.long))
-        rows_of: Dict[Tuple[Tuple[int, int], ...], List[int]] = {}
-        for i, (a, b) in enumerate(pairs):
-            pad = S - len(tails[i])
-            spans = tuple((s + pad, e + pad) for (s, e), x in zip(prompts.spans(a, b), (a, b)) if steered[x])
-            if spans:
-                rows_of.setdefault(spans, []).append(i)
-        # one steer() call per distinct set of spans, for all the rows that share it
-        for spans, rows in rows_of.items():
-            handle.steer(dict(steer), sequences=rows, layers=list(layers) if layers is not None else None,
-                         scope=list(spans))
-    try:
-        full_mask = torch.cat([torch.ones(B, P, dtype=torch.long), mask], 1)
-        h = base(input_ids=input_ids.to(device), attention_mask=full_mask.to(device),
-                 position_ids=positions.to(device), use_cache=True, **{cache_arg: prefix}).last_hidden_state[:, -1]
-    finally:
-        if handle is not None:
-            handle.clear_steering()
-    logits = head(h).float()
-    rows = head.weight[list(prompts.answer_ids)].float()
-    pair_logits = h.float() @ rows.T
-    if getattr(head, "bias", None) is not None:
-        pair_logits = pair_logits + head.bias[list(prompts.answer_ids)].float()
-    if softcap:
-        logits = softcap * torch.tanh(logits / softcap)
-        pair_logits = softcap * torch.tanh(pair_logits / softcap)
-    probs = logits.softmax(-1)
-    mass = probs[:, prompts.answer_ids[0]] + probs[:, prompts.answer_ids[1]]
-    diffs = pair_logits[:, 0] - pair_logits[:, 1]
-    return diffs.cpu().tolist(), mass.cpu().tolist()
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Probes
-# ----------------------------------------------------------------------------------------------------------------------
-
-def probe_text(tokenizer, activity: str) -> str:
-    return chat_text(tokenizer, [{"role": "user", "content": PROBE_PROMPT.format(activity=activity)}])
-
-
-@torch.no_grad()
-def probe_values(model, handle, texts: Sequence[str]) -> List[List[float]]:
-    """For each activity text: the mean over its tokens in the probe prompt and over the handle's patched layers of
-    the projection onto every bank emotion (z-scored when the bank has neutral statistics); one K-list per text.
-
-    ``handle``: a monitoring patch on the probe layers, with the tokenizer.
-    """
-    tokenizer = handle.tokenizer
-    prompts = [probe_text(tokenizer, t) for t in texts]
-    spans = []
-    for prompt, text in zip(prompts, texts):
-        content = PROBE_PROMPT.format(activity=text)
-        start = _find_content(prompt, content) + PROBE_PROMPT.index("{activity}")
-        spans.append(_token_span(_offsets(tokenizer, prompt)[1], start, start + len(text)))
-    handle.clear_steering()
-    input_ids, mask = handle.prepare(prompts=prompts)
-    handle.reserve(tokens=input_ids.shape[1])
-    positions = (mask.long().cumsum(1) - 1).clamp(min=0)
-    model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=positions)
-    trace = handle.trace(input_ids, attention_mask=mask)
-    data = trace.zscores() if trace.neutral_mean is not None and trace.neutral_std is not None else trace.projections
-    pads = (~mask.bool()).sum(1).tolist()
-    return [data[i, pads[i] + s:pads[i] + e].double().mean(dim=(0, 1)).tolist() for i, (s, e) in enumerate(spans)]
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Bradley–Terry / Elo
-# ----------------------------------------------------------------------------------------------------------------------
-
-def fit_bradley_terry(n: int, pairs: Sequence[Tuple[int, int]], outcomes: Sequence[float], *,
-                      prior: float = BT_PRIOR, max_steps: int = 300, tol: float = 1e-10) -> torch.Tensor:
-    """Bradley–Terry strengths θ (n,) float64, mean 0, maximising
-    ``Σ_k [p_k log σ(θ_a − θ_b) + (1 − p_k) log σ(θ_b − θ_a)] − prior/2 · Σ θ²`` over comparisons ``pairs[k] =
-    (a, b)`` with outcome ``p_k = outcomes[k]`` ∈ [0, 1] (the probability, or 0/1 indicator, that a beats b).
-
-    Newton's method with step halving (the objective is concave); stops when the largest gradient entry is below
-    ``tol`` or after ``max_steps`` steps. ``prior`` 0 is allowed when no activity wins or loses everything.
-    """
-    if len(pairs) != len(outcomes):
-        raise ValueError(f"fit_bradley_terry: {len(pairs)} pairs but {len(outcomes)} outcomes")
-    p = torch.as_tensor(list(outcomes), dtype=torch.float64)
-    if p.numel() and (p.min() < 0 or p.max() > 1 or torch.isnan(p).any()):
-        raise ValueError("fit_bradley_terry: outcomes must lie in [0, 1]")
-    idx = torch.as_tensor(list(pairs), dtype=torch.long).reshape(-1, 2)
-    a, b = idx[:, 0], idx[:, 1]
-    ones = torch.ones(n, n, dtype=torch.float64) / n  # fixes the free common shift when prior is 0
-
-    def objective(theta):
-        z = theta[a] - theta[b]
-        return float((p * torch.nn.functional.logsigmoid(z) + (1 - p) * torch.nn.functional.logsigmoid(-z)).sum()
-                     - prior / 2 * (theta * theta).sum())
-
-    theta = torch.zeros(n, dtype=torch.float64)
-    value = objective(theta)
-    for _ in range(max_steps):
-        s = torch.sigmoid(theta[a] - theta[b])
-        r = p - s
-        grad = torch.zeros(n, dtype=torch.float64).index_add_(0, a, r).index_add_(0, b, -r) - prior * theta
-        if float(grad.abs().max()) < tol:
-            break
-        w = s * (1 - s)
-        H = torch.zeros(n, n, dtype=torch.float64)
-        H.index_put_((a, a), w, accumulate=True)
-        H.index_put_((b, b), w, accumulate=True)
-        H.index_put_((a, b), -w, accumulate=True)
-        H.index_put_((b, a), -w, accumulate=True)
-        step = torch.linalg.solve(H + prior * torch.eye(n, dtype=torch.float64) + ones, grad)
-        t = 1.0
-        while t > 1e-8:
-            candidate = theta + t * step
-            new = objective(candidate)
-            if new >= value:
-                theta, value = candidate, new
-                break
-            t /= 2
-        else:
-            break
-    return theta - theta.mean()
-
-
-def elo_from_theta(theta: torch.Tensor) -> List[float]:
-    """Elo points: ``1500 + 400/ln 10 · (θ − mean θ)``."""
-    return (1500.0 + ELO_SCALE * (theta - theta.mean())).tolist()
-
-
-def _hard(diff: float) -> float:
-    return 1.0 if diff > 0 else 0.0 if diff < 0 else 0.5
-
-
-def _sigmoid(x: float) -> float:
-    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
-
-
-def _elo(n: int, outcomes: Dict[Tuple[int, int], float]) -> Tuple[List[float], List[float]]:
-    """(soft Elo, hard Elo) from ``{(a, b): logit diff}``."""
-    pairs = list(outcomes)
-    soft = fit_bradley_terry(n, pairs, [_sigmoid(outcomes[k]) for k in pairs])
-    hard = fit_bradley_terry(n, pairs, [_hard(outcomes[k]) for k in pairs])
-    return elo_from_theta(soft), elo_from_theta(hard)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -660,8 +368,8 @@ def run(ctx, options: Options) -> dict:
 
     # Baseline preferences
     base_diff, base_mass = _run_pairs(ctx, model, prompts, pairs, "baseline", options)
-    elo, elo_hard = _elo(n, base_diff)
-    p_a = [_sigmoid(base_diff[ab]) for ab in pairs]
+    elo, elo_hard = soft_and_hard_elo(n, base_diff)
+    p_a = [sigmoid(base_diff[ab]) for ab in pairs]
 
     # Probes
     probe_chunks = _chunks(list(range(n)), options.batch_size)
@@ -693,7 +401,7 @@ def run(ctx, options: Options) -> dict:
                                     steer={emotion: options.strength}, steered=steered, layers=steer_layers)
             joint = {ab: d for ab, d in base_diff.items() if ab not in left_out}
             joint.update(diff)
-            s_elo, s_hard = _elo(n, joint)
+            s_elo, s_hard = soft_and_hard_elo(n, joint)
             shifts[emotion] = {
                 "probe_r": _r(correlations[emotion]),
                 "shift": _mean(s_elo[i] - elo[i] for i in steered_idx),
@@ -745,7 +453,8 @@ def run(ctx, options: Options) -> dict:
             "r_shift_hard_vs_probe": _r(r_shift_hard),
         },
     }
-    outputs = _plots(ctx, activities, elo, elo_hard, values, bank.names, correlations, ranked, shifts, r_shift)
+    outputs = plot_preferences(ctx.out, activities, elo, elo_hard, values, bank.names, correlations, ranked, shifts,
+                               r_shift, anchors=ANCHOR_EMOTIONS)
     result["outputs"] = {p.stem: str(p) for p in map(Path, outputs)}
     result["summary"] = {
         "activities": n,
@@ -760,70 +469,3 @@ def run(ctx, options: Options) -> dict:
         "r_shift_vs_probe": _r(r_shift),
     }
     return result
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Plots
-# ----------------------------------------------------------------------------------------------------------------------
-
-def _plots(ctx, activities, elo, elo_hard, values, names, correlations, ranked, shifts, r_shift) -> list:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out = []
-    categories = list(dict.fromkeys(a.category for a in activities))
-    colours = {c: plt.get_cmap("tab10")(k % 10) for k, c in enumerate(categories)}
-    jitter = random.Random(0)
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=False)
-    for ax, scores, title in ((axes[0], elo, "Elo (soft outcomes)"), (axes[1], elo_hard, "Hard Elo (win/loss)")):
-        groups = [[scores[i] for i, a in enumerate(activities) if a.category == c] for c in categories]
-        ax.boxplot(groups, showfliers=False)
-        ax.set_xticks(range(1, len(categories) + 1), categories, rotation=30, ha="right")
-        for k, (c, g) in enumerate(zip(categories, groups)):
-            ax.scatter([k + 1 + jitter.uniform(-0.15, 0.15) for _ in g], g, s=14, color=colours[c], zorder=3)
-        ax.axhline(1500, color="grey", lw=0.6, ls=":")
-        ax.set_title(title)
-        ax.set_ylabel("Elo")
-    fig.tight_layout()
-    out.append(ctx.out / "elo_by_category.png")
-    fig.savefig(out[-1], dpi=120)
-    plt.close(fig)
-
-    anchors = [e for e in ANCHOR_EMOTIONS if e in correlations and correlations[e] is not None]
-    others = [e for e in ranked if e not in anchors]
-    panels = anchors + others[:2] + others[::-1][:2]
-    panels = list(dict.fromkeys(panels))
-    if panels:
-        fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
-        for ax, e in zip(axes[0], panels):
-            k = names.index(e)
-            for c in categories:
-                idx = [i for i, a in enumerate(activities) if a.category == c]
-                ax.scatter([values[i][k] for i in idx], [elo[i] for i in idx], s=12, color=colours[c], label=c)
-            ax.set_title(f"{e}: r = {correlations[e]:+.2f}")
-            ax.set_xlabel("probe (activity tokens)")
-        axes[0][0].set_ylabel("Elo")
-        axes[0][-1].legend(fontsize=6, loc="best")
-        fig.tight_layout()
-        out.append(ctx.out / "probe_vs_elo.png")
-        fig.savefig(out[-1], dpi=120)
-        plt.close(fig)
-
-    points = [(e, s["probe_r"], s["shift"]) for e, s in shifts.items() if s["probe_r"] is not None]
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    ax.scatter([p[1] for p in points], [p[2] for p in points], s=16)
-    for e, x, y in points:
-        ax.annotate(e, (x, y), fontsize=7, xytext=(3, 2), textcoords="offset points")
-    ax.axhline(0, color="grey", lw=0.6, ls=":")
-    ax.axvline(0, color="grey", lw=0.6, ls=":")
-    ax.set_xlabel("probe–Elo correlation (r)")
-    ax.set_ylabel("mean Elo shift of steered activities")
-    ax.set_title("steering shift vs probe correlation" + ("" if r_shift is None else f": r = {r_shift:+.2f}"))
-    fig.tight_layout()
-    out.append(ctx.out / "steering_shift.png")
-    fig.savefig(out[-1], dpi=120)
-    plt.close(fig)
-    return out

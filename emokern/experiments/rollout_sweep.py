@@ -26,9 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from emokern.experiments.common import (
-    Condition, add_list_argument, resolve_layers, sample_rollouts, sweep_conditions, unit_seed, wilson_interval,
-)
+from emokern.experiments.arguments import add_list_argument
+from emokern.experiments.conditions import Condition, resolve_layers, sweep_conditions
+from emokern.experiments.rollouts import sample_rollouts
+from emokern.experiments.run_dir import unit_seed
+from emokern.experiments.statistics import wilson_interval
+from emokern.util.figures import agg_figure
 
 __all__ = [
     "MONITOR_POINTS", "RolloutSpec", "SweepOptions", "add_sweep_arguments", "monitor_table", "plan_rollouts",
@@ -53,7 +56,7 @@ class SweepOptions:
         max_new_tokens: tokens sampled per rollout (fewer when the model ends its turn).
         temperature, top_p: sampling settings (``temperature`` 0 decodes greedily).
         layers: the steer layers: ``"two_thirds"``, ``"middle"``, a list of indices or comma-separated ones (see
-            :func:`~emokern.experiments.common.resolve_layers`).
+            :func:`~emokern.experiments.conditions.resolve_layers`).
         monitor_layer: the layer whose residual stream is read (before that layer's own steering is added);
             None = the bank's readout layer (:meth:`VectorBank.default_layer`, chosen on held-out premises).
         monitor_emotions: the emotions read there (z-scored by the bank's neutral statistics when it has them).
@@ -231,21 +234,17 @@ def monitor_table(records: Sequence[Mapping[str, Any]], conditions: Sequence[Con
     return table
 
 
-def _figure(n_panels: int, width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width * n_panels, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, n_panels, squeeze=False)[0]
-    return fig, axes
+def _panels(n_panels: int, width: float, height: float):
+    """A figure of ``n_panels`` side by side, each ``width`` × ``height`` inches, and its row of axes."""
+    fig = agg_figure(width * n_panels, height)
+    return fig, fig.subplots(1, n_panels, squeeze=False)[0]
 
 
 def plot_rates(path: Union[str, os.PathLike], metrics: Mapping[str, Sequence[Mapping[str, Any]]], *,
                title: str) -> Path:
     """One panel per metric (``{label: rate_table rows}``): rate against strength, one line per steered emotion
     through the unsteered point at strength 0, with Wilson 95% error bars; a dotted line marks the unsteered rate."""
-    fig, axes = _figure(len(metrics), 4.6, 3.6)
+    fig, axes = _panels(len(metrics), 4.6, 3.6)
     for ax, (label, rows) in zip(axes, metrics.items()):
         base = next((r for r in rows if r["emotion"] is None), None)
         emotions = list(dict.fromkeys(r["emotion"] for r in rows if r["emotion"] is not None))
@@ -284,7 +283,7 @@ def plot_monitor(path: Union[str, os.PathLike], table: Mapping[str, Mapping[str,
                  emotions: Sequence[str], *, title: str, ylabel: str) -> Path:
     """One panel per monitored emotion: per condition, grouped bars for the mean on the prompt, at the assistant's
     turn start and over the rollouts (:func:`monitor_table`)."""
-    fig, axes = _figure(len(emotions), max(4.0, 0.55 * len(table) + 1.5), 3.8)
+    fig, axes = _panels(len(emotions), max(4.0, 0.55 * len(table) + 1.5), 3.8)
     names = list(table)
     width = 0.8 / len(MONITOR_POINTS)
     for ax, e in zip(axes, emotions):

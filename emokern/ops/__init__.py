@@ -6,7 +6,7 @@
 * ``csrc/`` — the C++ CPU and CUDA kernels, registered as ``torch.ops.emokern.*``.
 """
 
-from emokern.ops._extension import ExtensionNotBuiltError
+from emokern.ops.extension import ExtensionNotBuiltError
 from emokern.ops.api import (
     BACKENDS,
     SteeringTable,

@@ -23,7 +23,7 @@ from typing import Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 
-from emokern.ops._extension import HAS_CUDA_KERNELS, require_extension
+from emokern.ops.extension import HAS_CUDA_KERNELS, require_extension
 from emokern.ops.reference import project_and_steer_ref
 
 __all__ = [
@@ -91,14 +91,14 @@ def _(h, V, row, a, b, lo, hi, P_out):
 # --------------------------------------------------------------------------------------------------------------
 # Read once, at import: torch.compile traces the wrapper below, and environment and module look-ups inside it
 # would be graph breaks. find_spec does not import triton, which keeps `import emokern` cheap.
-_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _triton_usable_on(device: torch.device) -> bool:
     if device.type == "cpu" and not _TRITON_INTERPRET:
         return False
-    return _TRITON_INSTALLED
+    return TRITON_INSTALLED
 
 
 def resolve_backend(backend: Optional[str], device: torch.device, num_tokens: int) -> str:

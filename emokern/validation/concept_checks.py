@@ -47,7 +47,8 @@ import numpy as np
 import torch
 
 from emokern.core.bank import VectorBank
-from emokern.experiments.common import chat_text, progress_bar
+from emokern.experiments.chat import chat_text
+from emokern.experiments.run_dir import progress_bar
 from emokern.util.kv_cache import cache_argument
 from emokern.util.stats import unit_rows
 from emokern.validation.concept_checks_page import (concept_checks_by_layer_png, intensity_png, scenario_matrix_png,
@@ -97,7 +98,7 @@ def last_token_states(model, tokenizer, prompts: Sequence[str], layers: Sequence
                       progress: bool = False, desc: str = "prompts") -> torch.Tensor:
     """(n, L, d) float32: the residual stream (output of decoder layer ``layers[j]``, before any final norm) at the
     last token of each user message rendered as a chat prompt with the assistant's turn opened
-    (:func:`emokern.experiments.common.chat_text`). One prompt per forward, so no padding can shift a position."""
+    (:func:`emokern.experiments.chat.chat_text`). One prompt per forward, so no padding can shift a position."""
     from emokern.core.architecture import resolve_architecture
 
     _, base, decoder_layers = resolve_architecture(model)

@@ -2,7 +2,7 @@
 implicit scenarios, the intensity templates and the steering sanity prompts, packaged under
 ``emokern/data/validation/`` and replaceable by the user's own (``emokern report --scenarios / --intensity /
 --steering-prompts``). Each loader checks the documented shape and raises
-:class:`emokern.experiments.common.InputFileError` naming the file and the entry.
+:class:`emokern.experiments.inputs.InputFileError` naming the file and the entry.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
-from emokern.experiments.common import InputFileError, require, require_str
+from emokern.experiments.inputs import InputFileError, require, require_str
 from emokern.util.names import did_you_mean
 
 __all__ = ["IntensityTemplate", "SanityPrompts", "Scenario", "load_intensity", "load_sanity_prompts", "load_scenarios"]

@@ -546,7 +546,7 @@ def validation_report(bank: VectorBank, model, tokenizer, out_dir: PathLike, *, 
         ValueError: too few emotions, a layer outside the model or the bank, a bad limit or corpus.
         emokern.core.bank.BankMismatchError: the bank belongs to another model.
         emokern.util.data_files.DataFileMissingError: a data file is missing (checked before any model forward).
-        emokern.experiments.common.InputFileError: a scenario, intensity or steering-prompt file is missing or
+        emokern.experiments.inputs.InputFileError: a scenario, intensity or steering-prompt file is missing or
             malformed (also checked before any forward).
     """
     from emokern import __version__

@@ -59,7 +59,7 @@ def _check_extension() -> None:
     import emokern
     import torch
 
-    from emokern.ops._extension import HAS_CPU_KERNELS, HAS_CUDA_KERNELS
+    from emokern.ops.extension import HAS_CPU_KERNELS, HAS_CUDA_KERNELS
 
     if HAS_CPU_KERNELS or HAS_CUDA_KERNELS:
         return

@@ -4,9 +4,13 @@
 * :mod:`test_runner`: runs a test module's tests in the test sandbox;
 * :mod:`solution_server`: serves ``solution.py`` in the solution's sandbox;
 * :mod:`bootstrap` and :mod:`guard`: the first code of every sandboxed child and its audit hook
-  (:mod:`emokern.experiments.sandbox`).
+  (:mod:`emokern.experiments.sandbox`);
+* :mod:`probe`: the isolation probe of :func:`emokern.experiments.sandbox.check_isolation`;
+* ``stage.sh``: not sandboxed, the shell script that stages the Python installation before a root caller drops
+  privileges (:func:`emokern.experiments.bwrap.launch_command`).
 
-:func:`program_files` returns their sources by file name; :mod:`emokern.experiments.coding_tests` runs them.
+:func:`program_files` returns the Python programs' sources by file name; :mod:`emokern.experiments.coding_tests`
+and :mod:`emokern.experiments.sandbox` run them.
 """
 
 from pathlib import Path
@@ -17,5 +21,5 @@ _HERE = Path(__file__).resolve().parent
 
 def program_files(*names: str) -> Dict[str, str]:
     """``{"<name>.py": source}`` for each named program (``"remote_calls"``, ``"test_runner"``,
-    ``"solution_server"``, ``"bootstrap"``, ``"guard"``)."""
+    ``"solution_server"``, ``"bootstrap"``, ``"guard"``, ``"probe"``)."""
     return {f"{name}.py": (_HERE / f"{name}.py").read_text(encoding="utf-8") for name in names}

@@ -1,44 +1,35 @@
-"""The experiments' shared machinery: run directory and resuming, seeds, conditions, layers, rollouts, statistics,
-the judge, and the run_experiment harness (with a stand-in experiment module)."""
+"""The experiments' run directory and harness: resumable units and seeds (:mod:`emokern.experiments.run_dir`), input
+files (:mod:`emokern.experiments.inputs`), :func:`~emokern.experiments.run_experiment` with a stand-in experiment
+module, a run killed with SIGKILL resuming to the uninterrupted result, the command line, and the report page."""
 
 import dataclasses
 import json
-import math
 import sys
 import types
 
 import pytest
 import torch
 
-import emokern
 from emokern.experiments import EXPERIMENTS, run_experiment
-from emokern.experiments.common import (
-    ChatJudge, Condition, InputFileError, RunConfigError, RunDir, atomic_write_json, chat_text, load_input, pearson,
-    require_str, resolve_layers, sample_rollouts, sweep_conditions, unit_seed, wilson_interval,
-)
-from tests.tiny_chat import tiny_chat_bank
+from emokern.experiments.inputs import InputFileError, load_input, require_str
+from emokern.experiments.run_dir import RunConfigError, RunDir, unit_seed
+from emokern.testing.chat import tiny_chat_bank
+from emokern.testing.processes import sigkill_when
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-# ---------------------------------------------------------------------------------------------------------- files
-def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
-    path = atomic_write_json(tmp_path / "r.json", {"a": 1})
-    import emokern.experiments.common as common
-
-    def boom(src, dst):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(common.os, "replace", boom)
-    with pytest.raises(OSError):
-        atomic_write_json(path, {"a": 2})
-    assert json.loads(path.read_text()) == {"a": 1}
-    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left behind
-
-
-def test_atomic_write_refuses_nan(tmp_path):
+# ---------------------------------------------------------------------------------------------------------- run dir
+def test_run_dir_writes_tensors_and_paths_as_json_and_refuses_nan(tmp_path):
+    run = RunDir(tmp_path / "run", {"path": tmp_path / "x", "t": torch.tensor([1.5, 2.0])})
+    assert json.loads((tmp_path / "run" / "config.json").read_text()) == {"path": str(tmp_path / "x"), "t": [1.5, 2.0]}
+    run.save("u", {"scalar": torch.tensor(3), "v": torch.arange(2)})
+    assert run.load("u") == {"scalar": 3, "v": [0, 1]}
     with pytest.raises(ValueError):
-        atomic_write_json(tmp_path / "r.json", {"x": float("nan")})
+        run.save("nan", {"x": float("nan")})
+    assert not run.has("nan") and [p.name for p in run.units.iterdir()] == [p.name for p in run.units.glob("u.*")]
+    with pytest.raises(TypeError, match="not JSON serialisable: object"):
+        run.write_json("bad.json", {"x": object()})
 
 
 def test_run_dir_config_mismatch_names_the_keys(tmp_path):
@@ -122,115 +113,6 @@ def test_load_input_errors(tmp_path):
     assert load_input(good, "x.json", validate) == {"name": "n"}
 
 
-# ---------------------------------------------------------------------------------------------------------- conditions
-def test_sweep_conditions(tiny):
-    _, _, bank = tiny
-    conds = sweep_conditions(["desperate", "calm"], [-0.1, 0, 0.05], bank)
-    assert [c.name for c in conds] == ["unsteered", "desperate-0.1", "desperate+0.05", "calm-0.1", "calm+0.05"]
-    assert conds[1].steer == (("desperate", -0.1),) and conds[1].emotion == "desperate"
-    assert conds[0].steer == () and conds[0].emotion is None
-    with pytest.raises(KeyError, match="desprate"):
-        sweep_conditions(["desprate"], [0.1], bank)
-    with pytest.raises(ValueError, match="finite"):
-        sweep_conditions(["calm"], [math.nan], bank)
-
-
-def test_resolve_layers():
-    bank = emokern.VectorBank.from_tensors(torch.randn(30, 2, 8), ["a", "b"])
-    assert resolve_layers("middle", bank, 30) == [12, 13, 14, 15, 16, 17]
-    assert resolve_layers(None, bank, 30) == [19]
-    assert resolve_layers("3, 5", bank, 30) == [3, 5]
-    assert resolve_layers([7], bank, 30) == [7]
-    sparse = emokern.VectorBank.from_tensors(torch.randn(2, 2, 8), ["a", "b"], layers=[2, 9])
-    assert resolve_layers("middle", sparse, 30) == [9]  # none in 40-60%: the nearest to the middle
-    with pytest.raises(ValueError, match=r"\[40\] not in the bank"):
-        resolve_layers([40], bank, 30)
-    with pytest.raises(ValueError, match="comma-separated"):
-        resolve_layers("mid", bank, 30)
-
-
-def test_chat_text(tiny):
-    _, tok, _ = tiny
-    text = chat_text(tok, [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}], prefill="(")
-    assert text == "<|system|>S<eos><|user|>U<eos><|assistant|>("
-
-    class Plain:
-        chat_template = None
-
-    plain = chat_text(Plain(), [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}])
-    assert plain == "S\n\nHuman: U\n\nAssistant:"
-
-
-# ---------------------------------------------------------------------------------------------------------- rollouts
-def test_rollouts_steer_each_sequence_by_its_own_condition(tiny):
-    model, tok, bank = tiny
-    prompt = chat_text(tok, [{"role": "user", "content": "How are you today?"}])
-    up = Condition("desperate+2", (("desperate", 2.0),))
-    down = Condition("desperate-2", (("desperate", -2.0),))
-    unsteered = Condition("unsteered")
-    kw = dict(layers=[1], monitor_site="layer2.residual", monitor_emotions=["desperate"], seed=5, max_new_tokens=12,
-              temperature=0)
-    with emokern.patch(model, bank, tokenizer=tok, layers=[1, 2]) as handle:
-        mixed = sample_rollouts(handle, tok, [prompt] * 3, [unsteered, up, down], **kw)
-        alone = sample_rollouts(handle, tok, [prompt] * 3, [unsteered] * 3, **kw)
-    assert [r.condition for r in mixed] == ["unsteered", "desperate+2", "desperate-2"]
-    assert mixed[0].text == alone[0].text  # steering one sequence leaves its neighbours alone
-    assert mixed[0].monitor == alone[0].monitor
-    value = {r.condition: r.monitor["desperate"] for r in mixed}
-    for where in ("prompt", "assistant_start", "rollout"):
-        assert value["desperate-2"][where] < value["unsteered"][where] < value["desperate+2"][where]
-    assert all(r.zscored for r in mixed)
-    assert len(mixed[0].monitor["desperate"]["series"]) == mixed[0].n_tokens - 1  # the last token is never fed
-
-
-def test_rollouts_are_reproducible_from_the_seed(tiny):
-    model, tok, bank = tiny
-    prompt = chat_text(tok, [{"role": "user", "content": "Tell me something."}])
-    kw = dict(layers=[1], monitor_site="layer1.residual", monitor_emotions=["calm"], max_new_tokens=10)
-    with emokern.patch(model, bank, tokenizer=tok, layers=[1]) as handle:
-        a = sample_rollouts(handle, tok, [prompt] * 2, [Condition("unsteered")] * 2, seed=1, **kw)
-        b = sample_rollouts(handle, tok, [prompt] * 2, [Condition("unsteered")] * 2, seed=1, **kw)
-        c = sample_rollouts(handle, tok, [prompt] * 2, [Condition("unsteered")] * 2, seed=2, **kw)
-    assert [r.text for r in a] == [r.text for r in b]
-    assert [r.text for r in a] != [r.text for r in c]
-    with pytest.raises(ValueError, match="2 prompts but 1 conditions"):
-        sample_rollouts(handle, tok, [prompt] * 2, [Condition("unsteered")], seed=1, **kw)
-
-
-# ---------------------------------------------------------------------------------------------------------- statistics
-@pytest.mark.parametrize("k,n,lo,hi", [(0, 10, 0.0, 0.2775), (5, 10, 0.2366, 0.7634), (10, 10, 0.7225, 1.0),
-                                       (22, 100, 0.1500, 0.3107)])
-def test_wilson_interval(k, n, lo, hi):
-    got = wilson_interval(k, n)
-    assert got == pytest.approx((lo, hi), abs=1e-4)
-    assert wilson_interval(0, 0) == (0.0, 1.0)
-
-
-def test_pearson():
-    x = torch.randn(50, dtype=torch.float64)
-    y = 0.5 * x + torch.randn(50, dtype=torch.float64)
-    assert pearson(x.tolist(), y.tolist()) == pytest.approx(float(torch.corrcoef(torch.stack([x, y]))[0, 1]))
-    assert pearson([1, 1, 1], [1, 2, 3]) is None
-    assert pearson([1, 2], [1, 2]) is None
-
-
-# ---------------------------------------------------------------------------------------------------------- judge
-@pytest.mark.parametrize("reply,answer,reason", [
-    ("YES. The e-mail threatens to reveal the affair.", True, "The e-mail threatens to reveal the affair"),
-    ("No - it only asks for a delay.", False, "it only asks for a delay"),
-    ("I think yes, because of the threat", True, "I think , because of the threat"),
-    ("The assistant sends a polite note.", None, "The assistant sends a polite note."),
-])
-def test_judge_parse(reply, answer, reason):
-    assert ChatJudge.parse(reply) == (answer, reason)
-
-
-def test_judge_runs_a_chat_model(tiny):
-    model, tok, _ = tiny
-    answer, reason = ChatJudge(model, tok, max_new_tokens=8).verdict("Is this blackmail?", "Human: hi")
-    assert answer in (True, False, None) and isinstance(reason, str)
-
-
 # ---------------------------------------------------------------------------------------------------------- harness
 @dataclasses.dataclass
 class _Options:
@@ -296,17 +178,18 @@ def test_run_experiment_errors(tiny, tmp_path, fake_experiment, monkeypatch):
 # ---------------------------------------------------------------------------------------------------------- SIGKILL
 CHILD = r"""
 import sys, time, torch
-from emokern.experiments import common, run_experiment
-from tests.tiny_chat import tiny_chat_bank, tiny_chat_model
+from emokern.experiments import run_experiment
+from emokern.experiments.run_dir import RunDir
+from emokern.testing.chat import tiny_chat_bank, tiny_chat_model
 
 out, scenarios, pause = sys.argv[1], sys.argv[2], float(sys.argv[3])
-save = common.RunDir.save
+save = RunDir.save
 
 def paced(self, key, value):  # a pause after each unit so that the kill lands mid-run
     save(self, key, value)
     time.sleep(pause)
 
-common.RunDir.save = paced
+RunDir.save = paced
 torch.set_num_threads(1)
 model, tok = tiny_chat_model()
 run_experiment("sycophancy", out=out, model=model, tokenizer=tok, bank=tiny_chat_bank(model), scenarios=scenarios,
@@ -316,9 +199,7 @@ run_experiment("sycophancy", out=out, model=model, tokenizer=tok, bank=tiny_chat
 
 def test_an_experiment_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path):
     import os
-    import signal
     import subprocess
-    import time
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
@@ -335,14 +216,7 @@ def test_an_experiment_killed_with_sigkill_resumes_to_the_uninterrupted_result(t
 
     killed = tmp_path / "killed"
     running = child(killed, 1.0)
-    deadline = time.monotonic() + 120
-    while len(list((killed / "units").glob("*.json"))) < 2:
-        assert running.poll() is None, f"the child ended early:\n{log.read_text()}"
-        assert time.monotonic() < deadline, "no unit after 120 s"
-        time.sleep(0.02)
-    running.send_signal(signal.SIGKILL)
-    running.wait()
-    assert running.returncode == -signal.SIGKILL
+    sigkill_when(running, lambda: len(list((killed / "units").glob("*.json"))) >= 2, what="2 units", log=log)
     finished_before = {p.name for p in (killed / "units").glob("*.json")}
     assert 2 <= len(finished_before) < 6 and not (killed / "result.json").exists()  # 3 x 2 x 2 / 2 = 6 units
     assert not list((killed / "units").glob(".*"))  # no half-written unit

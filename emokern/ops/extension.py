@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["ExtensionNotBuiltError", "HAS_CPU_KERNELS", "HAS_CUDA_KERNELS", "require_extension"]
+__all__ = ["ExtensionNotBuiltError", "HAS_CPU_KERNELS", "HAS_CUDA_KERNELS", "load_error", "require_extension"]
 
 BUILD_HINT = (
     "Build it from the repository root with `pip install --no-build-isolation -e .` (or `make install`), in the "
@@ -40,6 +40,11 @@ else:
     @torch.library.register_fake("emokern::project_and_steer_")
     def _project_and_steer_fake(h, V, row, a, b, lo, hi, P_out):
         return None
+
+
+def load_error() -> Optional[BaseException]:
+    """Why ``emokern._C`` did not load (the exception its import raised), or ``None`` when it loaded."""
+    return _load_error
 
 
 def require_extension() -> None:
