@@ -12,6 +12,7 @@ The CPU kernels are always built. The CUDA kernels are built when ``EMOKERN_BUIL
 
 import glob
 import os
+import re
 import shutil
 import sysconfig
 
@@ -65,6 +66,12 @@ def _cuda_include_dirs():
     return [d for d in glob.glob(os.path.join(purelib, "nvidia", "*", "include")) if os.path.isdir(d)]
 
 
+def _version():
+    # read, not imported: importing emokern would need torch and the extension this very build makes
+    text = open(os.path.join(HERE, "emokern", "version.py"), encoding="utf-8").read()
+    return re.search(r'^__version__ = "([^"]+)"', text, re.M).group(1)
+
+
 def _extensions():
     include_dirs = [os.path.join(HERE, "csrc"), os.path.join(HERE, "csrc", "include")]
     # No -std flag: torch picks the C++ standard its headers need (C++20 for torch >= 2.13, C++17 before).
@@ -87,7 +94,7 @@ def _extensions():
 
 setup(
     name="emokern",
-    version="0.1.0",
+    version=_version(),
     description="Find, read and steer emotion vectors inside language models: fused kernels, model patch, pipeline",
     packages=find_packages(include=["emokern", "emokern.*"]),
     package_data={"emokern": ["data/*", "data/**/*", "experiments/sandboxed/*.sh"], "emokern.ui": ["static/*"]},

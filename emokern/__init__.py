@@ -1,20 +1,30 @@
 """emokern: find, read and steer emotion vectors inside language models.
 
-Where things live:
+Where things live, in layers: each imports only itself and the layers above it in this list, never a private
+(``_``) name of another module (``tests/test_layout.py`` checks both).
 
-* :mod:`emokern.ops` — the fused, in-place project-and-steer op (reference, C++ CPU, Triton, CUDA backends).
-* :mod:`emokern.engines.hf` — ``patch(model, bank)``: per-token monitoring and steering inside a Hugging Face model.
-* :mod:`emokern.core.bank` — ``VectorBank``: named vectors per layer with the model identity, saved as safetensors+JSON.
-* :mod:`emokern.core.trace` / :mod:`emokern.core.trace_plots` — recorded projections, their plots and heatmap pages.
-* :mod:`emokern.core.models` — embedded offline models (SmolLM2-135M-Instruct by default) and model fingerprints.
-* :mod:`emokern.extraction.corpus` — the story and neutral-dialogue corpus (resumable generation).
-* :mod:`emokern.extraction.extract` — activations, emotion vectors, denoising, the bank, llama.cpp control-vector export.
-* :mod:`emokern.validation.report` / :mod:`emokern.validation.datasets` — the validation report and the external data it uses.
+* :mod:`emokern.util` — helpers written once: atomic file writes, Agg figures, Pearson r and unit rows, "did you
+  mean", progress bars, input-file checks, packaged data files, the transformers cache keyword.
+* :mod:`emokern.ops` — the fused, in-place project-and-steer op: reference (the executable spec), C++ CPU, Triton
+  and CUDA backends, the extension loader, ``SteeringTable`` and the steering modes' coefficients.
+* :mod:`emokern.core` — what every engine shares: ``VectorBank`` (:mod:`.bank`), the steering-spec language compiled
+  to the op's tables (:mod:`.steering`), model families and their layers (:mod:`.architecture`), ``Trace`` and its
+  pictures (:mod:`.trace`, :mod:`.trace_plots`), chat prompts (:mod:`.chat`), the 171 emotion words and their
+  human norms (:mod:`.emotions`), the embedded offline models and fingerprints (:mod:`.models`).
+* :mod:`emokern.engines` — where vectors meet a running model: ``patch(model, bank)`` for Hugging Face models
+  (:mod:`.hf`), training through it (:mod:`.training`), the vLLM plugin (:mod:`.vllm`).
+* :mod:`emokern.extraction` — the paper's recipe: prompts, the story corpus (plan, generation, filters, shipped
+  corpora), the sampler, activations and emotion vectors, held-out quality and the layer choice, the bank, control
+  vectors for llama.cpp.
+* :mod:`emokern.validation` — ``emokern report``: its computations, page, external datasets and the concept and
+  cause checks (sections 5-7).
+* :mod:`emokern.experiments` — the paper's experiments behind ``emokern experiment NAME`` (activity preferences,
+  blackmail, reward hacking with its sandbox, sycophancy) and what they share (run directories, conditions,
+  rollouts, statistics, the judge).
 * :mod:`emokern.pipeline` — the end-to-end jobs behind ``emokern extract`` and ``emokern demo``.
-* :mod:`emokern.experiments` — the paper's experiments behind ``emokern experiment NAME``: activity preferences,
-  blackmail, reward hacking (with its sandbox) and sycophancy.
-* :mod:`emokern.core.emotions` — the paper's 171 emotion words.
-* :mod:`emokern.cli` — the ``emokern`` command.
+* :mod:`emokern.ui` — ``emokern ui``: the live local page (chat, per-token emotions, steering).
+* :mod:`emokern.cli` — the ``emokern`` command. :mod:`emokern.testing` — tiny models and tokenizers for tests and
+  examples.
 
 Importing emokern never initialises CUDA and never imports triton.
 """
@@ -31,7 +41,7 @@ from emokern.core.architecture import ArchSpec
 from emokern.engines.hf import PatchHandle, patch
 from emokern.core.trace import Trace
 
-__version__ = "0.1.0"
+from emokern.version import __version__
 
 __all__ = [
     "ArchSpec",

@@ -15,7 +15,9 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["DEMO_PROMPT", "bank_stem", "demo", "extract", "report_key_numbers", "report_number_lines"]
+from emokern.core.bank import bank_stem
+
+__all__ = ["DEMO_PROMPT", "demo", "extract", "report_key_numbers", "report_number_lines"]
 
 DEMO_PROMPT = ("My landlord just texted that if the three months of rent I owe are not paid by Friday, my kids and I "
                "are out on the street. I have forty dollars. What do I do?")
@@ -26,11 +28,6 @@ def _say(message: str) -> None:
     print(f"[emokern] {message}", flush=True)
 
 
-def bank_stem(out_dir: Path, model_name: str) -> Path:
-    """Where :func:`extract` puts the bank of ``model_name`` under ``out_dir``, without its suffix:
-    ``out_dir/bank/<the model name's last path part, characters other than letters, digits, - _ . replaced by _>``."""
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(str(model_name)).name)
-    return out_dir / "bank" / safe
 
 
 def extract(model_name: str, out_dir, *, preset: str = "standard", dtype: torch.dtype = torch.bfloat16,
@@ -181,7 +178,7 @@ def demo(out_dir="emokern_out", *, model_name: str = "smollm2-135m-instruct", pr
 
     Returns (and prints) the path of every output.
     """
-    import emokern
+    from emokern.engines.hf import patch
     from emokern.core.bank import VectorBank
     from emokern.core.models import load_model
     from emokern.core.trace_plots import plot_trace, trace_heatmap_html
@@ -209,7 +206,7 @@ def demo(out_dir="emokern_out", *, model_name: str = "smollm2-135m-instruct", pr
                             "surprised", "guilty", "inspired") if e in bank.names]
     text = _chat_prompt(tokenizer, prompt)
     columns = []
-    with emokern.patch(model, bank, tokenizer=tokenizer) as handle:
+    with patch(model, bank, tokenizer=tokenizer) as handle:
         runs = [("unsteered", None)] + [(f"+{e}", e) for e in steer]
         for title, emotion in runs:
             handle.clear_steering()

@@ -12,7 +12,7 @@ from emokern.experiments import run_experiment
 from emokern.experiments import blackmail as B
 from emokern.experiments import rollout_sweep as R
 from emokern.experiments.conditions import Condition
-from emokern.experiments.inputs import InputFileError
+from emokern.util.input_files import InputFileError
 from emokern.experiments.judge import ChatJudge
 from emokern.testing.chat import tiny_chat_tokenizer
 

@@ -14,7 +14,7 @@ from emokern.experiments import bradley_terry as bt
 from emokern.experiments import preference_reads as reads
 from emokern.experiments import preferences as pf
 from emokern.experiments import run_experiment
-from emokern.experiments.inputs import InputFileError
+from emokern.util.input_files import InputFileError
 from emokern.testing.chat import tiny_chat_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -13,7 +13,7 @@ import torch
 
 from emokern.experiments import reward_hacking as rh
 from emokern.experiments import run_experiment
-from emokern.experiments.inputs import InputFileError
+from emokern.util.input_files import InputFileError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,7 +10,7 @@ from emokern.cli import main
 from emokern.experiments import run_experiment
 from emokern.experiments import rollout_sweep as R
 from emokern.experiments import sycophancy as S
-from emokern.experiments.inputs import InputFileError
+from emokern.util.input_files import InputFileError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

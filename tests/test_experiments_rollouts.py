@@ -1,5 +1,5 @@
 """What the experiments' rollouts are made of: steering conditions and layers (:mod:`emokern.experiments.conditions`),
-chat prompts (:mod:`emokern.experiments.chat`), batched rollouts with per-sequence steering
+chat prompts (:mod:`emokern.core.chat`), batched rollouts with per-sequence steering
 (:mod:`emokern.experiments.rollouts`), Wilson intervals (:mod:`emokern.experiments.statistics`) and the judge
 (:mod:`emokern.experiments.judge`), on the tiny chat model."""
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import emokern
-from emokern.experiments.chat import chat_text
+from emokern.core.chat import chat_text
 from emokern.experiments.conditions import Condition, resolve_layers, sweep_conditions
 from emokern.experiments.judge import ChatJudge
 from emokern.experiments.rollouts import sample_rollouts

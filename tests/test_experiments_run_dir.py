@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from emokern.experiments import EXPERIMENTS, run_experiment
-from emokern.experiments.inputs import InputFileError, load_input, require_str
+from emokern.experiments.inputs import load_input
+from emokern.util.input_files import InputFileError, require_str
 from emokern.experiments.run_dir import RunConfigError, RunDir, unit_seed
 from emokern.testing.chat import tiny_chat_bank
 from emokern.testing.processes import sigkill_when

@@ -15,7 +15,7 @@ pytest.importorskip("matplotlib")
 import emokern  # noqa: E402
 from emokern.extraction.emotion_words import find_emotion_word  # noqa: E402
 from emokern.core.emotions import EMOTIONS  # noqa: E402
-from emokern.experiments.inputs import InputFileError  # noqa: E402
+from emokern.util.input_files import InputFileError  # noqa: E402
 from emokern.validation.concept_checks import (  # noqa: E402
     SCENARIO_TOP,
     STEERING_STRENGTHS,

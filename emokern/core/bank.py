@@ -30,7 +30,7 @@ import torch
 from emokern.util.files import atomic_path
 from emokern.util.names import did_you_mean
 
-__all__ = ["VectorBank", "BankMismatchError", "BankFileError", "bank_paths"]
+__all__ = ["VectorBank", "BankMismatchError", "BankFileError", "bank_paths", "bank_stem"]
 
 FORMAT_VERSION = 1
 
@@ -48,6 +48,13 @@ def bank_paths(path: Union[str, os.PathLike]) -> tuple[Path, Path]:
     p = Path(path)
     stem = p.with_suffix("") if p.suffix in (".safetensors", ".json") else p
     return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
+
+
+def bank_stem(out_dir: Union[str, os.PathLike], model_name: str) -> Path:
+    """Where ``emokern extract`` puts the bank of ``model_name`` under ``out_dir``, without its suffix:
+    ``out_dir/bank/<the model name's last path part, characters other than letters, digits, - _ . replaced by _>``."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(str(model_name)).name)
+    return Path(out_dir) / "bank" / safe
 
 
 def _sha256(path: Path) -> str:
@@ -195,7 +202,7 @@ class VectorBank:
                 tensors[name] = t.float().contiguous()
         for name, t in self.extra.items():
             tensors[f"extra.{name}"] = t.contiguous()
-        from emokern import __version__
+        from emokern.version import __version__
 
         # Both files are written to temporary files first; then the tensors are renamed into place, then the JSON
         # (which records the tensors' hash), so a failure before the renames leaves the old bank whole.

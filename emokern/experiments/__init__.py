@@ -16,7 +16,7 @@ and ``"outputs"``: ``{name: path}`` of the files written).
 What the experiments share, one concept per module: :mod:`~emokern.experiments.run_dir` (the output folder,
 resumable units, seeds, progress), :mod:`~emokern.experiments.inputs` (input files and their errors),
 :mod:`~emokern.experiments.arguments` (list-valued flags), :mod:`~emokern.experiments.conditions` (steering
-conditions and layers), :mod:`~emokern.experiments.chat` (chat prompts as text), :mod:`~emokern.experiments.rollouts`
+conditions and layers), :mod:`~emokern.core.chat` (chat prompts as text), :mod:`~emokern.experiments.rollouts`
 (batched rollouts with per-sequence steering and monitoring), :mod:`~emokern.experiments.rollout_sweep` (a steering
 sweep of rollouts, its tables and plots), :mod:`~emokern.experiments.statistics` (Wilson intervals),
 :mod:`~emokern.experiments.judge` (the optional LLM judge) and :mod:`~emokern.experiments.page` (``report.html``).
@@ -86,7 +86,7 @@ def load_experiment(name: str):
 
 def default_bank_path(model_name: str) -> Path:
     """Where ``emokern extract`` / ``make demo`` put the bank for ``model_name`` with the default ``--out``."""
-    from emokern.pipeline import bank_stem
+    from emokern.core.bank import bank_stem
 
     return bank_stem(Path("emokern_out"), model_name).with_suffix(".json")
 

@@ -13,7 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
 
-from emokern.experiments.inputs import InputFileError, load_input, require, require_str
+from emokern.experiments.inputs import load_input
+from emokern.util.input_files import InputFileError, require, require_str
 
 __all__ = ["HIDDEN_FILE", "VISIBLE_FILE", "Task", "load_tasks", "names_of_tests", "validate_tasks"]
 

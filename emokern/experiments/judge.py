@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from emokern.experiments.chat import chat_text
+from emokern.core.chat import chat_text
 
 __all__ = ["ChatJudge"]
 

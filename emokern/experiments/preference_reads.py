@@ -9,12 +9,12 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from emokern.experiments.chat import chat_text
+from emokern.core.chat import chat_text
+from emokern.util.kv_cache import cache_argument
 
 __all__ = ["ANSWERS", "ANSWER_PREFILL", "PAIR_PROMPT", "PROBE_PROMPT", "PairPrompts", "ordered_pairs", "probe_text",
            "probe_values", "score_pairs"]
@@ -155,8 +155,7 @@ def score_pairs(model, prompts: PairPrompts, pairs: Sequence[Tuple[int, int]], *
     positions = P + (mask.cumsum(1) - 1).clamp(min=0)
     if handle is not None:
         handle.clear_steering()
-    # transformers renamed the cache argument and output field (past_key_values -> cache); take whichever exists
-    cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    cache_arg = cache_argument(base)
     first = base(input_ids=torch.tensor([prompts.prefix], device=device), use_cache=True)
     prefix = getattr(first, cache_arg)
     prefix.batch_repeat_interleave(B)

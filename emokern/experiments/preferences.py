@@ -93,7 +93,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 from emokern.experiments.arguments import add_list_argument
 from emokern.experiments.bradley_terry import sigmoid, soft_and_hard_elo
 from emokern.experiments.conditions import resolve_layers
-from emokern.experiments.inputs import load_input, require, require_str
+from emokern.experiments.inputs import load_input
+from emokern.util.input_files import require, require_str
 from emokern.experiments.preference_reads import PairPrompts, ordered_pairs, probe_text, probe_values, score_pairs
 from emokern.experiments.preferences_plots import plot_preferences
 from emokern.experiments.run_dir import unit_seed

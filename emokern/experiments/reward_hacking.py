@@ -111,7 +111,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from emokern.experiments.arguments import add_list_argument
-from emokern.experiments.chat import chat_text
+from emokern.core.chat import chat_text
 from emokern.experiments.code_inspection import LABELS, TAMPERING, classify, inspect_code
 from emokern.experiments.coding_prompts import NO_CODE_FEEDBACK, extract_code, failure_feedback, first_prompt
 from emokern.experiments.coding_tasks import HIDDEN_FILE, VISIBLE_FILE, Task, load_tasks, validate_tasks
@@ -458,7 +458,7 @@ def _check_options(options: Options) -> None:
 
 def run(ctx, options: Options) -> dict:
     """Run the episodes (resumable batches), classify them, trace one episode, and plot (see the module docs)."""
-    import emokern
+    from emokern.engines.hf import patch
 
     _check_options(options)
     tasks = load_tasks(options.tasks, options.task_ids)[:options.max_tasks]
@@ -480,7 +480,7 @@ def run(ctx, options: Options) -> dict:
     by_key = dict(zip(keys, batches))
     by_task = {t.id: t for t in tasks}
 
-    with emokern.patch(model, bank, tokenizer=tokenizer, layers=sorted(set(layers) | {monitor})) as handle:
+    with patch(model, bank, tokenizer=tokenizer, layers=sorted(set(layers) | {monitor})) as handle:
         def work(key: str) -> List[dict]:
             episodes = [_Episode(t, c, r) for t, c, r in by_key[key]]
             return _run_batch(handle, tokenizer, episodes, options, layers=layers, site=site,

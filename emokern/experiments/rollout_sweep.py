@@ -155,7 +155,7 @@ def sample_sweep(ctx, prompts: Mapping[str, str], conditions: Sequence[Condition
         ``text``, ``n_tokens``, ``monitor`` (``{emotion: {point: value}}`` for :data:`MONITOR_POINTS`; the
         per-token series is left out to keep the files small), ``zscored``, and the annotation's fields.
     """
-    import emokern
+    from emokern.engines.hf import patch
 
     plan = plan_rollouts(list(prompts), conditions, samples)
     batches = [plan[i:i + batch_size] for i in range(0, len(plan), batch_size)]
@@ -168,7 +168,7 @@ def sample_sweep(ctx, prompts: Mapping[str, str], conditions: Sequence[Condition
     def work(key: str) -> List[dict]:
         nonlocal handle
         if handle is None:
-            handle = emokern.patch(ctx.model, ctx.bank, tokenizer=ctx.tokenizer, layers=patched_layers,
+            handle = patch(ctx.model, ctx.bank, tokenizer=ctx.tokenizer, layers=patched_layers,
                                    batch=batch_size)
         index = index_of[key]
         batch = batches[index]

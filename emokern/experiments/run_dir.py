@@ -1,4 +1,4 @@
-"""An experiment's output folder and its resumable units: :class:`RunDir`, :func:`unit_seed`, :func:`progress_bar`.
+"""An experiment's output folder and its resumable units: :class:`RunDir`, :func:`unit_seed`.
 
 **Resuming.** An experiment's work is cut into *units* (a batch of pairs, a batch of rollouts) with stable string
 keys. :class:`RunDir` writes each finished unit as one JSON file, atomically
@@ -21,8 +21,9 @@ from typing import Any, Callable, Dict, Mapping, Sequence, Union
 import torch
 
 from emokern.util.files import atomic_write_json
+from emokern.util.progress import progress_bar
 
-__all__ = ["RunConfigError", "RunDir", "json_default", "progress_bar", "unit_seed"]
+__all__ = ["RunConfigError", "RunDir", "json_default", "unit_seed"]
 
 
 def json_default(x: Any) -> Any:
@@ -116,11 +117,6 @@ class RunDir:
         return atomic_write_json(self.path / name, obj, default=json_default)
 
 
-def progress_bar(total: int, *, desc: str, enabled: bool = True, initial: int = 0, unit: str = "it"):
-    """A tqdm bar with ETA (a silent one when ``enabled`` is False)."""
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True)
 
 
 def unit_seed(seed: int, *parts: Any) -> int:

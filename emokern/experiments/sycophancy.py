@@ -50,8 +50,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
-from emokern.experiments.chat import chat_text
-from emokern.experiments.inputs import load_input, require, require_str
+from emokern.core.chat import chat_text
+from emokern.experiments.inputs import load_input
+from emokern.util.input_files import require, require_str
 from emokern.experiments.rollout_sweep import (
     SweepOptions, add_sweep_arguments, monitor_table, plot_monitor, plot_rates, rate_table, resolve_sweep,
     sample_sweep,

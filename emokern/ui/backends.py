@@ -22,7 +22,7 @@ from typing import AsyncIterator, Callable, List, Optional
 
 import torch
 
-import emokern
+from emokern.engines.hf import patch
 from emokern.core.trace import SINK_FACTOR, Trace
 from emokern.ui.events import readout_rows, sse
 from emokern.ui.requests import Limits, ParsedRequest, RequestError, SpecLayers, alert_hit, steer_items
@@ -166,7 +166,7 @@ class HFBackend(Backend):
         super().__init__(bank, tokenizer, layers=layers, readout_layer=readout, steer_layer=steer, limits=limits,
                          model_name=model_name, bank_path=bank_path)
         self.model = model
-        self.handle = emokern.patch(model, bank, layers=layers, batch=1, tokens=256)
+        self.handle = patch(model, bank, layers=layers, batch=1, tokens=256)
         self.site = self.handle.site_names.index(f"layer{readout}.residual")
         slot = bank.layer_slot(readout)
         self.mean = bank.neutral_mean[slot] if bank.neutral_mean is not None else None

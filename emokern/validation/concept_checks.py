@@ -47,8 +47,8 @@ import numpy as np
 import torch
 
 from emokern.core.bank import VectorBank
-from emokern.experiments.chat import chat_text
-from emokern.experiments.run_dir import progress_bar
+from emokern.core.chat import chat_text
+from emokern.util.progress import progress_bar
 from emokern.util.kv_cache import cache_argument
 from emokern.util.stats import unit_rows
 from emokern.validation.concept_checks_page import (concept_checks_by_layer_png, intensity_png, scenario_matrix_png,
@@ -98,7 +98,7 @@ def last_token_states(model, tokenizer, prompts: Sequence[str], layers: Sequence
                       progress: bool = False, desc: str = "prompts") -> torch.Tensor:
     """(n, L, d) float32: the residual stream (output of decoder layer ``layers[j]``, before any final norm) at the
     last token of each user message rendered as a chat prompt with the assistant's turn opened
-    (:func:`emokern.experiments.chat.chat_text`). One prompt per forward, so no padding can shift a position."""
+    (:func:`emokern.core.chat.chat_text`). One prompt per forward, so no padding can shift a position."""
     from emokern.core.architecture import resolve_architecture
 
     _, base, decoder_layers = resolve_architecture(model)
@@ -349,7 +349,7 @@ def _sweep_layers(bank: VectorBank, steer_layer: int) -> List[int]:
 
 def _steering(model, tokenizer, bank: VectorBank, prompts: SanityPrompts, strengths: Sequence[float],
               steer_layer: int, leak_emotions: List[str], out_dir: Path, progress: bool) -> Dict:
-    import emokern
+    from emokern.engines.hf import patch
     from emokern.extraction.emotion_words import find_emotion_word
 
     names, token_ids, info = _candidates(tokenizer, bank, prompts.probes)
@@ -379,7 +379,7 @@ def _steering(model, tokenizer, bank: VectorBank, prompts: SanityPrompts, streng
             # unsteered by the same cached path as the steered rows, so that a rise is the steering's alone
             base_logp.append(_next_logprobs(model, caches[-1], turn, 1)[0])
         rises: Dict[Tuple[float, int], torch.Tensor] = {}
-        handle = emokern.patch(model, bank, layers=sorted(set(sweep) | {steer_layer}), monitor=False,
+        handle = patch(model, bank, layers=sorted(set(sweep) | {steer_layer}), monitor=False,
                                tokenizer=tokenizer)
         try:
             for strength, layer in runs:

@@ -16,7 +16,7 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
-from emokern.experiments.inputs import InputFileError, require, require_str
+from emokern.util.input_files import InputFileError, require, require_str
 from emokern.util.names import did_you_mean
 
 __all__ = ["IntensityTemplate", "SanityPrompts", "Scenario", "load_intensity", "load_sanity_prompts", "load_scenarios"]

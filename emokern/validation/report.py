@@ -549,7 +549,7 @@ def validation_report(bank: VectorBank, model, tokenizer, out_dir: PathLike, *, 
         emokern.experiments.inputs.InputFileError: a scenario, intensity or steering-prompt file is missing or
             malformed (also checked before any forward).
     """
-    from emokern import __version__
+    from emokern.version import __version__
     from emokern.core.emotions import load_norms
     from emokern.validation.datasets import load_emobank, load_goemotions
 

@@ -118,7 +118,7 @@ def fingerprint(config: Config) -> str:
     """What the op installed by this configuration depends on (emokern's version, the bank's tensors, the layers),
     as a string for vLLM's compile-cache key: a graph compiled without the op, or with another bank, must not be
     loaded for this one. Reads only the bank's JSON (the tensors' SHA-256 recorded there)."""
-    from emokern import __version__
+    from emokern.version import __version__
     from emokern.core.bank import bank_paths
 
     try:

@@ -55,8 +55,8 @@ def _check_extension() -> None:
     register nothing, and the engine would die at its first step (``'_OpNamespace' 'emokern' object has no
     attribute 'project'``)."""
     import importlib
+    from pathlib import Path
 
-    import emokern
     import torch
 
     from emokern.ops.extension import HAS_CPU_KERNELS, HAS_CUDA_KERNELS
@@ -69,7 +69,7 @@ def _check_extension() -> None:
     except (ImportError, OSError) as exc:
         cause = str(exc)
     raise RuntimeError(
-        f"emokern.engines.vllm: the emokern imported from {emokern.__path__[0]} has no compiled ops for torch "
+        f"emokern.engines.vllm: the emokern imported from {Path(__file__).resolve().parents[2]} has no compiled ops for torch "
         f"{torch.__version__} (emokern._C: {cause}). "
         f"If that is a source checkout, Python put the current directory first on its import path: start Python "
         f"with -P (or set PYTHONSAFEPATH=1), or run from another directory, so that the emokern installed in this "
