@@ -231,3 +231,18 @@ def test_readouts_in_the_response_and_the_stream(server):
     assert status == 200 and "emokern" not in plain
     events = _stream(server + "/v1/chat/completions", {k: v for k, v in chat.items() if k != "vllm_xargs"})
     assert all("emokern" not in e for e in events[:-1])
+
+
+def test_vector_registration_is_off_by_default(server, bank):
+    """Without EMOKERN_VLLM_REGISTRY_SLOTS the registration endpoints do not exist, whoever asks; a client's own
+    pins are dropped, so a registered-looking name is refused like any unknown one; the steering record is there."""
+    server, _ = server
+    vector = {str(layer): [1.0] * bank.vectors.shape[-1] for layer in LAYERS}
+    assert _call(server + "/v1/emokern/vectors", {"name": "x", "directions": vector})[0] == 404
+    assert _call(server + "/v1/emokern/vectors")[0] == 404
+    body = {"model": _model(), "messages": [{"role": "user", "content": "Hi."}], "max_tokens": 3,
+            "vllm_xargs": {"emokern": json.dumps({"steer": {"emotions": {"x": 0.1}}}), "emokern_pins": "{}"}}
+    status, error = _call(server + "/v1/chat/completions", body)
+    assert status == 400 and "'x' is not in this bank" in json.dumps(error), error
+    status, steered = _chat(server, {"steer": {"emotions": {"calm": 0.1}, "layers": [LAYERS[1]]}}, max_tokens=4)
+    assert status == 200 and steered["emokern"][0]["steered"]["layers"] == [LAYERS[1]]
