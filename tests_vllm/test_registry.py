@@ -77,12 +77,24 @@ def _register(base, name, directions):
     return _req(base + "/v1/emokern/vectors", {"name": name, "directions": directions})
 
 
-def _chat(base, spec=None, max_tokens=12, content="Tell me about your morning."):
+def _chat(base, spec=None, max_tokens=12, content="Tell me about your morning.", logprobs=False):
     body = {"model": _model(), "messages": [{"role": "user", "content": content}], "temperature": 0,
             "max_tokens": max_tokens}
+    if logprobs:
+        body |= {"logprobs": True, "top_logprobs": 5}
     if spec is not None:
         body["vllm_xargs"] = {"emokern": json.dumps(spec)}
     return _req(base + "/v1/chat/completions", body, token=None)
+
+
+def _first_logprobs(body) -> dict:
+    return {t["token"]: t["logprob"] for t in body["choices"][0]["logprobs"]["content"][0]["top_logprobs"]}
+
+
+def _distance(a: dict, b: dict) -> float:
+    """The largest log-probability difference over the tokens in both top lists (a missing token: 10)."""
+    common = set(a) & set(b)
+    return max([abs(a[t] - b[t]) for t in common] + [10.0 * (len(common) < min(len(a), len(b)))])
 
 
 def _text(body):
@@ -195,24 +207,30 @@ def test_replacing_a_name_never_reuses_blocks_of_the_old_vector(server, bank):
     version separates the cache salts. After the replacement the same long prompt (several KV blocks) steered by
     'swap' must equal steering by the bank emotion of the new vector, computed without a shared prefix."""
     base, log = server
+    for held in _req(base + "/v1/emokern/vectors")[1]["vectors"]:  # free both slots (earlier tests registered)
+        assert _req(f"{base}/v1/emokern/vectors/{held['name']}", method="DELETE")[0] == 200
     assert _register(base, "swap", _directions(bank, "angry"))[0] == 200
     assert _register(base, "other", _directions(bank, "calm"))[0] == 200
     listing = _req(base + "/v1/emokern/vectors")[1]
     assert sorted(v["name"] for v in listing["vectors"]) == ["other", "swap"], listing
     slot = next(v["slot"] for v in listing["vectors"] if v["name"] == "swap")
     spec = {"steer": {"emotions": {"swap": 2.0}}}
-    status, before = _chat(base, spec, content=_LONG)
+    status, before = _chat(base, spec, content=_LONG, logprobs=True)
     assert status == 200, before
     status, again = _chat(base, spec, content=_LONG)  # the same state: the cache may be read, the output is equal
     assert status == 200 and _text(again) == _text(before)
     status, answer = _register(base, "swap", _directions(bank, "happy"))
     assert status == 200 and answer["replaced"] is True and answer["slot"] == slot, answer
-    status, after = _chat(base, spec, content=_LONG)
+    status, after = _chat(base, spec, content=_LONG, logprobs=True)
     assert status == 200, f"{after}\n{log.read_text()[-3000:]}"
-    status, fresh = _chat(base, {"steer": {"emotions": {"happy": 2.0}}}, content=_LONG)
-    status_old, old = _chat(base, {"steer": {"emotions": {"angry": 2.0}}}, content=_LONG)
+    status, fresh = _chat(base, {"steer": {"emotions": {"happy": 2.0}}}, content=_LONG, logprobs=True)
+    status_old, old = _chat(base, {"steer": {"emotions": {"angry": 2.0}}}, content=_LONG, logprobs=True)
     assert status == 200 and status_old == 200
-    assert _text(before) == _text(old) and _text(fresh) != _text(old)  # the two vectors steer differently here
+    # the first token's top log-probabilities: the vectors differ there even where the greedy text does not
+    assert _first_logprobs(before) == pytest.approx(_first_logprobs(old), abs=0.02)
+    gap = _distance(_first_logprobs(fresh), _first_logprobs(old))
+    assert gap > 0.1, gap  # the two vectors steer differently here, so reading the old blocks would show
+    assert _distance(_first_logprobs(after), _first_logprobs(fresh)) < min(0.02, gap / 10)
     assert _text(after) == _text(fresh)
     # deleted: refused by name, the slot free again
     assert _req(base + "/v1/emokern/vectors/swap", method="DELETE") == (200, {"name": "swap", "deleted": True})
