@@ -12,29 +12,20 @@ import json
 import os
 import subprocess
 import sys
-import time
-import urllib.error
 import urllib.request
 
 import pytest
 
 from conftest import LAYERS
-from test_server import ROOT, _free_port, _kill_group, _model
+from test_server import ROOT, _call, _free_port, _kill_group, _model, wait_healthy
 
 TOKEN = "registry-test-token"
 
 
 def _req(url, body=None, method=None, token=TOKEN, raw: bytes = None):
-    headers = {"Content-Type": "application/json"}
-    if token is not None:
-        headers["X-Emokern-Admin-Token"] = token
-    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers=headers, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=300) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
+    """``_call`` with the admin token (None: without the header)."""
+    headers = {} if token is None else {"X-Emokern-Admin-Token": token}
+    return _call(url, body, headers=headers, method=method, raw=raw, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -51,17 +42,7 @@ def server(bank, hf, tmp_path_factory):
                                 start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 600
-        while True:
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError):
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                pytest.fail(f"vllm serve did not come up (exit {proc.poll()}); log:\n{log.read_text()[-4000:]}")
-            time.sleep(2)
+        wait_healthy(base, proc, log)
         yield base, log
     finally:
         _kill_group(proc)

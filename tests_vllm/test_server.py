@@ -40,11 +40,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _call(url: str, body=None):
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+def _call(url: str, body=None, headers=None, method=None, raw: bytes = None, timeout: float = 120):
+    """``(status, JSON answer)`` of a request with a JSON ``body`` (or the bytes ``raw``) and extra ``headers``."""
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})},
+                                     method=method)
     try:
-        with urllib.request.urlopen(request, timeout=120) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read() or b"{}")
@@ -65,17 +67,7 @@ def server(bank, hf, tmp_path_factory):
                                 start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 600
-        while True:
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError):
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                pytest.fail(f"vllm serve did not come up (exit {proc.poll()}); log:\n{log.read_text()[-4000:]}")
-            time.sleep(2)
+        wait_healthy(base, proc, log)
         # the README's chat request, as printed (without the trace placeholder), MODEL defined as printed
         chat = "\n".join([lines[0]] + [line for line in curl.splitlines() if "chatcmpl-..." not in line])
         answer = subprocess.run(["bash", "-c", chat], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -87,6 +79,22 @@ def server(bank, hf, tmp_path_factory):
         yield base, log
     finally:
         _kill_group(proc)
+
+
+def wait_healthy(base: str, proc, log, seconds: float = 600) -> None:
+    """Return once ``base/health`` answers 200; fail the test with the log's tail when the server exits or
+    ``seconds`` pass."""
+    deadline = time.time() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            pytest.fail(f"vllm serve did not come up (exit {proc.poll()}); log:\n{log.read_text()[-4000:]}")
+        time.sleep(2)
 
 
 def _kill_group(proc) -> None:
