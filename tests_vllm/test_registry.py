@@ -179,6 +179,27 @@ def test_steer_and_monitor_by_a_registered_name(server, bank):
     assert status == 400 and "no neutral statistics" in json.dumps(error)
 
 
+def test_register_a_control_vector_gguf(server, bank, tmp_path):
+    """A llama.cpp control vector exported from the bank's 'calm' (emokern's exporter: residual norm × unit vector
+    per layer) registers from base64 and steers as 'calm' does (the same unit direction, up to fp32 rounding)."""
+    from emokern.extraction.control_vectors import export_gguf_control_vector
+
+    base, log = server
+    path = tmp_path / "calm.gguf"
+    export_gguf_control_vector(bank, path, {"calm": 1.0})
+    for held in _req(base + "/v1/emokern/vectors")[1]["vectors"]:
+        assert _req(f"{base}/v1/emokern/vectors/{held['name']}", method="DELETE")[0] == 200
+    status, answer = _req(base + "/v1/emokern/vectors",
+                          {"name": "calm-cv", "gguf": base64.b64encode(path.read_bytes()).decode()})
+    assert status == 200 and answer["layers"] == list(LAYERS), f"{answer}\n{log.read_text()[-3000:]}"
+    status, by_bank = _chat(base, {"steer": {"emotions": {"calm": 3.0}, "layers": [LAYERS[0]]}}, logprobs=True)
+    status_cv, by_cv = _chat(base, {"steer": {"emotions": {"calm-cv": 3.0}, "layers": [LAYERS[0]]}}, logprobs=True)
+    status_plain, plain = _chat(base, logprobs=True)
+    assert status == status_cv == status_plain == 200
+    assert _distance(_first_logprobs(by_cv), _first_logprobs(by_bank)) < 0.05
+    assert _distance(_first_logprobs(by_cv), _first_logprobs(plain)) > 0.1
+
+
 _LONG = " ".join(["The quarterly report was late again, and the team gathered in the small room to talk it over."]
                  * 24) + " What should we do?"
 
