@@ -1,5 +1,7 @@
 """``vllm serve`` additions: per-token readouts in the responses of monitored requests, and
-``GET /v1/emokern/trace/{request_id}``, the full trace of a finished, monitored request.
+``GET /v1/emokern/trace/{request_id}``, the full trace of a finished, monitored request; with
+``EMOKERN_VLLM_REGISTRY_SLOTS`` set, ``/v1/emokern/vectors`` (vectors registered at run time:
+:mod:`emokern.engines.vllm.registry`).
 
 Enable it with the general plugin (``EMOKERN_VLLM_BANK=...``) and vLLM's endpoint-plugin allowlist::
 
@@ -20,8 +22,9 @@ position was not recorded), ``neutral_mean`` / ``neutral_std`` (S x K, for z-sco
 request: it then ran unsteered and unrecorded, ended at its next token, and the other fields are empty); 404 when
 nothing is held for that id.
 
-Readouts in the response. A monitored request's ``/v1/chat/completions`` or ``/v1/completions`` response carries an
-``"emokern"`` list, one readout per choice (by index), so a standard OpenAI client gets them with no second call::
+Readouts in the response. A monitored (or steered) request's ``/v1/chat/completions`` or ``/v1/completions``
+response carries an ``"emokern"`` list, one readout per choice (by index), so a standard OpenAI client gets them with
+no second call::
 
     "emokern": [{"layers": [19], "emotions": ["desperate", "calm"], "values": "zscore",
                  "tokens": [[[0.41, -1.2]], [[2.3, -0.8]], ...], "alert": null, "error": null}]
@@ -31,7 +34,10 @@ against the bank's neutral statistics, else raw projections, 2 decimals) at ever
 the residual stream where the model read that token; the last completion token is never read back and has no row.
 With ``"stream": true`` the readouts come as one more chunk, ``{"id", "object", "created", "model", "choices": [],
 "emokern": [...]}``, just before ``data: [DONE]``. The trace stays held for the GET endpoint. Cost:
-S·K numbers of 2 decimals per generated token, one RPC per monitored response. Cost of the trace: 4·S·K bytes per
+S·K numbers of 2 decimals per generated token, one RPC per monitored or steered response. Each readout also has
+``"steered"``: null, or what the request's steering touched (layers, token positions: see
+:meth:`emokern.engines.vllm.worker.Installation.readout`); a steered request that does not monitor gets a readout
+with empty ``layers``, ``emotions`` and ``tokens`` and its ``"steered"``. Cost of the trace: 4·S·K bytes per
 token held in the worker until fetched (at most ``EMOKERN_VLLM_MAX_TRACES`` finished requests), about 10·S·K bytes
 per token of JSON.
 """
