@@ -131,6 +131,8 @@ def test_bad_payloads_are_refused_and_the_server_keeps_serving(server, bank):
         status, error = _req(url, body)
         assert status == want and text in error.get("error", ""), (body if len(str(body)) < 300 else text, error)
     assert _req(url, raw=b'{"name": "x", "directions": ')[0] == 400
+    assert _req(url, raw=b"[" * 200000)[0] == 400  # nested past Python's recursion limit
+    assert _req(url, {"name": "all", "directions": good})[0] == 400  # the monitor's keyword
     # a body announced larger than the limit is answered 413 before it is read
     conn = http.client.HTTPConnection(base.split("//")[1], timeout=60)
     conn.putrequest("POST", "/v1/emokern/vectors")

@@ -14,7 +14,8 @@ bank's K (:mod:`emokern.engines.vllm.config`), and ``vllm serve`` then answers (
 * ``DELETE /v1/emokern/vectors/{name}``: ``{"name", "deleted": true}``; the slot becomes free for a later vector.
 
 Refused (the server keeps serving): a body over :data:`MAX_BODY_BYTES` (413); not JSON, unknown keys, a name that is
-not 1 to 64 characters of letters, digits, ``_ . : -`` starting with a letter or digit, a direction of the wrong
+not 1 to 64 characters of letters, digits, ``_ . : -`` starting with a letter or digit (or is ``all``, the
+monitor's keyword), a direction of the wrong
 length, not made of finite numbers, or of zero length, a layer not installed, a missing installed layer, a GGUF that
 is not base64 or not a control vector (400); a name of the bank (409: the bank's emotions are fixed for the engine's
 life; register under another name); a new name when every slot holds a registered name (409: delete one first).
@@ -119,15 +120,15 @@ def directions_from_payload(body: bytes, loaded) -> Tuple[str, np.ndarray]:
         raise AdminError(413, f"the body has {len(body)} bytes; at most {MAX_BODY_BYTES}")
     try:
         payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise AdminError(400, f"the body must be JSON ({exc})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: absurdly nested arrays
+        raise AdminError(400, f"the body must be JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
     if not isinstance(payload, dict):
         raise AdminError(400, "the body must be a JSON object such as {\"name\": ..., \"directions\": {...}}")
     unknown = set(payload) - {"name", "directions", "gguf"}
     if unknown:
         raise AdminError(400, f"only the keys ['directions', 'gguf', 'name']; got {sorted(unknown)}")
     name = payload.get("name")
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name == "all":  # "all": monitor's keyword
         raise AdminError(400, f"'name': expected 1 to 64 letters, digits or _.:- starting with a letter or digit; "
                               f"got {name!r}")
     if name in loaded.names:
