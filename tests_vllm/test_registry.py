@@ -244,6 +244,62 @@ def test_replacing_a_name_never_reuses_blocks_of_the_old_vector(server, bank):
     assert _register(base, "third", _directions(bank, "proud"))[0] == 200
 
 
+def _stream_while(base, spec, during, max_tokens=120) -> tuple:
+    """Stream a steered chat request, call ``during()`` once its first token has arrived, read the rest; the text
+    and the readout chunk."""
+    body = {"model": _model(), "messages": [{"role": "user", "content": "Tell me about your morning."}],
+            "temperature": 0, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
+            "vllm_xargs": {"emokern": json.dumps(spec)}}
+    conn = http.client.HTTPConnection(base.split("//")[1], timeout=300)
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200
+    events, called = [], False
+    for line in response:  # server-sent events, one "data: ..." line each
+        line = line.strip()
+        if not line.startswith(b"data: "):
+            continue
+        if line == b"data: [DONE]":
+            break
+        events.append(json.loads(line[6:]))
+        if not called and any(c["delta"].get("content") for c in events[-1]["choices"]):
+            during()
+            called = True
+    conn.close()
+    assert called
+    text = "".join(c["delta"].get("content") or "" for e in events for c in e["choices"])
+    return text, events[-1]["emokern"][0]
+
+
+def test_in_flight_requests_keep_their_version_or_fail(server, bank):
+    """A request steered by a name that is replaced while it streams: with a free slot, the new version goes there
+    and the request runs to the end with its own version (the same text as without the replacement); with every
+    slot taken, the replacement overwrites the slot under it, and the request is failed, not steered with the new
+    vector."""
+    base, log = server
+    for held in _req(base + "/v1/emokern/vectors")[1]["vectors"]:
+        assert _req(f"{base}/v1/emokern/vectors/{held['name']}", method="DELETE")[0] == 200
+    assert _register(base, "live", _directions(bank, "angry"))[0] == 200
+    spec = {"steer": {"emotions": {"live": 3.0}, "layers": [LAYERS[0]]}}
+    quiet, readout = _stream_while(base, spec, lambda: None)
+    assert readout["error"] is None and readout["steered"]["tokens"] > 0
+    replaced = []
+    text, readout = _stream_while(base, spec, lambda: replaced.append(
+        _register(base, "live", _directions(bank, "happy"))))
+    assert replaced[0][0] == 200 and replaced[0][1]["replaced"] is True, replaced
+    assert readout["error"] is None and text == quiet
+    live_slot = replaced[0][1]["slot"]
+    assert _register(base, "filler", _directions(bank, "calm"))[0] == 200  # now every slot holds a name
+    replaced.clear()
+    text, readout = _stream_while(base, spec, lambda: replaced.append(
+        _register(base, "live", _directions(bank, "proud"))))
+    assert replaced[0][0] == 200 and replaced[0][1]["slot"] == live_slot  # in place: no free slot
+    assert readout["error"] and "no longer held" in readout["error"], (readout, log.read_text()[-2000:])
+    assert text != quiet  # with ignore_eos a failed request runs on to its length, unsteered
+    status, plain = _chat(base)
+    assert status == 200 and _text(plain)
+
+
 def test_fired_record_for_scopes_that_touch_tokens_and_none(server):
     base, _ = server
     status, body = _chat(base, {"steer": {"emotions": {"calm": 0.5}, "scope": "generated"}}, max_tokens=6)
