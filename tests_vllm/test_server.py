@@ -40,11 +40,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _call(url: str, body=None):
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+def _call(url: str, body=None, headers=None, method=None, raw: bytes = None, timeout: float = 120):
+    """``(status, JSON answer)`` of a request with a JSON ``body`` (or the bytes ``raw``) and extra ``headers``."""
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})},
+                                     method=method)
     try:
-        with urllib.request.urlopen(request, timeout=120) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read() or b"{}")
@@ -65,17 +67,7 @@ def server(bank, hf, tmp_path_factory):
                                 start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 600
-        while True:
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError):
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                pytest.fail(f"vllm serve did not come up (exit {proc.poll()}); log:\n{log.read_text()[-4000:]}")
-            time.sleep(2)
+        wait_healthy(base, proc, log)
         # the README's chat request, as printed (without the trace placeholder), MODEL defined as printed
         chat = "\n".join([lines[0]] + [line for line in curl.splitlines() if "chatcmpl-..." not in line])
         answer = subprocess.run(["bash", "-c", chat], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -87,6 +79,22 @@ def server(bank, hf, tmp_path_factory):
         yield base, log
     finally:
         _kill_group(proc)
+
+
+def wait_healthy(base: str, proc, log, seconds: float = 600) -> None:
+    """Return once ``base/health`` answers 200; fail the test with the log's tail when the server exits or
+    ``seconds`` pass."""
+    deadline = time.time() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            pytest.fail(f"vllm serve did not come up (exit {proc.poll()}); log:\n{log.read_text()[-4000:]}")
+        time.sleep(2)
 
 
 def _kill_group(proc) -> None:
@@ -231,3 +239,18 @@ def test_readouts_in_the_response_and_the_stream(server):
     assert status == 200 and "emokern" not in plain
     events = _stream(server + "/v1/chat/completions", {k: v for k, v in chat.items() if k != "vllm_xargs"})
     assert all("emokern" not in e for e in events[:-1])
+
+
+def test_vector_registration_is_off_by_default(server, bank):
+    """Without EMOKERN_VLLM_REGISTRY_SLOTS the registration endpoints do not exist, whoever asks; a client's own
+    pins are dropped, so a registered-looking name is refused like any unknown one; the steering record is there."""
+    server, _ = server
+    vector = {str(layer): [1.0] * bank.vectors.shape[-1] for layer in LAYERS}
+    assert _call(server + "/v1/emokern/vectors", {"name": "x", "directions": vector})[0] == 404
+    assert _call(server + "/v1/emokern/vectors")[0] == 404
+    body = {"model": _model(), "messages": [{"role": "user", "content": "Hi."}], "max_tokens": 3,
+            "vllm_xargs": {"emokern": json.dumps({"steer": {"emotions": {"x": 0.1}}}), "emokern_pins": "{}"}}
+    status, error = _call(server + "/v1/chat/completions", body)
+    assert status == 400 and "'x' is not in this bank" in json.dumps(error), error
+    status, steered = _chat(server, {"steer": {"emotions": {"calm": 0.1}, "layers": [LAYERS[1]]}}, max_tokens=4)
+    assert status == 200 and steered["emokern"][0]["steered"]["layers"] == [LAYERS[1]]

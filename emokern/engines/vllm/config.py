@@ -10,6 +10,10 @@ and each worker that installs the op), so that one ``export`` configures the who
 * ``EMOKERN_VLLM_DISABLE=1`` — kill switch: the plugin does nothing even when a bank is named.
 * ``EMOKERN_VLLM_MAX_TRACES`` — finished requests whose trace is kept until fetched (default 4096; the oldest go
   first), so a server whose clients never fetch does not grow without bound.
+* ``EMOKERN_VLLM_REGISTRY_SLOTS`` — room for vectors registered at run time (:mod:`emokern.engines.vllm.registry`):
+  the op's vector buffer gets this many extra rows after the bank's K, zero until a vector is registered into one.
+  Default 0: no registry, and ``vllm serve`` has no registration endpoint (404). Its admin token,
+  ``EMOKERN_VLLM_ADMIN_TOKEN``, is read by the server only (:mod:`emokern.engines.vllm.registry`).
 
 The bank's vectors are sent to no one per request: each process loads the file once (:func:`load`).
 """
@@ -32,16 +36,19 @@ ENV_BANK = "EMOKERN_VLLM_BANK"
 ENV_LAYERS = "EMOKERN_VLLM_LAYERS"
 ENV_DISABLE = "EMOKERN_VLLM_DISABLE"
 ENV_MAX_TRACES = "EMOKERN_VLLM_MAX_TRACES"
+ENV_REGISTRY_SLOTS = "EMOKERN_VLLM_REGISTRY_SLOTS"
+MAX_REGISTRY_SLOTS = 64  # each slot adds a column to every projection of every token: keep the op's cost bounded
 
 
 @dataclass(frozen=True)
 class Config:
-    """The parsed environment: ``bank_path``, the ``layers`` asked for (None: the bank's default) and
-    ``max_traces``."""
+    """The parsed environment: ``bank_path``, the ``layers`` asked for (None: the bank's default),
+    ``max_traces`` and ``registry_slots`` (0: no run-time registration)."""
 
     bank_path: str
     layers: Optional[Tuple[int, ...]]
     max_traces: int
+    registry_slots: int = 0
 
 
 def _int_list(name: str, text: str) -> Tuple[int, ...]:
@@ -70,7 +77,15 @@ def from_env() -> Optional[Config]:
         raise ValueError(f"{ENV_MAX_TRACES}: expected a positive integer; got {max_text!r}") from None
     if max_traces < 1:
         raise ValueError(f"{ENV_MAX_TRACES}: expected a positive integer; got {max_traces}")
-    return Config(path, layers, max_traces)
+    slots_text = os.environ.get(ENV_REGISTRY_SLOTS, "0").strip() or "0"
+    try:
+        slots = int(slots_text)
+    except ValueError:
+        raise ValueError(f"{ENV_REGISTRY_SLOTS}: expected an integer from 0 to {MAX_REGISTRY_SLOTS}; got "
+                         f"{slots_text!r}") from None
+    if not 0 <= slots <= MAX_REGISTRY_SLOTS:
+        raise ValueError(f"{ENV_REGISTRY_SLOTS}: expected an integer from 0 to {MAX_REGISTRY_SLOTS}; got {slots}")
+    return Config(path, layers, max_traces, slots)
 
 
 @dataclass
@@ -125,7 +140,9 @@ def fingerprint(config: Config) -> str:
         tensors_sha = json.loads(bank_paths(config.bank_path)[1].read_text()).get("tensors_sha256")
     except (OSError, ValueError):
         tensors_sha = None  # load() reports the unreadable bank when the model is installed
-    return f"emokern {__version__} op=residual_site_ bank={tensors_sha or config.bank_path} layers={config.layers}"
+    registry = f" registry_slots={config.registry_slots}" if config.registry_slots else ""  # 0: keep old caches
+    return f"emokern {__version__} op=residual_site_ bank={tensors_sha or config.bank_path} layers={config.layers}" \
+           f"{registry}"
 
 
 def load(config: Optional[Config] = None) -> Loaded:

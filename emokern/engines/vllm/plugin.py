@@ -10,10 +10,12 @@ classes present in every vLLM process (no model work happens here):
   prefix-cache salt derived from its steering (and, for the ``prompt`` and ``generated`` scopes, its prompt length:
   :meth:`RequestSpec.cache_salt`), combined with any salt it brought, so it never reads KV blocks computed under
   another steering state; a request that monitors its prompt reads nothing from the prefix cache
-  (``skip_reading_prefix_cache``), so every prompt position is computed, and recorded.
+  (``skip_reading_prefix_cache``), so every prompt position is computed, and recorded. With a registry
+  (:mod:`emokern.engines.vllm.registry`) the spec is parsed against the names registered now, and the request is
+  pinned to their versions (``extra_args["emokern_pins"]``, always the front end's: a client's value is dropped).
 * ``WorkerWrapperBase`` (each worker): ``load_model`` installs the op into the loaded model (before vLLM's
-  warm-up and compilation) and the RPC methods ``emokern_take``, ``emokern_readout`` and ``emokern_stats`` are
-  added for ``collective_rpc`` with a string method name.
+  warm-up and compilation) and the RPC methods ``emokern_take``, ``emokern_readout``, ``emokern_stats`` and
+  ``emokern_register`` are added for ``collective_rpc`` with a string method name.
 
 It refuses to start when the imported emokern has no compiled ops (:func:`_check_extension`), and salts vLLM's
 compile-cache key with the bank and layers (:func:`_patch_compile_hash`).
@@ -79,6 +81,7 @@ def _check_extension() -> None:
 def _patch_front_end() -> None:
     from vllm.v1.engine.input_processor import InputProcessor
 
+    from emokern.engines.vllm import registry as registry_mod
     from emokern.engines.vllm import spec as spec_mod
 
     from vllm.exceptions import VLLMValidationError
@@ -94,12 +97,22 @@ def _patch_front_end() -> None:
         value = None
 
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
-        raw = (getattr(params, "extra_args", None) or {}).get(spec_mod.KEY)
+        extra = getattr(params, "extra_args", None) or {}
+        raw = extra.get(spec_mod.KEY)
+        loaded = config_mod.load()
+        registry = registry_mod.front(loaded.config.registry_slots)
         try:
-            parsed = spec_mod.parse(raw, config_mod.load()) if raw is not None else None
+            parsed = spec_mod.parse(raw, loaded, registry and registry.current()) if raw is not None else None
         except spec_mod.SpecError as exc:  # this request fails alone, before it reaches the engine
             raise RequestSpecError(str(exc)) from None
         request = original(self, request_id, prompt, params, *args, **kwargs)
+        pins = parsed.pins if parsed is not None else {}
+        own = request.sampling_params  # the request's copy: `params` may be shared by several prompts
+        if own is not None and (pins or registry_mod.PINS_KEY in (own.extra_args or {})):
+            # only the front end pins: a client's forged pins are dropped
+            own.extra_args = {k: v for k, v in own.extra_args.items() if k != registry_mod.PINS_KEY}
+            if pins:
+                own.extra_args[registry_mod.PINS_KEY] = {name: list(pin) for name, pin in pins.items()}
         if parsed is None:
             return request
         salt = parsed.cache_salt(_prompt_len(request))
@@ -174,7 +187,17 @@ def _patch_worker() -> None:
         inst = worker.installation()
         return None if inst is None else inst.stats()
 
+    def emokern_register(self, slot, name, version, data, shape):
+        """Write a registered vector into a slot (see :meth:`emokern.engines.vllm.worker.Installation.register`)."""
+        from emokern.engines.vllm import worker
+
+        inst = worker.installation()
+        if inst is None:
+            raise RuntimeError("emokern.engines.vllm: this worker has no installation to register a vector in")
+        return inst.register(int(slot), str(name), int(version), bytes(data), list(shape))
+
     WorkerWrapperBase.load_model = load_model
+    WorkerWrapperBase.emokern_register = emokern_register
     WorkerWrapperBase.emokern_take = emokern_take
     WorkerWrapperBase.emokern_stats = emokern_stats
     WorkerWrapperBase.emokern_readout = emokern_readout

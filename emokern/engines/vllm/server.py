@@ -1,5 +1,7 @@
 """``vllm serve`` additions: per-token readouts in the responses of monitored requests, and
-``GET /v1/emokern/trace/{request_id}``, the full trace of a finished, monitored request.
+``GET /v1/emokern/trace/{request_id}``, the full trace of a finished, monitored request; with
+``EMOKERN_VLLM_REGISTRY_SLOTS`` set, ``/v1/emokern/vectors`` (vectors registered at run time:
+:mod:`emokern.engines.vllm.registry`).
 
 Enable it with the general plugin (``EMOKERN_VLLM_BANK=...``) and vLLM's endpoint-plugin allowlist::
 
@@ -20,8 +22,9 @@ position was not recorded), ``neutral_mean`` / ``neutral_std`` (S x K, for z-sco
 request: it then ran unsteered and unrecorded, ended at its next token, and the other fields are empty); 404 when
 nothing is held for that id.
 
-Readouts in the response. A monitored request's ``/v1/chat/completions`` or ``/v1/completions`` response carries an
-``"emokern"`` list, one readout per choice (by index), so a standard OpenAI client gets them with no second call::
+Readouts in the response. A monitored (or steered) request's ``/v1/chat/completions`` or ``/v1/completions``
+response carries an ``"emokern"`` list, one readout per choice (by index), so a standard OpenAI client gets them with
+no second call::
 
     "emokern": [{"layers": [19], "emotions": ["desperate", "calm"], "values": "zscore",
                  "tokens": [[[0.41, -1.2]], [[2.3, -0.8]], ...], "alert": null, "error": null}]
@@ -31,7 +34,10 @@ against the bank's neutral statistics, else raw projections, 2 decimals) at ever
 the residual stream where the model read that token; the last completion token is never read back and has no row.
 With ``"stream": true`` the readouts come as one more chunk, ``{"id", "object", "created", "model", "choices": [],
 "emokern": [...]}``, just before ``data: [DONE]``. The trace stays held for the GET endpoint. Cost:
-S·K numbers of 2 decimals per generated token, one RPC per monitored response. Cost of the trace: 4·S·K bytes per
+S·K numbers of 2 decimals per generated token, one RPC per monitored or steered response. Each readout also has
+``"steered"``: null, or what the request's steering touched (layers, token positions: see
+:meth:`emokern.engines.vllm.worker.Installation.readout`); a steered request that does not monitor gets a readout
+with empty ``layers``, ``emotions`` and ``tokens`` and its ``"steered"``. Cost of the trace: 4·S·K bytes per
 token held in the worker until fetched (at most ``EMOKERN_VLLM_MAX_TRACES`` finished requests), about 10·S·K bytes
 per token of JSON.
 """
@@ -54,13 +60,14 @@ def _as_json(record: dict) -> dict:
 
 
 def _monitored(body: bytes) -> bool:
-    """Whether a request body carries an emokern spec that monitors (the front end has already checked it)."""
+    """Whether a request body carries an emokern spec that monitors or steers (the front end has already checked
+    it): its response gets a readout (a steered one: at least what the steering touched)."""
     if b"emokern" not in body:
         return False
     try:
         spec = json.loads(body).get("vllm_xargs", {}).get("emokern")
         spec = json.loads(spec) if isinstance(spec, str) else spec
-        return bool(isinstance(spec, dict) and spec.get("monitor"))
+        return bool(isinstance(spec, dict) and (spec.get("monitor") or spec.get("steer")))
     except (ValueError, AttributeError):
         return False
 
@@ -179,5 +186,91 @@ class TraceEndpoint:
                                               f"still running, already fetched, or evicted)"}, status_code=404)
             return JSONResponse(_as_json(record))
 
+        from emokern.engines.vllm import config as config_mod
+
+        cfg = config_mod.from_env()
+        if cfg is not None and cfg.registry_slots > 0:
+            _attach_registry(app, cfg.registry_slots)
+
     async def init_state(self, engine_client, state, args) -> None:
         state.emokern_engine = engine_client
+        state.emokern_api_servers = int(getattr(args, "api_server_count", None) or 1)
+
+
+def _attach_registry(app, slots: int) -> None:
+    """``/v1/emokern/vectors``: register, list and delete vectors at run time (:mod:`emokern.engines.vllm.registry`
+    has the shapes, the refusals and the protection). Only attached when ``EMOKERN_VLLM_REGISTRY_SLOTS`` > 0."""
+    import asyncio
+
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+
+    from emokern.engines.vllm import config as config_mod
+    from emokern.engines.vllm import registry as registry_mod
+
+    lock = asyncio.Lock()  # one registration at a time: slot plans and commits must not interleave
+
+    def refused(exc: "registry_mod.AdminError") -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+    async def admitted(request: Request) -> None:
+        registry_mod.check_admin(request.headers.get(registry_mod.ADMIN_HEADER),
+                                 request.client.host if request.client else None)
+        if getattr(request.app.state, "emokern_api_servers", 1) > 1:
+            raise registry_mod.AdminError(409, "registering vectors needs one API server process (this server runs "
+                                               "several, each with its own names: drop --api-server-count)")
+
+    async def body_of(request: Request) -> bytes:
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > registry_mod.MAX_BODY_BYTES:
+            raise registry_mod.AdminError(413, f"the body has {size} bytes; at most {registry_mod.MAX_BODY_BYTES}")
+        body = bytearray()
+        async for chunk in request.stream():  # counted as it arrives: a missing or false length cannot get past
+            body.extend(chunk)
+            if len(body) > registry_mod.MAX_BODY_BYTES:
+                raise registry_mod.AdminError(413, f"the body is larger than {registry_mod.MAX_BODY_BYTES} bytes")
+        return bytes(body)
+
+    def listing(registry) -> dict:
+        layers = config_mod.load().layers
+        return {"slots": registry.slots, "vectors": [{"name": n, "version": e.version, "slot": e.slot,
+                                                      "layers": layers} for n, e in sorted(registry.names.items())]}
+
+    @app.post("/v1/emokern/vectors")
+    async def emokern_register(raw_request: Request):
+        try:
+            await admitted(raw_request)
+            loaded = config_mod.load()
+            name, vectors = registry_mod.directions_from_payload(await body_of(raw_request), loaded)
+            registry = registry_mod.front(slots)
+            async with lock:
+                version, slot = registry.plan(name)
+                engine = raw_request.app.state.emokern_engine
+                try:
+                    await engine.collective_rpc("emokern_register", args=(slot, name, version, vectors.tobytes(),
+                                                                          list(vectors.shape)))
+                except Exception as exc:  # noqa: BLE001 - the name keeps its old vector; the server keeps serving
+                    return JSONResponse({"error": f"the workers did not take the vector: {exc}"}, status_code=500)
+                replaced = registry.commit(name, version, slot)
+        except registry_mod.AdminError as exc:
+            return refused(exc)
+        return JSONResponse({"name": name, "version": version, "slot": slot, "layers": list(loaded.layers),
+                             "replaced": replaced})
+
+    @app.get("/v1/emokern/vectors")
+    async def emokern_vectors(raw_request: Request):
+        try:
+            await admitted(raw_request)
+        except registry_mod.AdminError as exc:
+            return refused(exc)
+        return JSONResponse(listing(registry_mod.front(slots)))
+
+    @app.delete("/v1/emokern/vectors/{name}")
+    async def emokern_delete(name: str, raw_request: Request):
+        try:
+            await admitted(raw_request)
+            async with lock:
+                registry_mod.front(slots).remove(name)
+        except registry_mod.AdminError as exc:
+            return refused(exc)
+        return JSONResponse({"name": name, "deleted": True})

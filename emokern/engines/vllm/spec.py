@@ -25,6 +25,11 @@ SPEC is a dict, or the same as a JSON string (what ``vllm_xargs`` carries over t
   z-score of ``emotion`` at ``layer`` (default: the first monitored layer) has been above ``z`` for ``tokens``
   consecutive generated tokens; ``stop: true`` then ends the request (its next token becomes end-of-sequence).
 
+Vectors registered at run time (:mod:`emokern.engines.vllm.registry`) are named like the bank's emotions in
+``steer``, ``monitor`` and ``alert`` lists (``"all"`` still means the bank's emotions only); ``alert`` refuses them
+(they have no neutral statistics). A parsed spec records the version and slot of each registered name it used
+(:attr:`RequestSpec.pins`), and the steered ones join the prefix-cache salt.
+
 Errors are :class:`SpecError` (a ValueError) naming the field, what was expected and what was given.
 """
 
@@ -34,7 +39,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from emokern.core import steering
 from emokern.core.steering import TableEntry
@@ -70,7 +75,8 @@ class RequestSpec:
 
     ``entries``: the table entries ``(site, k, a, b, lo, hi)`` (:class:`~emokern.core.steering.TableEntry`), at most
     one per ``(site, k)`` (a later setting in the spec replaced an earlier one); ``scope``; ``monitor_k`` / ``monitor_sites`` (None: not monitored); ``monitor_prompt``;
-    ``alert``.
+    ``alert``; ``pins``: ``{name: (version, slot)}`` of the registered vectors the spec names (steered or
+    monitored), ``steer_pins`` those it steers.
     """
 
     entries: List[TableEntry] = field(default_factory=list)
@@ -79,6 +85,8 @@ class RequestSpec:
     monitor_sites: Optional[List[int]] = None
     monitor_prompt: bool = True
     alert: Optional[Alert] = None
+    pins: Dict[str, Tuple[int, int]] = field(default_factory=dict)
+    steer_pins: Dict[str, Tuple[int, int]] = field(default_factory=dict)
 
     @property
     def steered_sites(self) -> List[int]:
@@ -96,11 +104,16 @@ class RequestSpec:
         unsteered (``prompt``) in the first turn and the other way round in the second, so ``prompt_len`` joins the
         salt. Cost: such requests share cached blocks only with requests that have the same prompt length (for
         equal tokens: the same prompt), not with earlier turns of their conversation.
+
+        A registered vector steered by name joins the salt with its version (``steer_pins``): its slot's contents
+        change when the name is replaced (or the slot is reused), and blocks computed with the old vector must not
+        be read by a request steered with the new one.
         """
         if not self.entries:
             return None
         where = "all" if self.scope == "all" else [self.scope, int(prompt_len)]
-        canonical = json.dumps([where, sorted(self.entries)], separators=(",", ":"))
+        pins = sorted([name, *pin] for name, pin in self.steer_pins.items())
+        canonical = json.dumps([where, sorted(self.entries)] + ([pins] if pins else []), separators=(",", ":"))
         return "emokern:" + hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
@@ -121,13 +134,21 @@ def _layers(where: str, value, installed: List[int]) -> List[int]:
     return [installed.index(x) for x in wanted]
 
 
-def _index(where: str, bank, name) -> int:
+def _index(where: str, loaded, name, registered: Mapping[str, Tuple[int, int]], pins: List[dict]) -> int:
+    """The vector index of ``name``: the bank's, else ``K + slot`` of a registered vector (recorded in each of
+    ``pins``)."""
     if not isinstance(name, str):
         raise _fail(where, "an emotion name (a string)", name)
     try:
-        return bank.index(name)
+        return loaded.bank.index(name)
     except KeyError as exc:
-        raise SpecError(f"extra_args['emokern']{where}: {exc.args[0]}") from None
+        if name in registered:
+            version, slot = registered[name]
+            for pin in pins:
+                pin[name] = (int(version), int(slot))
+            return len(loaded.names) + int(slot)
+        extra = f" (registered at run time: {sorted(registered)})" if registered else ""
+        raise SpecError(f"extra_args['emokern']{where}: {exc.args[0]}{extra}") from None
 
 
 _STEER_KEYS = {"emotions", "strength", "mode", "scope", "layers", "relative"}
@@ -153,7 +174,7 @@ def _check_bounds(where: str, name: str, mode: str, value, params, relative: boo
     raise SpecError(f"extra_args['emokern']{where}: the {what} for {name!r} must be at most {limit}; got {value!r}")
 
 
-def _steer(spec: RequestSpec, items, loaded) -> None:
+def _steer(spec: RequestSpec, items, loaded, registered) -> None:
     items = items if isinstance(items, list) else [items]
     if not items:
         raise _fail("['steer']", "a steering item or a non-empty list of them", items)
@@ -183,7 +204,8 @@ def _steer(spec: RequestSpec, items, loaded) -> None:
             steering.check_scope(scope)
             pairs = steering.steer_items(item["emotions"], item.get("strength"))
             spec.entries.extend(steering.compile_entries(
-                pairs, mode, index=lambda name: _index(where + "['emotions']", loaded.bank, name), sites=sites,
+                pairs, mode, index=lambda name: _index(where + "['emotions']", loaded, name, registered, [spec.pins, spec.steer_pins]),
+                sites=sites,
                 norms=loaded.residual_norm, relative=relative, check=check))
         except SpecError:
             raise
@@ -196,7 +218,7 @@ def _steer(spec: RequestSpec, items, loaded) -> None:
     spec.entries = list(last.values())
 
 
-def _monitor(spec: RequestSpec, value, loaded) -> None:
+def _monitor(spec: RequestSpec, value, loaded, registered) -> None:
     if value is False or value is None:
         return
     if value is True:
@@ -213,7 +235,8 @@ def _monitor(spec: RequestSpec, value, loaded) -> None:
         names = [emotions] if isinstance(emotions, str) else emotions
         if not isinstance(names, list) or not names:
             raise _fail("['monitor']['emotions']", "'all', a name or a non-empty list of names", emotions)
-        spec.monitor_k = list(dict.fromkeys(_index("['monitor']['emotions']", loaded.bank, n) for n in names))
+        spec.monitor_k = list(dict.fromkeys(_index("['monitor']['emotions']", loaded, n, registered, [spec.pins])
+                                            for n in names))
     spec.monitor_sites = _layers("['monitor']['layers']", value.get("layers"), loaded.layers)
     prompt = value.get("prompt", True)
     if not isinstance(prompt, bool):
@@ -221,7 +244,7 @@ def _monitor(spec: RequestSpec, value, loaded) -> None:
     spec.monitor_prompt = prompt
 
 
-def _alert(spec: RequestSpec, value, loaded) -> None:
+def _alert(spec: RequestSpec, value, loaded, registered) -> None:
     if value is None:
         return
     if not isinstance(value, Mapping) or "emotion" not in value:
@@ -234,7 +257,10 @@ def _alert(spec: RequestSpec, value, loaded) -> None:
     if loaded.neutral_mean is None:
         raise SpecError("extra_args['emokern']['alert']: the bank has no neutral statistics, so there are no "
                         "z-scores to alert on")
-    k = _index("['alert']['emotion']", loaded.bank, value["emotion"])
+    k = _index("['alert']['emotion']", loaded, value["emotion"], registered, [])
+    if k >= len(loaded.names):
+        raise _fail("['alert']['emotion']", "one of the bank's emotions (a registered vector has no neutral "
+                                            "statistics, so no z-scores to alert on)", value["emotion"])
     if k not in spec.monitor_k:
         raise _fail("['alert']['emotion']", "one of the monitored emotions", value["emotion"])
     layer = value.get("layer", loaded.layers[spec.monitor_sites[0]])
@@ -255,8 +281,9 @@ def _alert(spec: RequestSpec, value, loaded) -> None:
                        value["emotion"], loaded.layers[site])
 
 
-def parse(raw, loaded) -> RequestSpec:
-    """Parse ``extra_args["emokern"]`` (a dict or a JSON string) against the process's bank (:func:`config.load`).
+def parse(raw, loaded, registered: Optional[Mapping[str, Tuple[int, int]]] = None) -> RequestSpec:
+    """Parse ``extra_args["emokern"]`` (a dict or a JSON string) against the process's bank (:func:`config.load`)
+    and the registered vectors ``registered``, ``{name: (version, slot)}`` (None: none).
 
     Raises :class:`SpecError` for anything unusable: unknown keys, emotions (with close matches), modes, scopes
     or layers; strengths that are not finite numbers; an alert without monitoring.
@@ -272,8 +299,9 @@ def parse(raw, loaded) -> RequestSpec:
     if unknown:
         raise _fail("", "only the keys ['alert', 'monitor', 'steer']", sorted(unknown))
     spec = RequestSpec()
+    registered = registered or {}
     if raw.get("steer") is not None:
-        _steer(spec, raw["steer"], loaded)
-    _monitor(spec, raw.get("monitor"), loaded)
-    _alert(spec, raw.get("alert"), loaded)
+        _steer(spec, raw["steer"], loaded, registered)
+    _monitor(spec, raw.get("monitor"), loaded, registered)
+    _alert(spec, raw.get("alert"), loaded, registered)
     return spec

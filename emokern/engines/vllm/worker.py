@@ -24,6 +24,11 @@ table slot and routing, recording its projections) runs under a per-request guar
 rows whose steered result was not finite: such a request is *failed* (:meth:`Installation.fail`): it loses its
 steering and its record, ends at its next token as if the model had ended it (``finish_reason`` "stop"; with
 ``ignore_eos`` it runs on unsteered), and its error is handed over by :meth:`Installation.take` like a trace.
+
+Registered vectors (:mod:`emokern.engines.vllm.registry`) live in ``EMOKERN_VLLM_REGISTRY_SLOTS`` extra rows of the
+op's vector buffer, after the bank's K (zero, so inert, until written by :meth:`Installation.register`); a request
+names them through the pins the front end gave it. What each steered request touched (its "fired" record: layers,
+token positions) is kept beside its trace and reported by :meth:`Installation.readout`.
 """
 
 from __future__ import annotations
@@ -106,8 +111,9 @@ def _(h, r, V, row, a, b, lo, hi, P, site):
 class _Record:
     """A monitored request's projections: ``P[position, site, emotion]`` fp32, grown as positions arrive."""
 
-    def __init__(self, spec: spec_mod.RequestSpec):
+    def __init__(self, spec: spec_mod.RequestSpec, names: List[str]):
         self.spec = spec
+        self.names = names  # of the monitored vectors (bank emotions, registered names), as in spec.monitor_k
         self.sites = spec.monitor_sites
         self.k = np.asarray(spec.monitor_k, dtype=np.int64)
         self.P = np.full((64, len(self.sites), len(self.k)), np.nan, dtype=np.float32)
@@ -128,6 +134,38 @@ class _Record:
         self.length = max(self.length, end)
 
 
+class _Fired:
+    """A steered request's touched positions: ``touched[position]`` True once the op applied its table row there
+    (any forward, so a re-computed position counts once); ``cached``: positions in its scope that came from the
+    prefix cache (computed, under the same steering, by an earlier request: the cache salt guarantees it)."""
+
+    def __init__(self, sites: List[int]):
+        self.sites = sites
+        self.touched = np.zeros(64, dtype=bool)
+        self.cached: Optional[int] = None  # set at the request's first forward
+        self.prompt_len = 0
+        self.finished = False
+
+    def put(self, positions: np.ndarray) -> None:
+        if not len(positions):
+            return
+        end = int(positions.max()) + 1
+        if end > len(self.touched):
+            grown = np.zeros(max(end, 2 * len(self.touched)), dtype=bool)
+            grown[:len(self.touched)] = self.touched
+            self.touched = grown
+        self.touched[positions] = True
+
+    def as_json(self, layers: List[int]) -> dict:
+        idx = np.flatnonzero(self.touched)
+        starts = idx[np.r_[True, np.diff(idx) > 1]] if len(idx) else idx
+        ends = idx[np.r_[np.diff(idx) > 1, True]] + 1 if len(idx) else idx
+        return {"layers": [layers[s] for s in self.sites], "tokens": int(len(idx)),
+                "prompt_tokens": int((idx < self.prompt_len).sum()),
+                "generated_tokens": int((idx >= self.prompt_len).sum()),
+                "positions": [[int(a), int(b)] for a, b in zip(starts, ends)], "cached": int(self.cached or 0)}
+
+
 class Installation:
     """The op's buffers and the per-request bookkeeping of one worker process (see the module docstring)."""
 
@@ -143,11 +181,16 @@ class Installation:
         param = next(model.parameters())
         device, dtype = param.device, param.dtype
         self.device = device
-        self.S, self.K = loaded.unit_vectors.shape[0], loaded.unit_vectors.shape[1]
+        self.S, self.K_bank = loaded.unit_vectors.shape[0], loaded.unit_vectors.shape[1]
+        self.M = int(loaded.config.registry_slots)
+        self.K = self.K_bank + self.M  # the bank's vectors, then the registry's slots (zero until registered)
+        self.registered: List[Optional[tuple]] = [None] * self.M  # (name, version) written in each slot
         sched = vconfig.scheduler_config
         self.T = int(sched.max_num_batched_tokens) + int(sched.max_num_seqs)  # rows of the per-token buffers
         self.R = int(sched.max_num_seqs)  # steering slots: one per request that can be in a batch
-        self.V = loaded.unit_vectors.to(device=device, dtype=dtype).contiguous()
+        V = torch.zeros(self.S, self.K, loaded.unit_vectors.shape[-1], dtype=dtype, device=device)
+        V[:, :self.K_bank] = loaded.unit_vectors.to(device=device, dtype=dtype)
+        self.V = V.contiguous()
         self.a, self.b, self.lo, self.hi = identity_tables(self.S, self.R, self.K, device=device)
         self.row = torch.full((self.S, self.T), -1, dtype=torch.int32, device=device)
         self.P = torch.zeros(self.S, self.T, self.K, dtype=torch.float32, device=device)
@@ -160,6 +203,7 @@ class Installation:
         self.slots: Dict[str, int] = {}
         self.free = list(range(self.R - 1, -1, -1))
         self.records: "OrderedDict[str, _Record]" = OrderedDict()
+        self.fired: "OrderedDict[str, _Fired]" = OrderedDict()  # steered requests' touched positions, until taken
         self.stop_requests: set = set()  # requests to end at their next sampled token (stopping alerts, failures)
         self.failed: "OrderedDict[str, str]" = OrderedDict()  # request -> its error, until taken (bounded)
         self.steps_run = 0  # engine steps (forwards) seen, for stats()
@@ -200,19 +244,54 @@ class Installation:
     def spec_of(self, req_id: str) -> Optional[spec_mod.RequestSpec]:
         if req_id in self.specs:
             return self.specs[req_id]
-        params = self._params_of(req_id)
-        raw = (getattr(params, "extra_args", None) or {}).get(spec_mod.KEY)
+        extra = getattr(self._params_of(req_id), "extra_args", None) or {}
+        raw = extra.get(spec_mod.KEY)
         parsed = None
         if raw is not None:
             try:
-                parsed = spec_mod.parse(raw, self.loaded)
-            except spec_mod.SpecError as exc:  # the front end refuses these; a request sent around it fails here
-                self.fail(req_id, str(exc))
+                pins = {str(n): (int(p[0]), int(p[1])) for n, p in (extra.get("emokern_pins") or {}).items()}
+                parsed = spec_mod.parse(raw, self.loaded, pins)
+                stale = self._stale_pins(parsed)
+                if stale:
+                    raise spec_mod.SpecError(stale)
+            except (spec_mod.SpecError, TypeError, ValueError, IndexError) as exc:
+                self.fail(req_id, str(exc))  # the front end refuses bad specs; one sent around it fails here
                 return None
         self.specs[req_id] = parsed
         if parsed is not None and parsed.monitor_k is not None:
-            self.records[req_id] = _Record(parsed)
+            self.records[req_id] = _Record(parsed, self._names(parsed, parsed.monitor_k))
+        if parsed is not None and parsed.entries:
+            self.fired[req_id] = _Fired(parsed.steered_sites)
         return parsed
+
+    def _names(self, spec: spec_mod.RequestSpec, ks) -> List[str]:
+        by_slot = {slot: name for name, (_, slot) in spec.pins.items()}
+        return [self.loaded.names[k] if k < self.K_bank else by_slot[k - self.K_bank] for k in map(int, ks)]
+
+    def _stale_pins(self, spec: spec_mod.RequestSpec) -> Optional[str]:
+        """Why ``spec`` cannot run here (a pinned slot does not hold the pinned version), or None."""
+        for name, (version, slot) in spec.pins.items():
+            if not 0 <= slot < self.M or self.registered[slot] != (name, version):
+                return (f"the registered vector {name!r} (version {version}) is no longer held by the engine: it "
+                        f"was replaced or deleted, and its slot reused; send the request again")
+        return None
+
+    def register(self, slot: int, name: str, version: int, data: bytes, shape: List[int]) -> dict:
+        """Write unit directions (``data``: float32 bytes of ``shape`` (S, d)) into registry slot ``slot`` as
+        ``name`` at ``version``. Requests pinned to what the slot held before fail now (their steering would
+        change under them). Called between engine steps (``collective_rpc``)."""
+        d = self.V.shape[-1]
+        if not 0 <= slot < self.M or list(shape) != [self.S, d] or len(data) != 4 * self.S * d:
+            raise ValueError(f"emokern_register: slot {slot} of {self.M}, shape {shape} (expected [{self.S}, {d}])")
+        vectors = torch.from_numpy(np.frombuffer(data, dtype=np.float32).reshape(self.S, d).copy())
+        if not torch.isfinite(vectors).all():
+            raise ValueError("emokern_register: the directions are not finite")
+        self.V[:, self.K_bank + slot].copy_(vectors.to(device=self.V.device, dtype=self.V.dtype))
+        self.registered[slot] = (name, version)
+        for req_id, spec in list(self.specs.items()):
+            if spec is not None and self._stale_pins(spec):
+                self.fail(req_id, self._stale_pins(spec))
+        return {"slot": slot, "name": name, "version": version}
 
     def _slot(self, req_id: str, spec: spec_mod.RequestSpec, batch_ids: set) -> int:
         if req_id in self.slots:
@@ -254,9 +333,13 @@ class Installation:
             record = self.records.get(req_id)
             if record is not None:
                 record.finished = True
-        finished = [rid for rid, rec in self.records.items() if rec.finished]
-        for rid in finished[:max(0, len(finished) - self.loaded.config.max_traces)]:
-            del self.records[rid]
+            fired = self.fired.get(req_id)
+            if fired is not None:
+                fired.finished = True
+        for held in (self.records, self.fired):
+            finished = [rid for rid, rec in held.items() if rec.finished]
+            for rid in finished[:max(0, len(finished) - self.loaded.config.max_traces)]:
+                del held[rid]
 
     # ------------------------------------------------------------------------------------------ per step
     def begin_step(self) -> None:
@@ -304,6 +387,14 @@ class Installation:
                         row[s, start:end][mask] = slot
                         steer_sites[s] = True
                     self._steered_in_step.append((req_id, start, end))
+                    fired = self.fired.get(req_id)
+                    if fired is not None:
+                        if fired.cached is None:  # the first forward starts after the prefix-cache hit
+                            first = int(positions[0])
+                            fired.cached = first if spec.scope == "all" else \
+                                min(first, prompt_len) if spec.scope == "prompt" else 0
+                        fired.prompt_len = prompt_len
+                        fired.put(positions[mask])
             except Exception as exc:  # noqa: BLE001 - whatever went wrong belongs to this request alone
                 row[:, start:end] = -1
                 self.fail(req_id, f"{type(exc).__name__}: {exc}")
@@ -393,7 +484,7 @@ class Installation:
     def _ids(self) -> Dict[str, str]:
         """Held request ids (records and failures) by their worker id and by the id the front end gave them."""
         by_external = {}
-        for rid in list(self.records) + list(self.failed):
+        for rid in list(self.records) + list(self.failed) + list(self.fired):
             by_external.setdefault(rid.rsplit("-", 1)[0], rid)
             by_external.setdefault(rid, rid)
         return by_external
@@ -406,15 +497,29 @@ class Installation:
         return {"emotion": alert.name, "layer": alert.layer, "z": alert.z, "tokens": alert.tokens,
                 "position": record.alert_position, "stopped": alert.stop}
 
+    def _stats_of(self, record: "_Record"):
+        """The neutral mean and std (S, K) of a record's monitored vectors, or None (the bank has none, or a
+        registered vector is among them: it has none)."""
+        if self.loaded.neutral_mean is None or (record.k >= self.K_bank).any():
+            return None
+        sites, ks = record.sites, record.k
+        return self.loaded.neutral_mean[sites][:, ks].numpy(), self.loaded.neutral_std[sites][:, ks].numpy()
+
+    def _steered_json(self, rid: Optional[str], pop: bool = False) -> Optional[dict]:
+        fired = (self.fired.pop(rid, None) if pop else self.fired.get(rid)) if rid is not None else None
+        return None if fired is None else fired.as_json(self.loaded.layers)
+
     def take(self, request_ids: List[str]) -> List[Optional[dict]]:
         """The records of the requests whose external id (or worker id) is in ``request_ids``, removed here.
 
         vLLM's workers see ``"<external id>-<8 hex>"``; both forms are accepted. Each result is a dict of plain
         values: ``data`` (bytes, float32, shape ``(length, sites, emotions)``, NaN at positions not recorded),
         ``length``, ``prompt_len``, ``layers``, ``names``, ``neutral_mean`` / ``neutral_std`` (lists, or None),
-        ``alert`` (None, or ``{"emotion", "layer", "z", "tokens", "position", "stopped"}``), ``error`` (None). A
-        failed request (:meth:`fail`) gives ``error`` (the message) and an empty record (``length`` 0, no layers,
-        no names).
+        ``alert`` (None, or ``{"emotion", "layer", "z", "tokens", "position", "stopped"}``), ``error`` (None),
+        ``steered`` (None, or what the steering touched: see :meth:`readout`). A failed request (:meth:`fail`)
+        gives ``error`` (the message) and an empty record (``length`` 0, no layers, no names). The neutral
+        statistics are None when a registered vector is monitored (it has none). A steered request that is not
+        monitored has no record: None.
         """
         by_external = self._ids()
         out = []
@@ -423,23 +528,24 @@ class Installation:
             error = self.failed.pop(rid, None) if rid is not None else None
             if error is not None:
                 out.append({"data": b"", "length": 0, "prompt_len": 0, "layers": [], "names": [],
-                            "neutral_mean": None, "neutral_std": None, "alert": None, "error": error})
+                            "neutral_mean": None, "neutral_std": None, "alert": None, "error": error,
+                            "steered": self._steered_json(rid, pop=True)})
                 continue
             record = self.records.pop(rid, None) if rid is not None else None
             if record is None:
                 out.append(None)
                 continue
-            stats = self.loaded.neutral_mean is not None
-            sites, ks = record.sites, record.k
+            stats = self._stats_of(record)
             out.append({
                 "data": np.ascontiguousarray(record.P[:record.length]).tobytes(),
                 "length": record.length, "prompt_len": record.prompt_len,
-                "layers": [self.loaded.layers[s] for s in sites],
-                "names": [self.loaded.names[int(k)] for k in ks],
-                "neutral_mean": self.loaded.neutral_mean[sites][:, ks].tolist() if stats else None,
-                "neutral_std": self.loaded.neutral_std[sites][:, ks].tolist() if stats else None,
+                "layers": [self.loaded.layers[s] for s in record.sites],
+                "names": list(record.names),
+                "neutral_mean": stats[0].tolist() if stats else None,
+                "neutral_std": stats[1].tolist() if stats else None,
                 "alert": self._alert_json(record),
                 "error": None,
+                "steered": self._steered_json(rid, pop=True),
             })
         return out
 
@@ -451,35 +557,44 @@ class Installation:
         statistics) or ``"projection"``, ``tokens`` (one row per generated position the model read, in order:
         row i belongs to completion token i, rounded to ``decimals``, each row S lists of K numbers; the last
         completion token is never read back, so it has no row unless the engine ran one more step), ``alert`` and
-        ``error`` (as in :meth:`take`; a failed request has no rows). None: nothing held for that id.
+        ``error`` (as in :meth:`take`; a failed request has no rows), and ``steered``: None for a request that does
+        not steer, else what its steering touched, ``{"layers", "tokens", "prompt_tokens", "generated_tokens",
+        "positions", "cached"}``: the steered layers, how many token positions the op steered (in this request's
+        forwards; 0 when the scope covered none of them), how many of those are prompt / generated positions, the
+        positions as ``[start, end)`` ranges (0: the first prompt token), and how many positions in the scope came
+        from the prefix cache instead (computed under the same steering by an earlier request). ``values`` is
+        ``"projection"`` when a registered vector is monitored (it has no neutral statistics). A steered request
+        that is not monitored gets ``layers`` and ``emotions`` empty, ``values`` None, ``tokens`` empty. None:
+        nothing held for that id.
         """
         by_external = self._ids()
-        stats = self.loaded.neutral_mean is not None
         out = []
         for wanted in request_ids:
             rid = by_external.get(wanted)
             if rid is not None and rid in self.failed:
                 out.append({"layers": [], "emotions": [], "values": None, "tokens": [], "alert": None,
-                            "error": self.failed[rid]})
+                            "error": self.failed[rid], "steered": self._steered_json(rid)})
                 continue
             record = self.records.get(rid) if rid is not None else None
             if record is None:
-                out.append(None)
+                steered = self._steered_json(rid)
+                out.append(None if steered is None else {"layers": [], "emotions": [], "values": None, "tokens": [],
+                                                         "alert": None, "error": None, "steered": steered})
                 continue
-            sites, ks = record.sites, record.k
+            sites = record.sites
             rows = record.P[record.prompt_len:record.length]
+            stats = self._stats_of(record)
             if stats:
-                mean = self.loaded.neutral_mean[sites][:, ks].numpy()
-                std = np.maximum(self.loaded.neutral_std[sites][:, ks].numpy(), 1e-6)
-                rows = (rows - mean) / std
+                rows = (rows - stats[0]) / np.maximum(stats[1], 1e-6)
             out.append({
                 "layers": [self.loaded.layers[s] for s in sites],
-                "emotions": [self.loaded.names[int(k)] for k in ks],
+                "emotions": list(record.names),
                 "values": "zscore" if stats else "projection",
                 "tokens": [[[None if v != v else v for v in site] for site in row]  # NaN: not recorded
                            for row in np.round(rows, decimals).tolist()],
                 "alert": self._alert_json(record),
                 "error": None,
+                "steered": self._steered_json(rid),
             })
         return out
 
@@ -489,7 +604,8 @@ class Installation:
                 "failed": len(self.failed), "steps": self.steps_run,
                 "recomputed_positions": self.recomputed, "host_seconds": round(self.host_seconds, 6),
                 "op_seconds": round(_OP_SECONDS[0], 6),
-                "hooks": len(self.hooks), "bank": self.loaded.config.bank_path}
+                "hooks": len(self.hooks), "bank": self.loaded.config.bank_path,
+                "registered": [None if r is None else {"name": r[0], "version": r[1]} for r in self.registered]}
 
 
 _INSTALLED: Optional[Installation] = None
