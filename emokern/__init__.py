@@ -7,15 +7,14 @@ Where things live, in layers: each imports only itself and the layers above it i
   mean", progress bars, input-file checks, packaged data files, the transformers cache keyword.
 * :mod:`emokern.ops` — the fused, in-place project-and-steer op: reference (the executable spec), C++ CPU, Triton
   and CUDA backends, the extension loader, ``SteeringTable`` and the steering modes' coefficients.
-* :mod:`emokern.core` — what every engine shares: ``VectorBank`` (:mod:`.bank`), the steering-spec language compiled
-  to the op's tables (:mod:`.steering`), model families and their layers (:mod:`.architecture`), ``Trace`` and its
-  pictures (:mod:`.trace`, :mod:`.trace_plots`), chat prompts (:mod:`.chat`), the 171 emotion words and their
+* :mod:`emokern.core` — what every engine shares: ``VectorBank`` (:mod:`.bank`) and its llama.cpp control-vector
+  form (:mod:`.control_vectors`), the steering-spec language compiled to the op's tables (:mod:`.steering`), model
+  families and their layers (:mod:`.architecture`), ``Trace`` and its pictures (:mod:`.trace`, :mod:`.trace_plots`), chat prompts (:mod:`.chat`), the 171 emotion words and their
   human norms (:mod:`.emotions`), the embedded offline models and fingerprints (:mod:`.models`).
 * :mod:`emokern.engines` — where vectors meet a running model: ``patch(model, bank)`` for Hugging Face models
   (:mod:`.hf`), training through it (:mod:`.training`), the vLLM plugin (:mod:`.vllm`).
 * :mod:`emokern.extraction` — the paper's recipe: prompts, the story corpus (plan, generation, filters, shipped
-  corpora), the sampler, activations and emotion vectors, held-out quality and the layer choice, the bank, control
-  vectors for llama.cpp.
+  corpora), the sampler, activations and emotion vectors, held-out quality and the layer choice, the bank.
 * :mod:`emokern.validation` — ``emokern report``: its computations, page, external datasets and the concept and
   cause checks (sections 5-7).
 * :mod:`emokern.experiments` — the paper's experiments behind ``emokern experiment NAME`` (activity preferences,

@@ -1,6 +1,6 @@
 # Exporting a bank to a llama.cpp control vector.
 #
-# What it shows: `emokern.extraction.control_vectors.export_gguf_control_vector` writes a weighted mix of emotions (here
+# What it shows: `emokern.core.control_vectors.export_gguf_control_vector` writes a weighted mix of emotions (here
 # calm minus half of desperate) as the GGUF file that `llama-cli --control-vector` reads, scaled so that llama.cpp's
 # strength means what emokern.engines.hf's strength means (a fraction of the layer's mean residual-stream norm). The
 # file is read back with `read_gguf_control_vector` and checked against the bank, and the script prints the
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 import emokern
-from emokern.extraction.control_vectors import export_gguf_control_vector, read_gguf_control_vector
+from emokern.core.control_vectors import export_gguf_control_vector, read_gguf_control_vector
 from emokern.core.models import ModelNotInstalledError, UnknownModelError, locate_gguf
 from emokern.testing.chat import calibrated_chat_bank, tiny_chat_model
 from _common import add_model_arguments, out_dir, real_bank_path

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from emokern.extraction.control_vectors import read_gguf_control_vector
+from emokern.core.control_vectors import read_gguf_control_vector
 from emokern.ops.reference import project_and_steer_ref
 from emokern.testing.chat import tiny_chat_tokenizer
 

@@ -10,7 +10,7 @@ import torch
 
 from emokern.core.bank import VectorBank
 from emokern.core.architecture import get_module
-from emokern.extraction.control_vectors import export_gguf_control_vector, read_gguf_control_vector
+from emokern.core.control_vectors import export_gguf_control_vector, read_gguf_control_vector
 from emokern.extraction.extract import CHAT_REQUEST, extract_bank, extract_bank_from_corpus, story_activations
 from emokern.extraction.quality import held_out_accuracy
 from emokern.extraction.vectors import emotion_vectors

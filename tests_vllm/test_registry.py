@@ -184,7 +184,7 @@ def test_steer_and_monitor_by_a_registered_name(server, bank):
 def test_register_a_control_vector_gguf(server, bank, tmp_path):
     """A llama.cpp control vector exported from the bank's 'calm' (emokern's exporter: residual norm × unit vector
     per layer) registers from base64 and steers as 'calm' does (the same unit direction, up to fp32 rounding)."""
-    from emokern.extraction.control_vectors import export_gguf_control_vector
+    from emokern.core.control_vectors import export_gguf_control_vector
 
     base, log = server
     path = tmp_path / "calm.gguf"

@@ -1,2 +1,3 @@
 """Layer 4, the paper's recipe: the prompts and the story corpus the model writes, the sampler it is written with,
-the activations and emotion vectors extracted from it, the held-out quality measurements and the layer choice, the bank, and its export as llama.cpp control vectors."""
+the activations and emotion vectors extracted from it, the held-out quality measurements and the layer choice, and
+the bank."""

@@ -10,7 +10,7 @@
 
 This module holds step 1 and the bank; the vectors (steps 2-4) are :mod:`emokern.extraction.vectors`
 (``emotion_vectors``), the held-out measurements (step 5) :mod:`emokern.extraction.quality`, and the llama.cpp
-export :mod:`emokern.extraction.control_vectors`.
+export :mod:`emokern.core.control_vectors`.
 
 The steps:
 

@@ -159,7 +159,7 @@ def directions_from_payload(body: bytes, loaded) -> Tuple[str, np.ndarray]:
 
 
 def _gguf_directions(text) -> Dict[int, np.ndarray]:
-    from emokern.extraction.control_vectors import read_gguf_control_vector
+    from emokern.core.control_vectors import read_gguf_control_vector
 
     if not isinstance(text, str):
         raise AdminError(400, "'gguf': expected the file as a base64 string")

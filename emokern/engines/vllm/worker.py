@@ -1,5 +1,8 @@
 """Inside a vLLM worker: the op at the chosen decoder layers, the per-step routing, and the recorded traces.
 
+(About 700 lines on purpose: install, per-step routing, the registry's vector rows and trace recording all index the
+same engine-lifetime buffers; the request spec, the registry's bookkeeping and the endpoints live beside it.)
+
 Installation (:func:`install`, at the runner's ``load_model``, before vLLM's warm-up compiles the model): one
 forward hook per chosen decoder layer whose body is a single registered op, ``emokern_vllm::residual_site_``, on
 slices of buffers allocated here once for the engine's maximum batched tokens. Compilation (inductor on CPU,
