@@ -11,7 +11,7 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-PROBE = ("import emokern, sys; from emokern.ops import _extension as x; "
+PROBE = ("import emokern, sys; from emokern.ops import extension as x; "
          "print(emokern.__path__[0]); sys.exit(0 if (x.HAS_CPU_KERNELS or x.HAS_CUDA_KERNELS) else 3)")
 
 
